@@ -1,0 +1,232 @@
+"""Teachers and students: loading, student presets, and the per-family forward arguments.
+
+Every vision-transformer family in transformers has its own forward quirks (MAE masks and shuffles
+patches, ViT needs ``interpolate_pos_encoding`` for other resolutions, DINOv2 interpolates by itself).
+``forward_kwargs`` hides them so that the rest of the library calls every model the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    ViTConfig,
+    ViTMAEModel,
+    ViTModel,
+)
+
+# Students of the paper (method.md, "Configurations in the paper"), all ViT with learnable position
+# embeddings unless the teacher uses sin-cos (MAE ablations).
+STUDENT_PRESETS: dict[str, dict[str, int]] = {
+    "vit-tiny-patch16": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "patch_size": 16},
+    "vit-tiny-6heads-patch16": {
+        "hidden_size": 192,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "patch_size": 16,
+    },
+    "vit-tiny-patch32": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "patch_size": 32},
+    "vit-tiny-8layers-patch16": {
+        "hidden_size": 192,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 3,
+        "patch_size": 16,
+    },
+    "vit-small-patch16": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "patch_size": 16},
+    "vit-small-8layers-patch16": {
+        "hidden_size": 384,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 6,
+        "patch_size": 16,
+    },
+    "vit-base-patch16": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "patch_size": 16},
+}
+
+
+def student_config(
+    preset: str,
+    *,
+    image_size: int = 224,
+    patch_size: int | None = None,
+    num_channels: int = 3,
+    **overrides: Any,
+) -> ViTConfig:
+    """The ``ViTConfig`` of a named student preset, with image/patch size and any field overridden."""
+    if preset not in STUDENT_PRESETS:
+        raise ValueError(f"Unknown student preset {preset!r}; choose one of {sorted(STUDENT_PRESETS)}.")
+    fields: dict[str, Any] = dict(STUDENT_PRESETS[preset])
+    if patch_size is not None:
+        fields["patch_size"] = patch_size
+    if image_size % fields["patch_size"] != 0:
+        raise ValueError(
+            f"Student patch size {fields['patch_size']} does not divide image size {image_size}: "
+            "choose a patch size that divides the image size."
+        )
+    fields["intermediate_size"] = 4 * fields["hidden_size"]
+    # DINO-style ViTs (and the published students) use LayerNorm eps 1e-6 and qkv bias.
+    fields.update(image_size=image_size, num_channels=num_channels, layer_norm_eps=1e-6, qkv_bias=True)
+    fields.update(overrides)
+    return ViTConfig(**fields)
+
+
+def build_student(
+    preset: str | None = None,
+    *,
+    config: PretrainedConfig | None = None,
+    sincos_position_embeddings: bool = False,
+    attn_implementation: str = "sdpa",
+    seed: int | None = None,
+    **config_kwargs: Any,
+) -> ViTModel:
+    """A randomly initialised student ``ViTModel`` without pooler (unused parameters break DDP).
+
+    ``sincos_position_embeddings`` replaces the learnable table by fixed 2-D sin-cos embeddings (as
+    the paper's MAE ablations do) and freezes it; the values are stored in the checkpoint, so the
+    exported model is a plain ViTModel.
+    """
+    if config is None:
+        if preset is None:
+            raise ValueError("build_student needs a preset name or a config.")
+        config = student_config(preset, **config_kwargs)
+    if seed is not None:
+        torch.manual_seed(seed)
+    config._attn_implementation = attn_implementation
+    model = ViTModel(config, add_pooling_layer=False)
+    if sincos_position_embeddings:
+        grid = config.image_size // config.patch_size
+        table = sincos_2d_position_embeddings(config.hidden_size, grid, grid)
+        with torch.no_grad():
+            model.embeddings.position_embeddings.copy_(table.unsqueeze(0))
+        model.embeddings.position_embeddings.requires_grad_(False)
+    return model
+
+
+def sincos_2d_position_embeddings(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embeddings with a zero row for CLS, shape [1 + h*w, dim] (MAE's layout)."""
+    if dim % 4 != 0:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}.")
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    # MAE encodes the width coordinate in the first half and the height coordinate in the second.
+    table = torch.cat([encode(xs), encode(ys)], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0).float()
+
+
+def load_teacher(
+    name_or_path: str | PreTrainedModel,
+    *,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """Load a frozen teacher (Hub id or local dir) on the fast attention backend, in eval mode.
+
+    MAE encoders get ``mask_ratio = 0``: a teacher must see every patch.
+    """
+    if isinstance(name_or_path, PreTrainedModel):
+        model = name_or_path
+    else:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        if getattr(config, "model_type", None) == "vit_mae":
+            config.mask_ratio = 0.0
+        model = AutoModel.from_pretrained(
+            name_or_path,
+            config=config,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+    if isinstance(model, ViTMAEModel) and model.config.mask_ratio != 0:
+        raise ValueError(
+            f"MAE teacher has mask_ratio={model.config.mask_ratio}; a teacher must see every patch. "
+            "Set model.config.mask_ratio = 0.0 (load_teacher does this for paths and Hub ids)."
+        )
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _configured_image_size(config: PretrainedConfig) -> tuple[int, int]:
+    size = config.image_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def forward_kwargs(model: PreTrainedModel, pixel_values: torch.Tensor) -> dict[str, Any]:
+    """Extra forward arguments that make ``model(pixel_values, **kwargs)`` see every patch, in raster order.
+
+    - ViT / DeiT / ViTMAE at a resolution other than the configured one: ``interpolate_pos_encoding``.
+    - ViTMAE: a fixed, increasing ``noise`` so the (mask-free) shuffle is the identity permutation.
+    - DINOv2 interpolates by itself and accepts no such flag.
+    """
+    kwargs: dict[str, Any] = {}
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in {"vit", "deit", "vit_mae"} and tuple(pixel_values.shape[-2:]) != _configured_image_size(
+        model.config
+    ):
+        kwargs["interpolate_pos_encoding"] = True
+    if model_type == "vit_mae":
+        if model.config.mask_ratio != 0:
+            raise ValueError(
+                f"{type(model).__name__} has mask_ratio={model.config.mask_ratio}: masking must be off "
+                "(config.mask_ratio = 0.0) to use it as a teacher or feature extractor."
+            )
+        patch = model.config.patch_size
+        num_patches = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
+        kwargs["noise"] = torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32).expand(
+            pixel_values.shape[0], -1
+        )
+    return kwargs
+
+
+def num_prefix_tokens(config: PretrainedConfig) -> int:
+    """Tokens before the patches: CLS, plus DeiT's distillation token or DINOv2's registers."""
+    model_type = getattr(config, "model_type", "")
+    if model_type == "deit":
+        return 2
+    return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+
+
+def patch_grid(config: PretrainedConfig, image_size: tuple[int, int] | int | None = None) -> tuple[int, int]:
+    """The (rows, cols) patch grid of a model at ``image_size`` (its configured size by default)."""
+    if image_size is None:
+        height, width = _configured_image_size(config)
+    elif isinstance(image_size, int):
+        height = width = image_size
+    else:
+        height, width = image_size
+    patch = config.patch_size
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
+    if height % patch_h or width % patch_w:
+        raise ValueError(
+            f"Patch size {patch} does not divide image size {(height, width)} of {config.model_type}; "
+            "the patch grid must tile the image."
+        )
+    return height // patch_h, width // patch_w
+
+
+def cls_features(last_hidden_state: torch.Tensor) -> torch.Tensor:
+    """The CLS token after the model's final LayerNorm (what DINO evaluates and AttnDistill aligns)."""
+    return last_hidden_state[:, 0]
+
+
+def square_side(num_tokens: int) -> int:
+    """Side of a square grid of ``num_tokens`` patches, or a ValueError when it is not a square."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(
+            f"{num_tokens} patch tokens do not form a square grid; pass the grid explicitly (rows, cols)."
+        )
+    return side
