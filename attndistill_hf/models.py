@@ -226,7 +226,5 @@ def square_side(num_tokens: int) -> int:
     """Side of a square grid of ``num_tokens`` patches, or a ValueError when it is not a square."""
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
-        raise ValueError(
-            f"{num_tokens} patch tokens do not form a square grid; pass the grid explicitly (rows, cols)."
-        )
+        raise ValueError(f"{num_tokens} patch tokens do not form a square grid; pass the grid explicitly (rows, cols).")
     return side

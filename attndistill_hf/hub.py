@@ -1,0 +1,422 @@
+"""Publishing a distilled student: a truthful model card and a push that never loses local work.
+
+The card is written with huggingface_hub's ``ModelCard`` / ``ModelCardData`` / ``EvalResult`` rather
+than ``Trainer.create_model_card``: the latter infers no task for a ``ViTModel`` and drops metric names
+it does not know, so k-NN and linear-probe results would never reach ``model-index``. Every number in
+the card comes from the arguments (the metadata and the results table are rendered from the same
+records), and anything that could carry a Hub token is passed through :func:`redact`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+
+logger = logging.getLogger(__name__)
+
+CARD_TAGS: tuple[str, ...] = ("attndistill", "knowledge-distillation", "vit")
+REDACTED = "<redacted>"
+
+# Files in a training output folder that do not belong in a model repo: intermediate checkpoints,
+# optimizer / scheduler / RNG state, and the pickled TrainingArguments (which can hold `hub_token`).
+DEFAULT_IGNORE_PATTERNS: tuple[str, ...] = (
+    "checkpoint-*",
+    "checkpoint-*/**",
+    "**/checkpoint-*/**",
+    "*.pt",
+    "*.pth",
+    "**/*.pt",
+    "**/*.pth",
+    "training_args.bin",
+    "runs/**",
+    "__pycache__/**",
+    "*.lock",
+)
+
+CITATION_BIBTEX = """@inproceedings{wang2022attention,
+  title         = {Attention Distillation: self-supervised vision transformer students need more guidance},
+  author        = {Wang, Kai and Yang, Fei and van de Weijer, Joost},
+  booktitle     = {British Machine Vision Conference (BMVC)},
+  year          = {2022},
+  eprint        = {2210.00944},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.CV}
+}"""
+
+# Hub user access tokens ("hf_" + 34 letters/digits today); matched loosely so that older or future
+# lengths are caught too. Redaction by pattern covers tokens that reach a message without the caller
+# knowing them (a token in an environment variable, a URL, a config file).
+_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
+# `key: value` / `key = value` / `"key": "value"` settings whose key names a credential (`hub_token`,
+# `token`, `*secret*`, `*password*`); keys such as `num_prefix_tokens` or `pad_token_id` are left alone.
+_SECRET_KEY_PATTERN = re.compile(
+    r"""(?P<key>(?<![\w.-])["']?(?:(?:hub|hf|auth|api|access)_)?(?:token|[\w.-]*(?:secret|password)[\w.-]*)"""
+    r"""["']?\s*[:=]\s*)(?P<value>[^\s,#}]+)""",
+    re.IGNORECASE,
+)
+
+_SUMMARY_LABELS: dict[str, str] = {
+    "steps": "Optimizer steps",
+    "epochs": "Epochs",
+    "effective_batch": "Effective batch size",
+    "effective_batch_size": "Effective batch size",
+    "skipped_images": "Images skipped (unreadable)",
+    "nan_skipped_steps": "Steps skipped (non-finite student output)",
+    "hardware": "Hardware",
+    "wall_time": "Wall time",
+    "wall_time_s": "Wall time",
+}
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed; the local output folder is untouched and the message says how to retry."""
+
+    def __init__(self, message: str, *, local_dir: Path, repo_id: str) -> None:
+        super().__init__(message)
+        self.local_dir = local_dir
+        self.repo_id = repo_id
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """One evaluation result, rendered both into ``model-index`` metadata and the card's results table.
+
+    ``value`` is in percent (e.g. 71.4 for 71.4 % top-1). ``dataset_type`` is the Hub dataset id that
+    the Hub links to; it defaults to ``dataset_name``.
+    """
+
+    metric_name: str
+    value: float
+    dataset_name: str
+    dataset_split: str
+    metric_type: str = "accuracy"
+    task_type: str = "image-classification"
+    dataset_type: str | None = None
+    dataset_config: str | None = None
+
+    def to_eval_result(self) -> EvalResult:
+        """The huggingface_hub ``EvalResult`` of this record (task name = metric name, e.g. k-NN top-1)."""
+        return EvalResult(
+            task_type=self.task_type,
+            task_name=self.metric_name,
+            dataset_type=self.dataset_type or self.dataset_name,
+            dataset_name=self.dataset_name,
+            dataset_config=self.dataset_config,
+            dataset_split=self.dataset_split,
+            metric_type=self.metric_type,
+            metric_name=self.metric_name,
+            metric_value=float(self.value),
+        )
+
+
+def redact(text: str, token: str | None = None) -> str:
+    """``text`` with ``token``, any Hub-token-shaped string and any ``*token*: value`` setting masked.
+
+    Used on everything that may be shown or written (exception messages, cards, inlined configs), so
+    that a token given on the command line or stored in a config never leaves the process.
+    """
+    if token:
+        text = text.replace(token, REDACTED)
+    text = _TOKEN_PATTERN.sub(REDACTED, text)
+
+    def mask(match: re.Match[str]) -> str:
+        value = match.group("value")
+        if value.strip("\"'") in {"", "null", "None", "~", "true", "false", REDACTED}:
+            return match.group(0)
+        return match.group("key") + REDACTED
+
+    return _SECRET_KEY_PATTERN.sub(mask, text)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """True for ``owner/name`` or ``name`` ids; False for local paths (existing, absolute, relative, home)."""
+    if not name or name.startswith((".", "/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", name):
+        return False
+    if Path(name).exists():
+        # transformers resolves an existing local folder before the Hub, so this is a path.
+        return False
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+def _public_name(name: str) -> str:
+    """A name safe to publish: Hub ids as they are, local paths reduced to their last component."""
+    return name if _looks_like_hub_id(name) else Path(name.rstrip("/\\")).name or name
+
+
+def _fence(text: str) -> str:
+    """A backtick fence longer than any backtick run in ``text``, so inlined files cannot break out."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def _format_duration(seconds: float) -> str:
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d} (h:mm:ss)"
+
+
+def _format_summary_value(key: str, value: Any) -> str:
+    if key in {"wall_time", "wall_time_s"} and isinstance(value, int | float) and not isinstance(value, bool):
+        return _format_duration(float(value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _md_cell(value: Any) -> str:
+    """A markdown table cell: pipes escaped, newlines flattened."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _check_figure_path(rel: str) -> str:
+    path = Path(rel)
+    if path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"Figure paths must be relative to the model folder, got {rel!r}.")
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"Figures must be PNG files, got {rel!r}.")
+    return path.as_posix()
+
+
+def _architecture_line(config: Mapping[str, Any]) -> str:
+    fields = [
+        ("num_hidden_layers", "layers"),
+        ("hidden_size", "width"),
+        ("num_attention_heads", "heads"),
+        ("patch_size", "patch size"),
+        ("image_size", "image size"),
+    ]
+    parts = [f"{label} {config[key]}" for key, label in fields if key in config]
+    return ", ".join(parts) if parts else "see `config.json`"
+
+
+def build_model_card(
+    *,
+    model_id_or_name: str,
+    teacher: str,
+    student_config: Mapping[str, Any],
+    dataset_name: str,
+    dataset_split: str,
+    eval_results: Sequence[EvalRecord],
+    recipe_text: str,
+    training_summary: Mapping[str, Any],
+    figures: Mapping[str, str],
+    license: str = "apache-2.0",
+    extra_tags: Iterable[str] = (),
+    limitations: str | None = None,
+) -> ModelCard:
+    """The model card of a distilled student: Hub metadata, ``model-index`` and a body that explains it.
+
+    ``eval_results`` become one ``EvalResult`` each and the results table; ``recipe_text`` (the config
+    file) is inlined verbatim apart from redacted secrets; ``figures`` maps captions to PNG paths
+    relative to the model folder; ``limitations`` is stated as given (say so when the run was a
+    demo on a tiny dataset). The teacher becomes ``base_model`` when it is a Hub id; a local teacher
+    path is reduced to its folder name so that no local path is published.
+    """
+    records = list(eval_results)
+    teacher_public = _public_name(teacher)
+    dataset_public = _public_name(dataset_name)
+    tags = list(dict.fromkeys([*CARD_TAGS, *extra_tags]))
+    card_data = ModelCardData(
+        model_name=_public_name(model_id_or_name),
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        license=license,
+        datasets=[dataset_public],
+        base_model=teacher if _looks_like_hub_id(teacher) else None,
+        tags=tags,
+        eval_results=[record.to_eval_result() for record in records] or None,
+    )
+
+    model_ref = model_id_or_name if _looks_like_hub_id(model_id_or_name) else "path/to/this/folder"
+    sections = [
+        f"# {_public_name(model_id_or_name)}",
+        (
+            f"A Vision Transformer student ({_architecture_line(student_config)}) distilled without labels "
+            f"from the self-supervised teacher `{teacher_public}` with **AttnDistill** on "
+            f"`{dataset_public}` (`{dataset_split}` split). It is a plain transformers `ViTModel`: the "
+            "features are the last layer's CLS token after the final LayerNorm. The projector used during "
+            "training is not part of this model."
+        ),
+        "## Teacher",
+        (
+            f"`{teacher_public}`, frozen during training. AttnDistill trains the student with two terms on "
+            "the last block only: an MSE between the projected student CLS token and the teacher's CLS "
+            "token, and a KL divergence that guides the student's CLS-query attention maps towards the "
+            "teacher's (resized to the student's patch grid, or fused across heads, when the shapes differ)."
+        ),
+        "## Training recipe",
+        "The exact configuration of this run:",
+        _code_block(redact(recipe_text), "yaml"),
+        "## Training summary",
+        _summary_table(training_summary),
+    ]
+    if figures:
+        sections.append("## Figures")
+        for caption, rel in figures.items():
+            sections.append(f"![{caption}]({_check_figure_path(rel)})\n\n*{caption}*")
+    sections += [
+        "## How to use",
+        _code_block(_usage_snippet(model_ref), "python"),
+        "## Results",
+        _results_table(records),
+        "## Limitations",
+        _limitations_text(limitations, dataset_public, records),
+        "## Citation",
+        _code_block(CITATION_BIBTEX, "bibtex"),
+    ]
+    body = "\n\n".join(sections) + "\n"
+    content = f"---\n{card_data.to_yaml()}\n---\n\n{body}"
+    return ModelCard(redact(content))
+
+
+def _code_block(text: str, language: str) -> str:
+    fence = _fence(text)
+    return f"{fence}{language}\n{text.rstrip()}\n{fence}"
+
+
+def _summary_table(summary: Mapping[str, Any]) -> str:
+    if not summary:
+        return "No training summary was recorded."
+    lines = ["| | |", "|---|---|"]
+    for key, value in summary.items():
+        label = _SUMMARY_LABELS.get(key, key.replace("_", " ").capitalize())
+        lines.append(f"| {_md_cell(label)} | {_md_cell(_format_summary_value(key, value))} |")
+    return "\n".join(lines)
+
+
+def _results_table(records: Sequence[EvalRecord]) -> str:
+    if not records:
+        return "No evaluation was run for this model."
+    lines = ["| Evaluation | Dataset | Split | Metric | Value (%) |", "|---|---|---|---|---|"]
+    for r in records:
+        lines.append(
+            f"| {_md_cell(r.metric_name)} | {_md_cell(_public_name(r.dataset_name))} | "
+            f"{_md_cell(r.dataset_split)} | {_md_cell(r.metric_type)} | {float(r.value):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _usage_snippet(model_ref: str) -> str:
+    ref = json.dumps(model_ref)
+    return (
+        "import torch\n"
+        "from PIL import Image\n"
+        "from transformers import AutoImageProcessor, AutoModel\n"
+        "\n"
+        f"processor = AutoImageProcessor.from_pretrained({ref})\n"
+        f"model = AutoModel.from_pretrained({ref}).eval()\n"
+        "\n"
+        'image = Image.open("example.jpg").convert("RGB")\n'
+        "with torch.no_grad():\n"
+        '    outputs = model(**processor(images=image, return_tensors="pt"))\n'
+        "features = outputs.last_hidden_state[:, 0]  # CLS token after the final LayerNorm\n"
+        "\n"
+        "# Fine-tuning on a labelled dataset: a fresh classification head on the distilled backbone.\n"
+        "from transformers import ViTForImageClassification\n"
+        f"classifier = ViTForImageClassification.from_pretrained({ref}, num_labels=10)"
+    )
+
+
+def _limitations_text(limitations: str | None, dataset: str, records: Sequence[EvalRecord]) -> str:
+    general = (
+        "The student learns whatever the teacher encodes, biases included, and is only as good as the "
+        f"images of `{dataset}` it was distilled on. The numbers above are k-NN / linear-probe "
+        "measurements of frozen features on the listed splits; they say nothing about other domains."
+    )
+    if not records:
+        general = (
+            "No evaluation was run, so the quality of the features is unmeasured. The student learns "
+            f"whatever the teacher encodes, biases included, and only saw the images of `{dataset}`."
+        )
+    return f"{limitations.strip()}\n\n{general}" if limitations else general
+
+
+def write_model_card(output_dir: str | Path, **card_kwargs: Any) -> Path:
+    """Build the card (see :func:`build_model_card`) and save it as ``output_dir/README.md``.
+
+    Figures must already exist in ``output_dir``: a card that links to missing images is refused.
+    """
+    out = Path(output_dir)
+    missing = [rel for rel in card_kwargs.get("figures", {}).values() if not (out / rel).is_file()]
+    if missing:
+        raise FileNotFoundError(f"Figures linked by the model card are missing from {out}: {missing}.")
+    card = build_model_card(**card_kwargs)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "README.md"
+    card.save(path)
+    return path
+
+
+def _retry_hint(local_dir: Path, repo_id: str, private: bool, ignore_patterns: Sequence[str]) -> str:
+    excludes = " ".join(f"--exclude {shlex.quote(p)}" for p in ignore_patterns)
+    private_flag = " --private" if private else ""
+    return (
+        f"The local folder is intact at {local_dir}. To retry, log in (`hf auth login`) and run\n"
+        f"  hf upload {shlex.quote(repo_id)} {shlex.quote(str(local_dir))} .{private_flag} {excludes}\n"
+        f"or call attndistill_hf.hub.push_output_dir({str(local_dir)!r}, {repo_id!r}"
+        f"{', private=True' if private else ''}) again."
+    )
+
+
+def push_output_dir(
+    output_dir: str | Path,
+    hub_model_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload AttnDistill student",
+    ignore_patterns: Sequence[str] = DEFAULT_IGNORE_PATTERNS,
+) -> str:
+    """Create (or reuse) the model repo ``hub_model_id`` and upload ``output_dir`` to it; return its URL.
+
+    ``token=None`` uses the standard login (``hf auth login`` / ``HF_TOKEN``). Checkpoints, optimizer
+    state and the pickled training arguments are left out (``ignore_patterns``). Nothing local is
+    modified: on any failure a :class:`HubPushError` says where the folder is and how to retry, with
+    every token redacted and the original exception detached (its text could hold the token).
+    """
+    local_dir = Path(output_dir).resolve()
+    if not local_dir.is_dir():
+        raise FileNotFoundError(f"Nothing to push: {local_dir} is not a folder.")
+    try:
+        api = HfApi(token=token)
+        repo_url = api.create_repo(hub_model_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            repo_id=hub_model_id,
+            folder_path=local_dir,
+            repo_type="model",
+            commit_message=commit_message,
+            ignore_patterns=list(ignore_patterns),
+        )
+    except Exception as exc:
+        known_token = token or _logged_in_token()
+        reason = redact(f"{type(exc).__name__}: {exc}", known_token)
+        message = (
+            f"Pushing {local_dir} to the Hub repo {hub_model_id!r} failed ({reason}).\n"
+            f"{_retry_hint(local_dir, hub_model_id, private, ignore_patterns)}"
+        )
+        message = redact(message, known_token)
+        logger.error(message)
+        # `from None`: the original exception (and its traceback text) may contain the token.
+        raise HubPushError(message, local_dir=local_dir, repo_id=hub_model_id) from None
+    url = str(repo_url)
+    logger.info("Pushed %s to %s", local_dir, url)
+    return url
+
+
+def _logged_in_token() -> str | None:
+    """The standard login's token, only to redact it from messages; None when there is none."""
+    try:
+        return get_token()
+    except Exception:
+        return None
