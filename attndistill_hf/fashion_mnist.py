@@ -125,9 +125,7 @@ def read_fashion_mnist_split(source_dir: str | os.PathLike[str], split: str) -> 
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(f"{images_path} should hold uint8 images [N, H, W], got {images.dtype} {images.shape}.")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(
-            f"{labels_path} holds {labels.shape} labels for {images.shape[0]} images in {images_path}."
-        )
+        raise ValueError(f"{labels_path} holds {labels.shape} labels for {images.shape[0]} images in {images_path}.")
     if labels.size and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
         raise ValueError(f"{labels_path} holds labels outside 0..{len(CLASS_NAMES) - 1}.")
     return images, labels.astype(np.int64)

@@ -27,18 +27,15 @@ REDACTED = "<redacted>"
 
 # Files in a training output folder that do not belong in a model repo: intermediate checkpoints,
 # optimizer / scheduler / RNG state, and the pickled TrainingArguments (which can hold `hub_token`).
+# The patterns are fnmatch-style on paths relative to the folder, where `*` also crosses `/`.
 DEFAULT_IGNORE_PATTERNS: tuple[str, ...] = (
     "checkpoint-*",
-    "checkpoint-*/**",
-    "**/checkpoint-*/**",
+    "*/checkpoint-*",
     "*.pt",
     "*.pth",
-    "**/*.pt",
-    "**/*.pth",
     "training_args.bin",
-    "runs/**",
-    "__pycache__/**",
-    "*.lock",
+    "runs/*",
+    "__pycache__/*",
 )
 
 CITATION_BIBTEX = """@inproceedings{wang2022attention,
@@ -89,8 +86,9 @@ class HubPushError(RuntimeError):
 class EvalRecord:
     """One evaluation result, rendered both into ``model-index`` metadata and the card's results table.
 
-    ``value`` is in percent (e.g. 71.4 for 71.4 % top-1). ``dataset_type`` is the Hub dataset id that
-    the Hub links to; it defaults to ``dataset_name``.
+    ``value`` is in percent (e.g. 71.4 for 71.4 % top-1). ``metric_name`` says which evaluation it is
+    (e.g. "k-NN top-1 (k=20)"). ``dataset_type`` is the Hub dataset id that the Hub links to; it
+    defaults to ``dataset_name``.
     """
 
     metric_name: str
@@ -103,10 +101,15 @@ class EvalRecord:
     dataset_config: str | None = None
 
     def to_eval_result(self) -> EvalResult:
-        """The huggingface_hub ``EvalResult`` of this record (task name = metric name, e.g. k-NN top-1)."""
+        """The huggingface_hub ``EvalResult`` of this record.
+
+        ``model-index`` groups results by task type and dataset and keeps one task name per group, so
+        the task name is derived from the task type and the evaluation is told apart by ``metric_name``:
+        that way a card read back with ``ModelCard.load`` gives exactly the results written.
+        """
         return EvalResult(
             task_type=self.task_type,
-            task_name=self.metric_name,
+            task_name=self.task_type.replace("-", " ").capitalize(),
             dataset_type=self.dataset_type or self.dataset_name,
             dataset_name=self.dataset_name,
             dataset_config=self.dataset_config,
@@ -406,7 +409,6 @@ def push_output_dir(
             f"{_retry_hint(local_dir, hub_model_id, private, ignore_patterns)}"
         )
         message = redact(message, known_token)
-        logger.error(message)
         # `from None`: the original exception (and its traceback text) may contain the token.
         raise HubPushError(message, local_dir=local_dir, repo_id=hub_model_id) from None
     url = str(repo_url)

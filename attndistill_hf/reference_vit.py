@@ -170,7 +170,7 @@ class ReferenceViT(nn.Module):
         return ReferenceOutput(tokens=self.norm(x), last_attention=probs)
 
 
-def _head_keys(format: str, width: int, depth: int) -> dict[str, torch.Tensor]:
+def _head_keys(format: str, width: int) -> dict[str, torch.Tensor]:
     """Parameters that the released checkpoints carry next to the backbone (heads, decoders, memories).
 
     They have the original names and plausible shapes; the converter must drop every one of them.
@@ -218,7 +218,8 @@ def _head_keys(format: str, width: int, depth: int) -> dict[str, torch.Tensor]:
             "decoder_pred.weight": torch.randn(48, decoder),
             "decoder_pred.bias": torch.zeros(48),
         }
-        keys.update({f"decoder_blocks.0.{k}": v for k, v in ReferenceBlock(decoder, 2, 2 * decoder).state_dict().items()})
+        decoder_block = ReferenceBlock(decoder, 2, 2 * decoder).state_dict()
+        keys.update({f"decoder_blocks.0.{k}": v for k, v in decoder_block.items()})
         return keys
     if format == "timm":
         return {"head.weight": torch.randn(10, width), "head.bias": torch.zeros(10)}
@@ -270,7 +271,7 @@ def make_reference_checkpoint(
                     param.copy_(1.0 + 0.2 * torch.randn_like(param))
                 elif name.endswith(".bias"):
                     param.copy_(0.1 * torch.randn_like(param))
-        heads = _head_keys(format, width, depth) if with_head else {}
+        heads = _head_keys(format, width) if with_head else {}
         other = ReferenceViT(width, depth, num_heads, patch_size, image_size, sincos=format == "mae")
     finally:
         torch.random.set_rng_state(generator_state)

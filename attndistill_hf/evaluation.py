@@ -1,0 +1,931 @@
+"""DINO's evaluation protocols for any teacher or student: weighted k-NN, linear probe, semi-supervised probe.
+
+The paper reports k-NN and linear-probe top-1 measured as DINO measures them (method.md, "Evaluation
+protocol"). This module works on models and dataloaders (or on already extracted features), so it is
+independent of how data is loaded; the recipes in ``recipes/`` wire it to the dataset sources.
+
+- ``extract_features``: frozen-model features of a whole loader ("cls", "last4_cls", "cls+avgpool"),
+  mixed precision on GPU, gathered across processes in dataset order, optionally cached (safetensors).
+- ``knn_accuracy``: DINO's weighted k-NN (cosine similarity, votes exp(sim / T)), chunked over the test set.
+- ``train_linear_probe`` (cached features, no augmentation) and ``train_linear_probe_on_images`` (frozen
+  backbone, augmentation from the loader) share one SGD + cosine training loop with an optional lr sweep
+  trained as parallel heads; ``balanced_label_subset`` gives the 1% / 10% semi-supervised label splits.
+- ``KNNEvaluationCallback``: k-NN top-1 during ``Trainer`` training, logged as ``eval_knn_top1``.
+- ``run_knn_eval`` / ``run_linear_eval``: the complete evaluations the recipes (and the demo) run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .models import forward_kwargs, num_prefix_tokens
+
+logger = logging.getLogger(__name__)
+
+FeatureKind = Literal["cls", "last4_cls", "cls+avgpool"]
+FEATURE_KINDS: tuple[str, ...] = ("cls", "last4_cls", "cls+avgpool")
+DEFAULT_KNN_KS: tuple[int, ...] = (10, 20, 100, 200)
+# Elements of one [chunk, num_train] similarity block when chunk_size is automatic: 2**27 float32 values
+# (512 MiB), i.e. about 100 test images per chunk against ImageNet's 1.28M train features, as DINO does.
+_KNN_SIMILARITY_BUDGET = 2**27
+_CACHE_FORMAT = "attndistill_hf.features.v1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature extraction
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"Unknown feature kind {kind!r}; choose one of {FEATURE_KINDS}.")
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    """The model's final LayerNorm (``layernorm`` in ViT / DeiT / ViTMAE / DINOv2; ``norm`` elsewhere)."""
+    for name in ("layernorm", "norm", "post_layernorm"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(
+        f"{type(model).__name__} has no final norm attribute (layernorm / norm / post_layernorm); "
+        "'last4_cls' features need it to normalise intermediate blocks as DINO does."
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA by default (as the published runs evaluate in mixed precision), else full precision.
+
+    An explicit ``dtype`` forces autocast with it on any device; ``torch.float32`` turns it off.
+    """
+    if dtype is None:
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            dtype = torch.bfloat16
+        else:
+            return contextlib.nullcontext()
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(pixel_values, labels or None)`` of a batch given as a dict, an (images, labels) pair or a tensor."""
+    if isinstance(batch, Mapping):
+        if "pixel_values" not in batch:
+            raise ValueError(f"Batch dict has no 'pixel_values' (keys: {sorted(batch)}).")
+        labels = batch.get("labels", batch.get("label"))
+        return batch["pixel_values"], labels
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise ValueError("Empty batch.")
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    raise TypeError(f"Cannot read pixel values from a batch of type {type(batch).__name__}.")
+
+
+def compute_features(model: nn.Module, pixel_values: torch.Tensor, kind: FeatureKind = "cls") -> torch.Tensor:
+    """Features of one batch (no grad handling, no autocast: callers decide), shape [B, D_kind].
+
+    - "cls": final CLS token after the final LayerNorm (DINO's k-NN feature).
+    - "last4_cls": CLS of each of the last 4 blocks, each through the final LayerNorm, concatenated
+      (DINO's linear-probe feature for ViT-S/T), 4 x hidden.
+    - "cls+avgpool": final CLS concatenated with the mean of the final patch tokens, prefix tokens
+      (CLS, DeiT's distillation token, DINOv2's registers) excluded (DINO's ViT-B probe feature), 2 x hidden.
+    """
+    _check_kind(kind)
+    if kind == "last4_cls":
+        outputs = model(pixel_values=pixel_values, output_hidden_states=True, **forward_kwargs(model, pixel_values))
+        hidden_states = getattr(outputs, "hidden_states", None)
+        num_layers = getattr(model.config, "num_hidden_layers", None)
+        if not hidden_states:
+            raise ValueError(
+                f"{type(model).__name__} returned no hidden states with output_hidden_states=True; "
+                "'last4_cls' needs the output of every block."
+            )
+        if len(hidden_states) < 4 or (num_layers is not None and num_layers < 4):
+            raise ValueError(
+                f"'last4_cls' needs at least 4 transformer blocks; {type(model).__name__} has "
+                f"{num_layers if num_layers is not None else len(hidden_states)}."
+            )
+        norm = _final_norm(model)
+        return torch.cat([norm(state[:, 0]) for state in hidden_states[-4:]], dim=-1)
+    outputs = model(pixel_values=pixel_values, **forward_kwargs(model, pixel_values))
+    tokens = outputs.last_hidden_state
+    cls = tokens[:, 0]
+    if kind == "cls":
+        return cls
+    prefix = num_prefix_tokens(model.config)
+    if tokens.shape[1] <= prefix:
+        raise ValueError(f"Model output has {tokens.shape[1]} tokens and {prefix} prefix tokens: no patch tokens.")
+    return torch.cat([cls, tokens[:, prefix:].mean(dim=1)], dim=-1)
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    """A cheap identity of the weights, so a cache written for another checkpoint is not reused by mistake."""
+    params = list(model.parameters())
+    num = sum(p.numel() for p in params)
+    probe = [float(p.detach().float().sum()) for p in (params[0], params[-1])] if params else []
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return json.dumps({"class": type(model).__name__, "name": name, "params": num, "sums": probe})
+
+
+def _dataset_length(dataloader: Iterable[Any]) -> int | None:
+    dataset = getattr(dataloader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
+
+
+def _load_cache(
+    cache_path: Path, kind: str, fingerprint: str, expected: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(cache_path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        features, labels = handle.get_tensor("features"), handle.get_tensor("labels")
+    problems = []
+    if metadata.get("format") != _CACHE_FORMAT:
+        problems.append("it was not written by extract_features")
+    if metadata.get("kind") != kind:
+        problems.append(f"it holds {metadata.get('kind')!r} features, not {kind!r}")
+    if metadata.get("model") != fingerprint:
+        problems.append("it was computed with different model weights")
+    if expected is not None and features.shape[0] != expected:
+        problems.append(f"it holds {features.shape[0]} samples, the dataset {expected}")
+    if problems:
+        raise ValueError(
+            f"Feature cache {cache_path} does not match this request: {'; '.join(problems)}. "
+            "Delete it or pass another cache_path."
+        )
+    return features, labels
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    kind: FeatureKind = "cls",
+    accelerator: Any | None = None,
+    cache_path: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features ``float32 [N, D]`` and labels ``long [N]`` of every batch of ``dataloader``, in dataset order.
+
+    The model runs under ``no_grad`` in whatever train/eval mode the caller set (use eval mode for
+    evaluation), with bf16 autocast on CUDA unless ``dtype`` says otherwise. With an ``accelerator`` the
+    loader must be one it prepared; each batch is gathered with ``gather_for_metrics`` (duplicates that
+    pad the last batch are dropped), so every process gets all features in dataset order. Batches
+    without labels give label -1. With ``cache_path`` the result is saved as safetensors and a later
+    call with the same kind, weights and dataset size loads it without running the model; a cache that
+    does not match raises instead of being silently reused or overwritten.
+    """
+    _check_kind(kind)
+    cache = Path(cache_path) if cache_path is not None else None
+    fingerprint = _model_fingerprint(model)
+    expected = _dataset_length(dataloader)
+    if cache is not None and cache.is_file():
+        logger.info("Loading cached %s features from %s", kind, cache)
+        return _load_cache(cache, kind, fingerprint, expected)
+
+    device = accelerator.device if accelerator is not None else _model_device(model)
+    features: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    is_main = accelerator is None or accelerator.is_local_main_process
+    total = len(dataloader) if hasattr(dataloader, "__len__") else None
+    for batch in tqdm(dataloader, desc=desc, total=total, disable=not (progress and is_main), unit="batch"):
+        pixel_values, batch_labels = split_batch(batch)
+        pixel_values = pixel_values.to(device, non_blocking=True)
+        if batch_labels is None:
+            batch_labels = torch.full((pixel_values.shape[0],), -1, dtype=torch.long)
+        batch_labels = torch.as_tensor(batch_labels).to(device=device, dtype=torch.long)
+        with _autocast(device, dtype):
+            batch_features = compute_features(model, pixel_values, kind)
+        batch_features = batch_features.float()
+        if accelerator is not None:
+            batch_features, batch_labels = accelerator.gather_for_metrics((batch_features, batch_labels))
+        features.append(batch_features.cpu())
+        labels.append(batch_labels.cpu())
+    if not features:
+        raise ValueError("The dataloader yielded no batches: nothing to extract features from.")
+    all_features, all_labels = torch.cat(features), torch.cat(labels)
+
+    if cache is not None and is_main_process(accelerator):
+        from safetensors.torch import save_file
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        metadata = {"format": _CACHE_FORMAT, "kind": kind, "model": fingerprint, "num_samples": str(len(all_labels))}
+        save_file({"features": all_features.contiguous(), "labels": all_labels.contiguous()}, str(tmp), metadata)
+        os.replace(tmp, cache)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return all_features, all_labels
+
+
+def is_main_process(accelerator: Any | None) -> bool:
+    """True on the process that writes files (the only one without an accelerator)."""
+    return accelerator is None or bool(accelerator.is_main_process)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weighted k-NN
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_features(features: torch.Tensor, labels: torch.Tensor, name: str) -> None:
+    if features.ndim != 2:
+        raise ValueError(f"{name} features must be 2-D [N, D], got shape {tuple(features.shape)}.")
+    if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"{name} labels must be 1-D with one label per feature row: {tuple(labels.shape)} labels for "
+            f"{features.shape[0]} rows."
+        )
+    if features.shape[0] == 0:
+        raise ValueError(f"{name} set is empty.")
+    if labels.dtype.is_floating_point:
+        raise ValueError(f"{name} labels must be integer class ids, got {labels.dtype}.")
+    if labels.min() < 0:
+        raise ValueError(f"{name} labels contain negative ids (unlabelled samples?); k-NN needs class ids >= 0.")
+
+
+@torch.no_grad()
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    ks: Sequence[int] = DEFAULT_KNN_KS,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> dict[int, dict[str, float]]:
+    """DINO's weighted k-NN: ``{k: {"top1": %, "top5": %}}`` for each k.
+
+    Features are L2-normalised; each test feature's k most cosine-similar train features vote for their
+    class with weight ``exp(sim / temperature)``; classes are ranked by summed votes. Top-5 counts a hit
+    in the first ``min(5, k)`` ranked classes, as DINO does. A k larger than the train set is clipped
+    (with a warning); results stay keyed by the requested k. Test features are processed in chunks of
+    ``chunk_size`` rows (automatic: about 512 MiB of similarities) so ImageNet-size sets fit in memory;
+    computation happens on ``train_features``' device.
+    """
+    _check_features(train_features, train_labels, "train")
+    _check_features(test_features, test_labels, "test")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"Train features have dimension {train_features.shape[1]}, test features {test_features.shape[1]}."
+        )
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty list of positive integers, got {list(ks)}.")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    device = train_features.device
+    train = F.normalize(train_features.float(), dim=1)
+    train_labels = train_labels.to(device=device, dtype=torch.long)
+    num_train = train.shape[0]
+    inferred = int(max(train_labels.max(), test_labels.max())) + 1
+    if num_classes is None:
+        num_classes = inferred
+    elif num_classes < inferred:
+        raise ValueError(f"num_classes={num_classes} but labels go up to {inferred - 1}.")
+
+    effective = {}
+    for k in ks:
+        k = int(k)
+        if k > num_train:
+            warnings.warn(f"k={k} is larger than the {num_train} train features; using k={num_train}.", stacklevel=2)
+        effective[k] = min(k, num_train)
+    max_k = max(effective.values())
+    if chunk_size is None:
+        chunk_size = max(1, _KNN_SIMILARITY_BUDGET // num_train)
+    elif chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+
+    top1 = dict.fromkeys(effective, 0)
+    top5 = dict.fromkeys(effective, 0)
+    num_test = test_features.shape[0]
+    starts = range(0, num_test, chunk_size)
+    for start in tqdm(starts, desc="k-NN", disable=not progress, unit="chunk"):
+        queries = F.normalize(test_features[start : start + chunk_size].to(device).float(), dim=1)
+        targets = test_labels[start : start + chunk_size].to(device=device, dtype=torch.long)
+        similarity = queries @ train.T
+        sims, indices = similarity.topk(max_k, dim=1, largest=True, sorted=True)
+        neighbour_labels = train_labels[indices]
+        weights = (sims / temperature).exp()
+        for k, k_eff in effective.items():
+            votes = torch.zeros(queries.shape[0], num_classes, device=device, dtype=weights.dtype)
+            votes.scatter_add_(1, neighbour_labels[:, :k_eff], weights[:, :k_eff])
+            ranked_votes, ranked = votes.topk(min(5, k_eff, num_classes), dim=1)
+            # A class no neighbour voted for is no prediction: it never counts as a top-5 hit, whatever
+            # order the zero-vote classes come out in (DINO leaves that order to the sort).
+            hits = (ranked == targets[:, None]) & (ranked_votes > 0)
+            top1[k] += int(hits[:, 0].sum())
+            top5[k] += int(hits.any(dim=1).sum())
+    return {k: {"top1": 100.0 * top1[k] / num_test, "top5": 100.0 * top5[k] / num_test} for k in effective}
+
+
+# --------------------------------------------------------------------------------------------------
+# Semi-supervised label subsets
+# --------------------------------------------------------------------------------------------------
+
+
+def balanced_label_subset(labels: torch.Tensor | Sequence[int], fraction: float, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a seeded, per-class ``fraction`` of the samples (at least one per class).
+
+    Each class keeps ``max(1, round(fraction * count))`` of its samples, so the 1% / 10% splits have the
+    class balance of the full set and no class disappears.
+    """
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or labels.numel() == 0:
+        raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {tuple(labels.shape)}.")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for cls in torch.unique(labels):
+        members = torch.nonzero(labels == cls).flatten()
+        count = max(1, round(fraction * members.numel()))
+        chosen.append(members[torch.randperm(members.numel(), generator=generator)[:count]])
+    return torch.sort(torch.cat(chosen)).values
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear probe
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LinearProbeConfig:
+    """DINO's linear evaluation: SGD momentum 0.9, weight decay 0, per-epoch cosine to 0, lr 1e-3 x batch / 256.
+
+    ``lr_sweep`` trains one head per base lr in parallel on the same batches (scaled by batch / 256 like
+    ``base_lr``) and reports the best, as DINO's sweep over learning rates does. ``label_fraction`` keeps
+    a balanced, seeded fraction of the training labels (semi-supervised 1% / 10%).
+    """
+
+    epochs: int = 100
+    batch_size: int = 256
+    base_lr: float = 1e-3
+    lr: float | None = None
+    lr_sweep: tuple[float, ...] | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    label_fraction: float | None = None
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}.")
+        if self.lr is not None and self.lr_sweep:
+            raise ValueError("Give either lr (one absolute learning rate) or lr_sweep (base lrs), not both.")
+        rates = [self.base_lr] if self.lr is None else [self.lr]
+        rates += list(self.lr_sweep or [])
+        if any(rate <= 0 for rate in rates):
+            raise ValueError(f"Learning rates must be positive, got {rates}.")
+        if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}.")
+        if self.lr_sweep is not None:
+            self.lr_sweep = tuple(float(rate) for rate in self.lr_sweep)
+
+    def learning_rates(self) -> list[float]:
+        """The absolute learning rate of each head."""
+        if self.lr is not None:
+            return [self.lr]
+        bases = list(self.lr_sweep) if self.lr_sweep else [self.base_lr]
+        return [base * self.batch_size / 256 for base in bases]
+
+
+def _make_heads(dim: int, num_classes: int, count: int, device: torch.device, seed: int) -> nn.ModuleList:
+    """Linear heads initialised as DINO's linear classifier: weights N(0, 0.01), zero bias."""
+    generator = torch.Generator().manual_seed(seed)
+    heads = nn.ModuleList()
+    for _ in range(count):
+        head = nn.Linear(dim, num_classes)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
+            head.bias.zero_()
+        heads.append(head)
+    return heads.to(device)
+
+
+def _train_heads(
+    dim: int,
+    num_classes: int,
+    epoch_batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    config: LinearProbeConfig,
+    device: torch.device,
+) -> nn.ModuleList:
+    """The one training loop of both probe paths: heads for every lr, SGD, cosine stepped per epoch."""
+    lrs = config.learning_rates()
+    heads = _make_heads(dim, num_classes, len(lrs), device, config.seed)
+    optimizer = torch.optim.SGD(
+        [{"params": head.parameters(), "lr": lr} for head, lr in zip(heads, lrs, strict=True)],
+        lr=lrs[0],
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs, eta_min=0.0)
+    heads.train()
+    bar = tqdm(range(config.epochs), desc="linear probe", unit="epoch", disable=not config.progress)
+    for epoch in bar:
+        total, count = 0.0, 0
+        for features, labels in epoch_batches(epoch):
+            features = features.to(device).float()
+            labels = labels.to(device=device, dtype=torch.long)
+            # Heads are independent, so the summed loss gives each head exactly its own gradient.
+            loss = sum(F.cross_entropy(head(features), labels) for head in heads)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * labels.shape[0]
+            count += labels.shape[0]
+        if count == 0:
+            raise ValueError("The probe's training data yielded no batches.")
+        scheduler.step()
+        bar.set_postfix(loss=total / count / len(heads))
+    return heads
+
+
+@torch.no_grad()
+def _score_heads(
+    heads: nn.ModuleList, features: torch.Tensor, labels: torch.Tensor, batch: int = 4096
+) -> list[dict[str, float]]:
+    device = next(heads.parameters()).device
+    heads.eval()
+    top1 = [0] * len(heads)
+    top5 = [0] * len(heads)
+    for start in range(0, features.shape[0], batch):
+        x = features[start : start + batch].to(device).float()
+        y = labels[start : start + batch].to(device=device, dtype=torch.long)
+        for i, head in enumerate(heads):
+            logits = head(x)
+            ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = ranked == y[:, None]
+            top1[i] += int(hits[:, 0].sum())
+            top5[i] += int(hits.any(dim=1).sum())
+    n = features.shape[0]
+    return [{"top1": 100.0 * a / n, "top5": 100.0 * b / n} for a, b in zip(top1, top5, strict=True)]
+
+
+def _probe_report(
+    scores: list[dict[str, float]], config: LinearProbeConfig, num_train: int, dim: int, num_classes: int
+) -> dict[str, Any]:
+    lrs = config.learning_rates()
+    best = max(range(len(scores)), key=lambda i: scores[i]["top1"])
+    return {
+        "top1": scores[best]["top1"],
+        "top5": scores[best]["top5"],
+        "lr": lrs[best],
+        "per_lr": {f"{lr:g}": score for lr, score in zip(lrs, scores, strict=True)},
+        "num_train": num_train,
+        "feature_dim": dim,
+        "num_classes": num_classes,
+        "label_fraction": config.label_fraction,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+    }
+
+
+def _probe_device(config: LinearProbeConfig, fallback: torch.device) -> torch.device:
+    return torch.device(config.device) if config.device is not None else fallback
+
+
+def train_linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    config: LinearProbeConfig | None = None,
+    *,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """Linear probe on pre-extracted features (the fast path: no augmentation).
+
+    Returns ``{"top1", "top5", "lr", "per_lr": {lr: {"top1", "top5"}}, "num_train", ...}`` with the best
+    head's test accuracy (percent). ``config.label_fraction`` trains on a balanced label subset.
+    """
+    config = config or LinearProbeConfig()
+    _check_features(train_features, train_labels, "train")
+    _check_features(test_features, test_labels, "test")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"Train features have dimension {train_features.shape[1]}, test features {test_features.shape[1]}."
+        )
+    inferred = int(max(train_labels.max(), test_labels.max())) + 1
+    num_classes = num_classes or inferred
+    if config.label_fraction is not None:
+        keep = balanced_label_subset(train_labels, config.label_fraction, config.seed)
+        train_features, train_labels = train_features[keep], train_labels[keep]
+    device = _probe_device(config, train_features.device)
+    train_features = train_features.to(device).float()
+    train_labels = train_labels.to(device=device, dtype=torch.long)
+    num_train = train_features.shape[0]
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(num_train, generator=generator).to(device)
+        for start in range(0, num_train, config.batch_size):
+            index = order[start : start + config.batch_size]
+            yield train_features[index], train_labels[index]
+
+    heads = _train_heads(train_features.shape[1], num_classes, epoch_batches, config, device)
+    scores = _score_heads(heads, test_features, test_labels)
+    return _probe_report(scores, config, num_train, train_features.shape[1], num_classes)
+
+
+def _subset_loader(loader: DataLoader, indices: torch.Tensor, seed: int) -> DataLoader:
+    """The same loader over a subset of its dataset (shuffled, seeded): the semi-supervised training set."""
+    if not hasattr(loader, "dataset") or not hasattr(loader.dataset, "__getitem__"):
+        raise ValueError("label_fraction on images needs a map-style dataset (not streaming) to take a subset of.")
+    return DataLoader(
+        Subset(loader.dataset, indices.tolist()),
+        batch_size=loader.batch_size,
+        shuffle=True,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def train_linear_probe_on_images(
+    model: nn.Module,
+    train_loader: DataLoader,
+    test_loader: Iterable[Any],
+    kind: FeatureKind = "last4_cls",
+    config: LinearProbeConfig | None = None,
+    *,
+    train_labels: torch.Tensor | Sequence[int] | None = None,
+    num_classes: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Linear probe through a frozen backbone (the faithful path): features are recomputed every epoch.
+
+    Augmentation (RandomResizedCrop + flip) is whatever ``train_loader``'s transform does; the backbone
+    runs in eval mode without gradients, as in DINO's linear evaluation. ``test_loader`` should use the
+    eval preprocessing. With ``config.label_fraction`` the loader's dataset is subset per class; its
+    labels come from ``train_labels`` (one per dataset item). Single process.
+    """
+    config = config or LinearProbeConfig()
+    _check_kind(kind)
+    device = _model_device(model)
+    probe_device = _probe_device(config, device)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        if config.label_fraction is not None:
+            if train_labels is None:
+                raise ValueError("label_fraction on images needs train_labels (one label per dataset item).")
+            keep = balanced_label_subset(torch.as_tensor(train_labels), config.label_fraction, config.seed)
+            train_loader = _subset_loader(train_loader, keep, config.seed)
+
+        # One batch to learn the feature width; it is not used for training (the loader is re-iterated).
+        first_pixels, _ = split_batch(next(iter(train_loader)))
+        with torch.no_grad(), _autocast(device, dtype):
+            dim = compute_features(model, first_pixels[:1].to(device), kind).shape[1]
+        test_features, test_labels = extract_features(
+            model, test_loader, kind=kind, dtype=dtype, progress=config.progress, desc="test features"
+        )
+        if num_classes is None:
+            seen = int(test_labels.max()) + 1
+            if train_labels is not None:
+                seen = max(seen, int(torch.as_tensor(train_labels).max()) + 1)
+            num_classes = seen
+
+        def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            sampler = getattr(train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            for batch in train_loader:
+                pixel_values, labels = split_batch(batch)
+                if labels is None:
+                    raise ValueError("The probe's training loader yields batches without labels.")
+                with torch.no_grad(), _autocast(device, dtype):
+                    features = compute_features(model, pixel_values.to(device, non_blocking=True), kind)
+                yield features.float(), torch.as_tensor(labels)
+
+        heads = _train_heads(dim, num_classes, epoch_batches, config, probe_device)
+        scores = _score_heads(heads, test_features, test_labels)
+        num_train = _dataset_length(train_loader) or -1
+        return _probe_report(scores, config, num_train, dim, num_classes)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer callback
+# --------------------------------------------------------------------------------------------------
+
+
+def default_feature_model(model: nn.Module) -> nn.Module:
+    """The backbone to evaluate inside a training wrapper: unwraps DDP/``.module`` and a ``student`` attribute."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    student = getattr(model, "student", None)
+    if isinstance(student, nn.Module) and hasattr(student, "config"):
+        return student
+    return model
+
+
+class KNNEvaluationCallback(TrainerCallback):
+    """k-NN top-1 of the model being trained, every ``every_n_steps`` steps and at the end of training.
+
+    Logged as ``eval_knn_top1`` (configurable) so training curves show it next to the loss. Attach with
+    ``callback.attach(trainer)``: values then go through ``trainer.log`` (``state.log_history`` plus every
+    reporting integration). Added with ``Trainer(callbacks=[...])`` alone, the callback has no trainer and
+    appends ``{"eval_knn_top1", "epoch", "step"}`` to ``state.log_history`` itself (the history saved in
+    checkpoints and ``trainer_state.json``). The model's train/eval modes are restored afterwards.
+
+    ``train_labels`` / ``test_labels`` replace the labels of the loaders (for loaders that yield only
+    pixels). Each process evaluates on the full loaders unless an ``accelerator`` that prepared them is
+    given, in which case features are gathered across processes.
+    """
+
+    def __init__(
+        self,
+        train_loader: Iterable[Any],
+        test_loader: Iterable[Any],
+        *,
+        every_n_steps: int | None = None,
+        k: int = 20,
+        temperature: float = 0.07,
+        kind: FeatureKind = "cls",
+        train_labels: torch.Tensor | None = None,
+        test_labels: torch.Tensor | None = None,
+        num_classes: int | None = None,
+        at_train_end: bool = True,
+        metric_name: str = "eval_knn_top1",
+        feature_model: Callable[[nn.Module], nn.Module] = default_feature_model,
+        accelerator: Any | None = None,
+        dtype: torch.dtype | None = None,
+        progress: bool = False,
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps}.")
+        if k < 1:
+            raise ValueError(f"k must be positive, got {k}.")
+        _check_kind(kind)
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.every_n_steps, self.k, self.temperature, self.kind = every_n_steps, k, temperature, kind
+        self.train_labels, self.test_labels, self.num_classes = train_labels, test_labels, num_classes
+        self.at_train_end, self.metric_name = at_train_end, metric_name
+        self.feature_model, self.accelerator, self.dtype, self.progress = feature_model, accelerator, dtype, progress
+        self.trainer: Any | None = None
+        self.history: list[dict[str, float]] = []
+        self._last_step: int | None = None
+
+    def attach(self, trainer: Any) -> KNNEvaluationCallback:
+        """Register with ``trainer`` and log through ``trainer.log`` (reaches TensorBoard, W&B, ...)."""
+        self.trainer = trainer
+        trainer.add_callback(self)
+        return self
+
+    def evaluate(self, model: nn.Module) -> float:
+        """k-NN top-1 (percent) of ``model`` (unwrapped with ``feature_model``) on the held-out loaders."""
+        backbone = self.feature_model(model)
+        modes = {module: module.training for module in backbone.modules()}
+        backbone.eval()
+        try:
+            kwargs = {
+                "kind": self.kind,
+                "accelerator": self.accelerator,
+                "dtype": self.dtype,
+                "progress": self.progress,
+            }
+            train_features, train_labels = extract_features(backbone, self.train_loader, desc="k-NN train", **kwargs)
+            test_features, test_labels = extract_features(backbone, self.test_loader, desc="k-NN test", **kwargs)
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+        if self.train_labels is not None:
+            train_labels = torch.as_tensor(self.train_labels)
+        if self.test_labels is not None:
+            test_labels = torch.as_tensor(self.test_labels)
+        result = knn_accuracy(
+            train_features,
+            train_labels,
+            test_features,
+            test_labels,
+            ks=(self.k,),
+            temperature=self.temperature,
+            num_classes=self.num_classes,
+        )
+        return result[self.k]["top1"]
+
+    def _log(self, state: TrainerState, control: TrainerControl, model: nn.Module | None) -> None:
+        if model is None:
+            raise ValueError("KNNEvaluationCallback received no model from the Trainer.")
+        if self._last_step == state.global_step:
+            return
+        self._last_step = state.global_step
+        value = self.evaluate(model)
+        self.history.append({self.metric_name: value, "step": state.global_step})
+        if self.trainer is not None:
+            # trainer.log runs the on_log event, whose handler clears control.should_log; keep the flags
+            # other callbacks set for this step (e.g. the regular loss logging) intact.
+            flags = (control.should_log, control.should_evaluate, control.should_save)
+            self.trainer.log({self.metric_name: value})
+            control.should_log, control.should_evaluate, control.should_save = flags
+        else:
+            entry: dict[str, float] = {self.metric_name: value}
+            if state.epoch is not None:
+                entry["epoch"] = state.epoch
+            state.log_history.append({**entry, "step": state.global_step})
+        logger.info("step %d: %s = %.2f", state.global_step, self.metric_name, value)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        if self.every_n_steps and state.global_step > 0 and state.global_step % self.every_n_steps == 0:
+            self._log(state, control, kwargs.get("model"))
+        return control
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        if self.at_train_end:
+            self._log(state, control, kwargs.get("model"))
+        return control
+
+
+# --------------------------------------------------------------------------------------------------
+# Complete evaluations (used by the recipes and the demo)
+# --------------------------------------------------------------------------------------------------
+
+
+def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A plain-text table (markdown-compatible) of the results."""
+    cells = [[str(h) for h in header]] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) + " |" for row in cells
+    ]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return "\n".join(lines)
+
+
+def _write_json(
+    results: Mapping[str, Any], output_json: str | os.PathLike[str] | None, accelerator: Any | None
+) -> None:
+    if output_json is not None and is_main_process(accelerator):
+        path = Path(output_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _cache_file(cache_dir: str | os.PathLike[str] | None, split: str, kind: str) -> Path | None:
+    return None if cache_dir is None else Path(cache_dir) / f"{split}-{kind.replace('+', '_')}.safetensors"
+
+
+def run_knn_eval(
+    model: nn.Module,
+    train_loader: Iterable[Any],
+    test_loader: Iterable[Any],
+    *,
+    kind: FeatureKind = "cls",
+    ks: Sequence[int] = DEFAULT_KNN_KS,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    accelerator: Any | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    output_json: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    print_table: bool = True,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The full k-NN evaluation: extract (or load cached) features, weighted k-NN for every k, table + JSON.
+
+    Both loaders should use the eval preprocessing (resize + center crop). The model is put in eval
+    mode for the duration and restored afterwards. Returns ``{"knn": {k: {"top1", "top5"}}, ...}`` with
+    string keys for k, as written to ``output_json``.
+    """
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        common = {"kind": kind, "accelerator": accelerator, "dtype": dtype, "progress": progress}
+        train = extract_features(
+            model, train_loader, cache_path=_cache_file(cache_dir, "train", kind), desc="train features", **common
+        )
+        test = extract_features(
+            model, test_loader, cache_path=_cache_file(cache_dir, "test", kind), desc="test features", **common
+        )
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    scores = knn_accuracy(*train, *test, ks=ks, temperature=temperature, num_classes=num_classes, progress=progress)
+    results: dict[str, Any] = {
+        **(extra or {}),
+        "protocol": "knn",
+        "kind": kind,
+        "temperature": temperature,
+        "num_train": int(train[0].shape[0]),
+        "num_test": int(test[0].shape[0]),
+        "feature_dim": int(train[0].shape[1]),
+        "knn": {str(k): score for k, score in scores.items()},
+    }
+    if print_table and is_main_process(accelerator):
+        rows = [(k, score["top1"], score["top5"]) for k, score in scores.items()]
+        print(format_table(rows, ("k", "top-1 (%)", "top-5 (%)")))
+    _write_json(results, output_json, accelerator)
+    return results
+
+
+def run_linear_eval(
+    model: nn.Module,
+    train_loader: DataLoader,
+    test_loader: Iterable[Any],
+    *,
+    kind: FeatureKind = "last4_cls",
+    config: LinearProbeConfig | None = None,
+    augment: bool = True,
+    train_labels: torch.Tensor | Sequence[int] | None = None,
+    num_classes: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    output_json: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | None = None,
+    print_table: bool = True,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The full linear (or semi-supervised) evaluation, as a table and JSON.
+
+    ``augment=True`` is the faithful path (``train_loader`` applies RandomResizedCrop + flip and the
+    frozen backbone runs every epoch); ``augment=False`` extracts ``train_loader``'s features once
+    (cacheable in ``cache_dir``; give it eval preprocessing) and trains on them.
+    """
+    config = config or LinearProbeConfig()
+    if augment:
+        report = train_linear_probe_on_images(
+            model,
+            train_loader,
+            test_loader,
+            kind,
+            config,
+            train_labels=train_labels,
+            num_classes=num_classes,
+            dtype=dtype,
+        )
+    else:
+        modes = {module: module.training for module in model.modules()}
+        model.eval()
+        try:
+            common = {"kind": kind, "dtype": dtype, "progress": config.progress}
+            train = extract_features(
+                model, train_loader, cache_path=_cache_file(cache_dir, "train", kind), desc="train features", **common
+            )
+            test = extract_features(
+                model, test_loader, cache_path=_cache_file(cache_dir, "test", kind), desc="test features", **common
+            )
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+        report = train_linear_probe(*train, *test, config, num_classes=num_classes)
+    results: dict[str, Any] = {
+        **(extra or {}),
+        "protocol": "semi-supervised" if config.label_fraction is not None else "linear",
+        "kind": kind,
+        "augment": augment,
+        **report,
+        "config": {key: value for key, value in asdict(config).items() if key != "progress"},
+    }
+    if print_table:
+        rows = [(lr, score["top1"], score["top5"]) for lr, score in report["per_lr"].items()]
+        print(format_table(rows, ("lr", "top-1 (%)", "top-5 (%)")))
+        print(f"best: lr {report['lr']:g}, top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}%")
+    _write_json(results, output_json, None)
+    return results

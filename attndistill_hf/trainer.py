@@ -1,0 +1,336 @@
+"""``AttnDistillTrainer``: a ``transformers.Trainer`` that distills a frozen ViT teacher into a ViT student.
+
+The trainable model handed to the Trainer is :class:`DistillationModule` (student + the AttnDistill
+loss with its projector), so that optimizer, scheduler, DDP, mixed precision, checkpoints and resume
+all cover the projector too. The teacher is a frozen second model, prepared through Accelerate for
+device and precision but never wrapped by DDP. ``save_model`` exports the student alone, as a plain
+transformers model that ``AutoModel.from_pretrained`` loads without custom code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+
+from .attention import find_last_attention, last_cls_attention, unwrap_model
+from .losses import AttnDistillLoss
+from .models import cls_features, forward_kwargs, load_teacher, patch_grid
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive steps whose loss was NaN or infinite."""
+
+
+@dataclass
+class AttnDistillConfig(TrainingArguments):
+    """TrainingArguments plus the AttnDistill fields; defaults follow the published recipe."""
+
+    proj_loss_weight: float = field(default=1.0, metadata={"help": "Weight w_proj of the projector alignment term."})
+    attn_loss_weight: float = field(
+        default=0.1, metadata={"help": "Weight w_attn of the last-layer CLS-attention KL term (0 disables it)."}
+    )
+    fusion_temperature: float = field(
+        default=10.0,
+        metadata={"help": "Temperature T of the head fusion softmax(sum_h log a_h / T) when head counts differ."},
+    )
+    projector_depth: int = field(
+        default=4, metadata={"help": "Linear layers in the projector (4 = the published d-2d-d-2d-D head)."}
+    )
+    projector_loss: str = field(
+        default="mse", metadata={"help": "Projector distance: 'mse' (published) or 'cosine' (2 - 2 cos)."}
+    )
+    attn_clamp_min: float = field(default=1e-5, metadata={"help": "Lower clamp of the attention maps before the KL."})
+    attn_clamp_max: float = field(default=0.996, metadata={"help": "Upper clamp of the attention maps before the KL."})
+    learning_rate: float | None = field(  # type: ignore[assignment]
+        default=None,
+        metadata={"help": "Peak learning rate. Default: base_learning_rate x total batch size / 256."},
+    )
+    base_learning_rate: float = field(
+        default=1.5e-4, metadata={"help": "Learning rate per 256 images, used when learning_rate is not given."}
+    )
+    warmup_epochs: float = field(
+        default=0.0,
+        metadata={"help": "Linear warm-up length in epochs (converted to steps); overrides warmup_steps when > 0."},
+    )
+    num_train_examples: int | None = field(
+        default=None,
+        metadata={"help": "Examples per epoch of a streamed dataset (needed for warmup_epochs and epoch-based runs)."},
+    )
+    max_consecutive_nonfinite_steps: int = field(
+        default=20, metadata={"help": "Stop with an error after this many NaN/inf losses in a row."}
+    )
+    # Published recipe: AdamW (0.9, 0.95), weight decay 0.05, per-step warm-up then half-cosine to 0.
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (published: 0.95)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on >= 2-D weights (0.05)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Schedule after warm-up (cosine to 0)."})
+    # The collator needs the image column; the model takes no label.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all columns for the collator."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every student parameter is used: no unused-parameter search."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.projector_loss not in {"mse", "cosine"}:
+            raise ValueError(f"projector_loss must be 'mse' or 'cosine', got {self.projector_loss!r}.")
+        if not 0 < self.attn_clamp_min < self.attn_clamp_max <= 1:
+            raise ValueError("Need 0 < attn_clamp_min < attn_clamp_max <= 1.")
+        if self.proj_loss_weight == 0 and self.attn_loss_weight == 0:
+            raise ValueError("Both loss weights are 0: nothing to train.")
+        lr_given = self.learning_rate is not None
+        if not lr_given:
+            self.learning_rate = self.base_learning_rate
+        # Streamed data is sharded per rank by the DataLoader preparation; rank-0 dispatch would read
+        # (and decode) every image on one process.
+        if self.accelerator_config is None:
+            self.accelerator_config = {"dispatch_batches": False}
+        elif isinstance(self.accelerator_config, dict):
+            self.accelerator_config.setdefault("dispatch_batches", False)
+        super().__post_init__()
+        if not lr_given:
+            self.learning_rate = self.base_learning_rate * self.total_train_batch_size / 256
+
+    @property
+    def total_train_batch_size(self) -> int:
+        """Images per optimizer step over all processes (per device x accumulation x world size)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * max(1, self.world_size)
+
+
+class DistillationModule(nn.Module):
+    """What the Trainer optimises: the student and the loss (whose projector trains with it).
+
+    The forward pass takes the teacher's CLS token and attention map, computed outside under
+    ``no_grad``, so that DDP wraps only trainable parameters.
+    """
+
+    def __init__(self, student: PreTrainedModel, loss_fn: AttnDistillLoss) -> None:
+        super().__init__()
+        self.student = student
+        self.loss_fn = loss_fn
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        teacher_cls: torch.Tensor,
+        teacher_attn: torch.Tensor | None = None,
+        teacher_grid: tuple[int, int] | None = None,
+        validate: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.loss_fn.attn_weight:
+            output, student_attn = last_cls_attention(self.student, pixel_values)
+        else:
+            output = self.student(pixel_values=pixel_values, **forward_kwargs(self.student, pixel_values))
+            student_attn = None
+        terms = self.loss_fn(
+            teacher_cls,
+            teacher_attn,
+            output,
+            student_attn,
+            teacher_grid=teacher_grid,
+            student_grid=patch_grid(self.student.config, tuple(pixel_values.shape[-2:])),
+            validate=validate,
+        )
+        return terms.loss, terms.loss_proj, terms.loss_attn
+
+
+def check_pair(teacher: PreTrainedModel, student: PreTrainedModel, image_size: int | tuple[int, int]) -> None:
+    """Fail before the first step when the pair cannot be distilled at ``image_size``."""
+    for role, model in (("teacher", teacher), ("student", student)):
+        try:
+            find_last_attention(model)
+        except TypeError as error:
+            raise TypeError(f"Unsupported {role}: {error}") from None
+        try:
+            patch_grid(model.config, image_size)
+        except ValueError as error:
+            raise ValueError(f"The {role} cannot take {image_size} px crops: {error}") from None
+    size = image_size if isinstance(image_size, int) else image_size[0]
+    student_size = student.config.image_size
+    if student_size != size:
+        raise ValueError(
+            f"The student is configured for {student_size} px but the data transform crops {size} px: set the "
+            f"student's image_size (or --image_size) to {size}."
+        )
+
+
+class AttnDistillTrainer(Trainer):
+    """Trainer that distills ``teacher`` into ``student`` with the AttnDistill loss.
+
+    ``teacher`` is a model, a Hub id or a local directory. ``image_processor`` is saved next to the
+    exported student so that ``AutoImageProcessor.from_pretrained`` works on the output directory.
+    """
+
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel | str,
+        args: AttnDistillConfig,
+        *,
+        image_processor: Any = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        teacher_model = load_teacher(teacher)
+        check_pair(teacher_model, student, student.config.image_size)
+        loss_fn = AttnDistillLoss(
+            student.config.hidden_size,
+            teacher_model.config.hidden_size,
+            proj_weight=args.proj_loss_weight,
+            attn_weight=args.attn_loss_weight,
+            fusion_temperature=args.fusion_temperature,
+            projector_depth=args.projector_depth,
+            projector_loss=args.projector_loss,
+            clamp=(args.attn_clamp_min, args.attn_clamp_max),
+        )
+        super().__init__(
+            model=DistillationModule(student, loss_fn),
+            args=args,
+            processing_class=image_processor,
+            **trainer_kwargs,
+        )
+        # The loss is a per-batch mean and is not pre-scaled for gradient accumulation: let the
+        # Trainer divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.teacher = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        if args.torch_compile:
+            self.teacher = torch.compile(self.teacher, backend=args.torch_compile_backend or "inductor")
+        self._validated = False
+        self._consecutive_nonfinite = 0
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_count = 0
+        self.skipped_images = 0
+        self.nonfinite_steps = 0
+
+    # ---- the loss ---------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        skipped = inputs.get("skipped_images")
+        if skipped is not None:
+            self.skipped_images += int(skipped.sum())
+        pixel_values = inputs["pixel_values"]
+        with_attention = self.args.attn_loss_weight != 0
+        with torch.no_grad():
+            if with_attention:
+                teacher_out, teacher_attn = last_cls_attention(self.teacher, pixel_values)
+            else:
+                plain_teacher = unwrap_model(self.teacher)
+                teacher_out = self.teacher(pixel_values=pixel_values, **forward_kwargs(plain_teacher, pixel_values))
+                teacher_attn = None
+        teacher_grid = patch_grid(unwrap_model(self.teacher).config, tuple(pixel_values.shape[-2:]))
+        loss, loss_proj, loss_attn = model(
+            pixel_values=pixel_values,
+            teacher_cls=cls_features(teacher_out.last_hidden_state),
+            teacher_attn=teacher_attn,
+            teacher_grid=teacher_grid,
+            validate=not self._validated,
+        )
+        self._validated = True
+        if not bool(torch.isfinite(loss)) or pixel_values.shape[0] == 0:
+            loss = self._skip_step(model, loss)
+        else:
+            self._consecutive_nonfinite = 0
+            self._accumulate({"loss_proj": loss_proj, "loss_attn": loss_attn})
+        terms = {"loss_proj": loss_proj, "loss_attn": loss_attn}
+        return (loss, terms) if return_outputs else loss
+
+    def _skip_step(self, model: nn.Module, bad_loss: torch.Tensor) -> torch.Tensor:
+        """Drop a batch whose loss is NaN/inf: a zero loss over every trainable parameter.
+
+        Backpropagating ``0 * NaN`` would still poison the gradients; this surrogate gives exact zero
+        gradients and keeps DDP's reducer satisfied (every parameter receives one).
+        """
+        self.nonfinite_steps += 1
+        self._consecutive_nonfinite += 1
+        logger.warning(
+            "Skipping a batch with a non-finite loss (%s); %d skipped so far.", bad_loss.item(), self.nonfinite_steps
+        )
+        if self._consecutive_nonfinite >= self.args.max_consecutive_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self._consecutive_nonfinite} consecutive steps had a NaN/inf loss (step {self.state.global_step}). "
+                "Lower the learning rate, use bf16 instead of fp16, or resume from the last checkpoint."
+            )
+        return sum((p.sum() * 0.0 for p in model.parameters() if p.requires_grad), bad_loss.new_zeros(()))
+
+    def _accumulate(self, terms: dict[str, torch.Tensor]) -> None:
+        for name, value in terms.items():
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach().float()
+        self._term_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean of each loss term since the last log, and the skip counters."""
+        if "loss" in logs:
+            for name, total in self._term_sums.items():
+                mean = self.accelerator.reduce(total / max(1, self._term_count), reduction="mean")
+                logs[name] = round(float(mean), 6)
+            self._term_sums, self._term_count = {}, 0
+            logs["skipped_images"] = self.skipped_images
+            logs["nonfinite_steps"] = self.nonfinite_steps
+        super().log(logs, start_time)
+
+    # ---- optimisation -----------------------------------------------------------------------------
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Weight decay on matrices only: biases and every 1-D parameter (norms, tokens' scales) are exempt."""
+        return [name for name, param in model.named_parameters() if param.ndim > 1]
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.args.warmup_epochs > 0 and self.lr_scheduler is None:
+            self.args.warmup_steps = max(1, round(self.args.warmup_epochs * self._update_steps_per_epoch()))
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _update_steps_per_epoch(self) -> int:
+        examples = self.args.num_train_examples
+        if examples is None and self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
+            examples = len(self.train_dataset)
+        if examples is None:
+            raise ValueError("warmup_epochs needs the epoch length of a streamed dataset: set num_train_examples.")
+        return max(1, math.ceil(examples / self.args.total_train_batch_size))
+
+    # ---- saving -----------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints keep student + projector; a user's ``save_model`` exports the student alone."""
+        if _internal_call:
+            super().save_model(output_dir, _internal_call=True)
+        else:
+            self.export_student(output_dir or self.args.output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # training_args.bin is a pickle of the arguments: never write the Hub token into it.
+        token, self.args.hub_token = self.args.hub_token, None
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.args.hub_token = token
+
+    @property
+    def student(self) -> PreTrainedModel:
+        return unwrap_model(self.model).student
+
+    def export_student(self, output_dir: str) -> None:
+        """Write the student as a plain transformers model (config, safetensors, image processor)."""
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.student.save_pretrained(output_dir, safe_serialization=True)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        logger.info("Exported the student to %s", output_dir)

@@ -1,0 +1,302 @@
+"""Model cards that parse and carry the measured numbers; pushes that call the Hub right and fail safely."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from huggingface_hub import ModelCard, constants
+from huggingface_hub.utils import filter_repo_objects
+from transformers import AutoImageProcessor, AutoModel, ViTConfig, ViTImageProcessor, ViTModel
+
+from attndistill_hf import hub
+from attndistill_hf.figures import plot_attention_maps, plot_training_curves
+from attndistill_hf.hub import (
+    CARD_TAGS,
+    DEFAULT_IGNORE_PATTERNS,
+    EvalRecord,
+    HubPushError,
+    build_model_card,
+    push_output_dir,
+    redact,
+    write_model_card,
+)
+
+FAKE_TOKEN = "hf_" + "Zq8" * 12  # token-shaped, never valid
+TEACHER = "facebook/dino-vits16"
+
+
+def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, k: int) -> float:
+    """Weighted cosine k-NN top-1 in percent (DINO's vote, T = 0.07), as the evaluation computes it."""
+    sims = torch.nn.functional.normalize(test_x, dim=1) @ torch.nn.functional.normalize(train_x, dim=1).T
+    top, idx = sims.topk(k, dim=1)
+    votes = torch.zeros(len(test_x), int(train_y.max()) + 1).scatter_add_(1, train_y[idx], (top / 0.07).exp())
+    return float((votes.argmax(1) == test_y).float().mean() * 100)
+
+
+def measured_records() -> list[EvalRecord]:
+    """k-NN results on random, class-structured features: numbers no test could hard-code."""
+    centres = torch.randn(5, 16)
+    train_y, test_y = torch.randint(0, 5, (200,)), torch.randint(0, 5, (60,))
+    train_x = centres[train_y] + 1.5 * torch.randn(200, 16)
+    test_x = centres[test_y] + 1.5 * torch.randn(60, 16)
+    return [
+        EvalRecord(f"k-NN top-1 (k={k})", knn_top1(train_x, train_y, test_x, test_y, k), "ILSVRC/imagenet-1k", "validation")
+        for k in (10, 20)
+    ]
+
+
+def tiny_student(image_size: int = 32) -> ViTModel:
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        layer_norm_eps=1e-6,
+    )
+    return ViTModel(config, add_pooling_layer=False)
+
+
+def card_kwargs(records: list[EvalRecord], figures: dict[str, str], **overrides: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "model_id_or_name": "someone/vit-tiny-attndistill",
+        "teacher": TEACHER,
+        "student_config": tiny_student().config.to_dict(),
+        "dataset_name": "ILSVRC/imagenet-1k",
+        "dataset_split": "train",
+        "eval_results": records,
+        "recipe_text": f"teacher: {TEACHER}\nstudent: vit-tiny-patch16\nhub_token: {FAKE_TOKEN}\nw_attn: 0.1\n",
+        "training_summary": {
+            "steps": 1234,
+            "epochs": 3.5,
+            "effective_batch": 4096,
+            "skipped_images": 2,
+            "nan_skipped_steps": 1,
+            "hardware": "1x accelerator",
+            "wall_time_s": 3725.4,
+        },
+        "figures": figures,
+        "extra_tags": ("demo", "vit"),
+        "limitations": "Trained for a few steps on a tiny demo subset: not a useful feature extractor.",
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_figures(folder: Path) -> dict[str, str]:
+    history = [{"step": s, "loss": 1.0 / s, "loss_proj": 0.8 / s, "loss_attn": 0.2 / s} for s in range(1, 8)]
+    plot_training_curves(history, folder / "figures" / "curves.png")
+    maps = torch.rand(2, 2, 17).softmax(-1)
+    plot_attention_maps(torch.rand(2, 3, 32, 32), maps, maps, (4, 4), (4, 4), folder / "figures" / "attention.png")
+    return {"Training curves": "figures/curves.png", "Teacher vs student CLS attention": "figures/attention.png"}
+
+
+def test_redact_masks_given_and_token_shaped_secrets() -> None:
+    assert redact(f"Bearer {FAKE_TOKEN} failed", None) == "Bearer <redacted> failed"
+    assert redact("auth with abc-123 failed", "abc-123") == "auth with <redacted> failed"
+    assert redact("hub_token: s3cr3t\nnum_prefix_tokens: 1\npad_token_id: 0") == (
+        "hub_token: <redacted>\nnum_prefix_tokens: 1\npad_token_id: 0"
+    )
+    assert redact("hub_token: null") == "hub_token: null"
+
+
+def test_card_parses_and_carries_the_measured_numbers(tmp_path: Path) -> None:
+    records = measured_records()
+    figures = make_figures(tmp_path)
+    path = write_model_card(tmp_path, **card_kwargs(records, figures))
+    assert path == tmp_path / "README.md"
+
+    card = ModelCard.load(path)
+    data = card.data
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "image-feature-extraction"
+    assert data.license == "apache-2.0"
+    assert data.base_model == TEACHER
+    assert data.datasets == ["ILSVRC/imagenet-1k"]
+    assert data.tags == [*CARD_TAGS, "demo"]  # de-duplicated, library tags first
+    assert data.model_name == "someone/vit-tiny-attndistill"
+
+    loaded = data.eval_results
+    assert [r.metric_value for r in loaded] == [r.value for r in records]
+    assert [r.metric_name for r in loaded] == [r.metric_name for r in records]
+    assert {(r.metric_type, r.task_type, r.dataset_type, r.dataset_split) for r in loaded} == {
+        ("accuracy", "image-classification", "ILSVRC/imagenet-1k", "validation")
+    }
+
+    text = card.text
+    # The results table shows the same numbers as the metadata.
+    for r in records:
+        assert f"| {r.metric_name} | ILSVRC/imagenet-1k | validation | accuracy | {r.value:.2f} |" in text
+    for caption, rel in figures.items():
+        assert f"![{caption}]({rel})" in text
+        assert (tmp_path / rel).is_file()
+    assert "```yaml\nteacher: facebook/dino-vits16\nstudent: vit-tiny-patch16\nhub_token: <redacted>\n" in text
+    assert "| Optimizer steps | 1,234 |" in text
+    assert "| Wall time | 1:02:05 (h:mm:ss) |" in text
+    assert "| Steps skipped (non-finite student output) | 1 |" in text
+    assert 'AutoModel.from_pretrained("someone/vit-tiny-attndistill")' in text
+    assert "last_hidden_state[:, 0]" in text
+    assert "tiny demo subset" in text
+    assert "arXiv" in text and "2210.00944" in text and "van de Weijer, Joost" in text
+    assert FAKE_TOKEN not in path.read_text()
+
+
+def test_card_without_evaluations_or_hub_teacher_stays_truthful(tmp_path: Path) -> None:
+    local_teacher = tmp_path / "teachers" / "my-mugs-vits16"
+    local_teacher.mkdir(parents=True)
+    card = build_model_card(
+        **card_kwargs([], {}, teacher=str(local_teacher), model_id_or_name=str(tmp_path / "out" / "student"))
+    )
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert loaded.data.eval_results is None
+    assert loaded.data.base_model is None  # a local path is no Hub model
+    assert "No evaluation was run" in loaded.text
+    assert "my-mugs-vits16" in loaded.text
+    assert str(tmp_path) not in str(loaded)  # no local path is published
+
+
+def test_card_refuses_missing_or_escaping_figures(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="curves.png"):
+        write_model_card(tmp_path, **card_kwargs([], {"Training curves": "curves.png"}))
+    assert not (tmp_path / "README.md").exists()
+    with pytest.raises(ValueError, match="relative"):
+        build_model_card(**card_kwargs([], {"x": "../elsewhere.png"}))
+
+
+def test_output_folder_loads_with_plain_transformers(tmp_path: Path) -> None:
+    student = tiny_student()
+    student.save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    write_model_card(tmp_path, **card_kwargs(measured_records(), make_figures(tmp_path)))
+
+    model = AutoModel.from_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(model) is ViTModel
+    assert processor.size == {"height": 32, "width": 32}
+    pixels = processor(images=[torch.rand(3, 40, 40)], return_tensors="pt", do_rescale=False)["pixel_values"]
+    with torch.no_grad():
+        expected = student.eval()(pixels).last_hidden_state[:, 0]
+        got = model.eval()(pixels).last_hidden_state[:, 0]
+    torch.testing.assert_close(got, expected)
+
+
+class RecordingApi:
+    """Stands in for ``HfApi``: records the calls a push makes, optionally failing on upload."""
+
+    instances: list[RecordingApi] = []
+    fail_with: Exception | None = None
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        RecordingApi.instances.append(self)
+
+    def create_repo(self, *args: Any, **kwargs: Any) -> str:
+        self.calls.append(("create_repo", args, kwargs))
+        return f"https://huggingface.co/{args[0]}"
+
+    def upload_folder(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(("upload_folder", args, kwargs))
+        if RecordingApi.fail_with is not None:
+            raise RecordingApi.fail_with
+
+
+@pytest.fixture
+def recording_api(monkeypatch: pytest.MonkeyPatch) -> type[RecordingApi]:
+    RecordingApi.instances = []
+    RecordingApi.fail_with = None
+    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    return RecordingApi
+
+
+def output_folder(root: Path) -> Path:
+    folder = root / "run"
+    (folder / "checkpoint-10").mkdir(parents=True)
+    (folder / "checkpoint-10" / "optimizer.pt").write_bytes(b"state")
+    (folder / "checkpoint-10" / "model.safetensors").write_bytes(b"old weights")
+    (folder / "figures").mkdir()
+    (folder / "figures" / "curves.png").write_bytes(b"png")
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md"):
+        (folder / name).write_text(name)
+    (folder / "training_args.bin").write_bytes(b"pickled args with a token")
+    (folder / "projector.pt").write_bytes(b"training-time head")
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_creates_repo_then_uploads_the_folder(tmp_path: Path, recording_api: type[RecordingApi]) -> None:
+    folder = output_folder(tmp_path)
+    url = push_output_dir(folder, "someone/student", private=True, token=FAKE_TOKEN, commit_message="v1")
+    assert url == "https://huggingface.co/someone/student"
+    (api,) = recording_api.instances
+    assert api.token == FAKE_TOKEN
+    (create_name, create_args, create_kwargs), (upload_name, upload_args, upload_kwargs) = api.calls
+    assert (create_name, create_args) == ("create_repo", ("someone/student",))
+    assert create_kwargs == {"private": True, "exist_ok": True, "repo_type": "model"}
+    assert upload_name == "upload_folder" and upload_args == ()
+    assert upload_kwargs["repo_id"] == "someone/student"
+    assert Path(upload_kwargs["folder_path"]) == folder.resolve()
+    assert upload_kwargs["repo_type"] == "model"
+    assert upload_kwargs["commit_message"] == "v1"
+    # The patterns keep exactly the publishable files of a real output folder.
+    uploaded = set(filter_repo_objects(list(snapshot(folder)), ignore_patterns=upload_kwargs["ignore_patterns"]))
+    assert uploaded == {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "figures/curves.png",
+    }
+
+    push_output_dir(folder, "someone/student")  # default: public, standard login
+    assert recording_api.instances[-1].token is None
+    assert recording_api.instances[-1].calls[0][2]["private"] is False
+
+
+def test_failed_push_keeps_folder_and_hides_the_token(
+    tmp_path: Path, recording_api: type[RecordingApi], caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = output_folder(tmp_path)
+    before = snapshot(folder)
+    recording_api.fail_with = ConnectionError(f"401 Unauthorized for token {FAKE_TOKEN} at https://huggingface.co")
+    with caplog.at_level(logging.DEBUG), pytest.raises(HubPushError) as excinfo:
+        push_output_dir(folder, "someone/student", private=True, token=FAKE_TOKEN)
+    err = excinfo.value
+    message = str(err)
+    assert "401 Unauthorized" in message and "<redacted>" in message
+    assert f"intact at {folder.resolve()}" in message
+    assert f"hf upload someone/student {folder.resolve()} . --private" in message
+    assert "push_output_dir(" in message
+    assert err.local_dir == folder.resolve() and err.repo_id == "someone/student"
+    rendered = "".join(traceback.format_exception(err))
+    assert FAKE_TOKEN not in rendered and FAKE_TOKEN not in repr(err)
+    assert err.__cause__ is None and err.__suppress_context__
+    assert FAKE_TOKEN not in caplog.text
+    assert snapshot(folder) == before
+
+
+def test_push_offline_fails_with_retry_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the real client, refused before any request
+    folder = output_folder(tmp_path)
+    before = snapshot(folder)
+    with pytest.raises(HubPushError, match="hf upload someone/student") as excinfo:
+        push_output_dir(folder, "someone/student", token=FAKE_TOKEN)
+    assert FAKE_TOKEN not in "".join(traceback.format_exception(excinfo.value))
+    assert snapshot(folder) == before
+
+
+def test_push_of_a_missing_folder_is_a_local_error(tmp_path: Path, recording_api: type[RecordingApi]) -> None:
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        push_output_dir(tmp_path / "nope", "someone/student")
+    assert recording_api.instances == []
+    assert "checkpoint-*" in DEFAULT_IGNORE_PATTERNS
