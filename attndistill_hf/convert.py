@@ -28,7 +28,6 @@ import pickle
 import re
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -208,20 +207,22 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()
-        detail = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line), "")
+        # Name what was refused, but not torch's advice to allowlist it: that is what we refuse to do.
+        found = re.search(r"GLOBAL ([\w.]+)", str(error)) or re.search(r"Unsupported operand \d+", str(error))
+        detail = ""
+        if found is not None:
+            detail = f" (it needs {found.group(1)!r})" if found.re.groups else f" ({found.group(0)})"
         raise UnsafeCheckpointError(
-            f"Refusing to load {str(path)!r}: it is a pickle that asks to build objects beyond tensors and "
-            "plain containers"
-            + (f" ({detail})" if detail else "")
-            + ". Unpickling such a file can run arbitrary code, so it is never executed here. If you trust "
-            "its origin, re-save it in a trusted, isolated environment as a plain state dict in safetensors "
-            "format (safetensors.torch.save_file(state_dict, 'teacher.safetensors')) and convert that file."
+            f"Refusing to load {str(path)!r}: its pickle asks for more than tensors and plain containers{detail}. "
+            "Either it is not a weights file, or unpickling it would build arbitrary objects, which can run "
+            "code; it is never executed here. If you trust its origin, re-save it in a trusted, isolated "
+            "environment as a plain state dict in safetensors format "
+            "(safetensors.torch.save_file(state_dict, 'teacher.safetensors')) and convert that file."
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+    except Exception as error:  # any other failure: a damaged file, reported with its path
         raise CheckpointError(
-            f"Cannot read teacher checkpoint {str(path)!r}: {error}. The file is truncated, corrupted or not "
-            "a PyTorch checkpoint."
+            f"Cannot read teacher checkpoint {str(path)!r} ({type(error).__name__}: {error}). The file is "
+            "truncated, corrupted or not a PyTorch checkpoint."
         ) from error
 
 
@@ -290,7 +291,7 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
 
 
 def group_keys(keys: list[str]) -> list[str]:
-    """Compact key listing for messages: whole blocks become ``blocks.N.*``, other groups ``name.* (k keys)``."""
+    """Compact key listing for messages: a whole block becomes ``blocks.N.*``, other groups ``name.* (k keys)``."""
     by_block: dict[str, list[str]] = {}
     others: dict[str, list[str]] = {}
     for key in sorted(keys):
@@ -301,8 +302,11 @@ def group_keys(keys: list[str]) -> list[str]:
             others.setdefault(key.split(".")[0], []).append(key)
     out: list[str] = []
     for block, members in sorted(by_block.items(), key=lambda kv: _natural(kv[0])):
-        if len(members) >= len(BLOCK_PARAMS) - 1:
-            out.append(f"{block}.*")
+        names = {m[len(block) + 1 :] for m in members}
+        if names == set(BLOCK_PARAMS) or names == set(BLOCK_PARAMS) - {"attn.qkv.bias"}:
+            out.append(f"{block}.*")  # the whole block
+        elif len(members) > 4:
+            out.append(f"{block}.* ({len(members)} keys)")
         else:
             out.extend(members)
     for group, members in sorted(others.items()):
@@ -340,7 +344,9 @@ def _drop_non_backbone(state: dict[str, torch.Tensor], format: str) -> tuple[dic
 
 
 @dataclass
-class _Arch:
+class ViTArchitecture:
+    """The hyper-parameters of a backbone, as read from its tensors (and the head count given or looked up)."""
+
     width: int
     depth: int
     num_heads: int
@@ -362,7 +368,7 @@ def infer_architecture(
     patch_size: int | None = None,
     image_size: int | None = None,
     num_heads: int | None = None,
-) -> _Arch:
+) -> ViTArchitecture:
     """Read width, depth, MLP size, patch and image size from the tensors; check overrides against them.
 
     Raises :class:`CheckpointError` listing every missing key, unexpected key and wrong shape.
@@ -482,10 +488,12 @@ def infer_architecture(
         )
     if problems:
         raise CheckpointError("Checkpoint does not match a ViT backbone:\n  - " + "\n  - ".join(problems))
-    return _Arch(width, depth, num_heads, intermediate, inferred_patch, inferred_image, num_channels, qkv_bias)
+    return ViTArchitecture(
+        width, depth, num_heads, intermediate, inferred_patch, inferred_image, num_channels, qkv_bias
+    )
 
 
-def _hf_state_dict(state: Mapping[str, torch.Tensor], arch: _Arch) -> dict[str, torch.Tensor]:
+def _hf_state_dict(state: Mapping[str, torch.Tensor], arch: ViTArchitecture) -> dict[str, torch.Tensor]:
     """Rename to the transformers ViT / ViTMAE layout and split the fused ``qkv`` into q, k, v.
 
     The fused output is ordered ``[q | k | v]``, each ``[heads * head_dim]`` head-major, which is the
@@ -520,7 +528,7 @@ def _hf_state_dict(state: Mapping[str, torch.Tensor], arch: _Arch) -> dict[str, 
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _build_hf_model(format: str, arch: _Arch) -> PreTrainedModel:
+def _build_hf_model(format: str, arch: ViTArchitecture) -> PreTrainedModel:
     common: dict[str, Any] = {
         "hidden_size": arch.width,
         "num_hidden_layers": arch.depth,
@@ -541,7 +549,7 @@ def _build_hf_model(format: str, arch: _Arch) -> PreTrainedModel:
     return ViTModel(ViTConfig(**common), add_pooling_layer=False)
 
 
-def _image_processor(arch: _Arch) -> ViTImageProcessor:
+def _image_processor(arch: ViTArchitecture) -> ViTImageProcessor:
     """ImageNet normalisation at the model's native size with bicubic resizing, as these models were trained."""
     return ViTImageProcessor(
         do_resize=True,

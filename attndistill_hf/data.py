@@ -141,6 +141,10 @@ class DataArguments:
         metadata={"help": "Number of training examples, when streaming from a source whose size cannot be read "
                   "(it fixes the steps per epoch that every rank runs)."},
     )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where prepared (non-streamed) datasets are cached; datasets' default if unset."},
+    )
     image_size: int = field(default=224, metadata={"help": "Side of the square crop fed to the models, in pixels."})
     gpu_augment: bool = field(
         default=False,
@@ -291,13 +295,23 @@ def load_split(
         assert files is not None
         builder = _shard_builder(files, files_flag)
         _check_local_patterns(files, files_flag)
-        ds = load_dataset(builder, data_files=list(files), split="train", streaming=streaming)
+        ds = load_dataset(
+            builder, data_files=list(files), split="train", streaming=streaming, cache_dir=data_args.cache_dir
+        )
         where = f"{files_flag} {list(files)}"
     elif source == "folder":
-        ds = load_dataset("imagefolder", data_dir=folder, split="train", streaming=streaming)
+        ds = load_dataset(
+            "imagefolder", data_dir=folder, split="train", streaming=streaming, cache_dir=data_args.cache_dir
+        )
         where = f"folder {folder!r}"
     else:
-        ds = load_dataset(data_args.dataset_name, data_args.dataset_config, split=hub_split, streaming=streaming)
+        ds = load_dataset(
+            data_args.dataset_name,
+            data_args.dataset_config,
+            split=hub_split,
+            streaming=streaming,
+            cache_dir=data_args.cache_dir,
+        )
         where = f"dataset {data_args.dataset_name!r} split {hub_split!r}"
 
     ds, has_image = _resolve_column(ds, data_args.image_column, _DEFAULT_IMAGE_COLUMN, WEBDATASET_IMAGE_KEYS)

@@ -134,10 +134,10 @@ def read_fashion_mnist_split(source_dir: str | os.PathLike[str], split: str) -> 
 def balanced_subset_indices(labels: np.ndarray, total: int, seed: int) -> np.ndarray:
     """Sorted indices of a seeded subset of ``total`` items with (almost) equal counts per class.
 
-    Each class gets ``total // C`` items; the ``total % C`` remaining ones go to a seeded choice of
-    classes. A class with too few items gives all it has and the shortfall is taken from the others, so
-    the subset has exactly ``min(total, len(labels))`` items. Sorting keeps the source order (the
-    original files are already shuffled), so shards stay class-mixed.
+    Counts are filled like water: every class gets the same share, a class with too few items gives all
+    it has and the rest is shared among the others; the last ``< C`` items go to a seeded choice of
+    classes. The subset has exactly ``min(total, len(labels))`` items. Sorting keeps the source order
+    (the original files are already shuffled), so shards stay class-mixed.
     """
     labels = np.asarray(labels)
     if total < 0:
@@ -145,21 +145,22 @@ def balanced_subset_indices(labels: np.ndarray, total: int, seed: int) -> np.nda
     if total >= len(labels):
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    pools = {int(c): rng.permutation(np.flatnonzero(labels == c)) for c in classes}
-    quota = {int(c): total // len(classes) for c in classes}
-    for c in rng.permutation(classes)[: total % len(classes)]:
-        quota[int(c)] += 1
-    # Move quota that a small class cannot fill to classes that still have items, in a seeded order.
-    shortfall = sum(max(0, quota[c] - len(pools[c])) for c in quota)
-    quota = {c: min(quota[c], len(pools[c])) for c in quota}
-    while shortfall:
-        for c in rng.permutation(classes):
-            c = int(c)
-            if shortfall and quota[c] < len(pools[c]):
-                quota[c] += 1
-                shortfall -= 1
-    chosen = np.concatenate([pools[c][: quota[c]] for c in sorted(pools)])
+    classes = [int(c) for c in np.unique(labels)]
+    pools = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
+    quota = dict.fromkeys(classes, 0)
+    remaining = total
+    while remaining > 0:
+        open_classes = [c for c in classes if quota[c] < len(pools[c])]
+        share = remaining // len(open_classes)
+        if share == 0:
+            for c in rng.permutation(open_classes)[:remaining]:
+                quota[int(c)] += 1
+            break
+        for c in open_classes:
+            add = min(share, len(pools[c]) - quota[c])
+            quota[c] += add
+            remaining -= add
+    chosen = np.concatenate([pools[c][: quota[c]] for c in classes])
     return np.sort(chosen)
 
 

@@ -61,10 +61,6 @@ class AttnDistillConfig(TrainingArguments):
         default=0.0,
         metadata={"help": "Linear warm-up length in epochs (converted to steps); overrides warmup_steps when > 0."},
     )
-    num_train_examples: int | None = field(
-        default=None,
-        metadata={"help": "Examples per epoch of a streamed dataset (needed for warmup_epochs and epoch-based runs)."},
-    )
     max_consecutive_nonfinite_steps: int = field(
         default=20, metadata={"help": "Stop with an error after this many NaN/inf losses in a row."}
     )
@@ -296,12 +292,16 @@ class AttnDistillTrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _update_steps_per_epoch(self) -> int:
-        examples = self.args.num_train_examples
-        if examples is None and self.train_dataset is not None and hasattr(self.train_dataset, "__len__"):
-            examples = len(self.train_dataset)
-        if examples is None:
-            raise ValueError("warmup_epochs needs the epoch length of a streamed dataset: set num_train_examples.")
-        return max(1, math.ceil(examples / self.args.total_train_batch_size))
+        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+            raise ValueError(
+                "warmup_epochs needs the epoch length: stream with a known size (--num_train_examples) "
+                "or use warmup_steps."
+            )
+        # Per-rank datasets (streams wrapped to equal steps) hold this rank's examples only.
+        per_rank = getattr(self.train_dataset, "per_device_batch", None) is not None
+        world = 1 if per_rank else max(1, self.args.world_size)
+        batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * world
+        return max(1, math.ceil(len(self.train_dataset) / batch))
 
     # ---- saving -----------------------------------------------------------------------------------
 

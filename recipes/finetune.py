@@ -2,29 +2,30 @@
 
 The student folder (or Hub id) is a plain transformers ``ViTModel``; ``ViTForImageClassification``
 loads it with a fresh classification head and the standard ``Trainer`` fine-tunes it. Nothing here
-needs this library's own model code, which is the point: a distilled student is an ordinary checkpoint.
+needs this library's model code, which is the point: a distilled student is an ordinary checkpoint.
 
-    python recipes/finetune.py --student_dir outputs/student --dataset data/fashion-mnist \\
-        --output_dir outputs/finetuned --num_train_epochs 3 --per_device_train_batch_size 64
+    python recipes/finetune.py --student_dir outputs/student --data_files 'data/train-*.parquet' \
+        --eval_data_files 'data/test-*.parquet' --image_size 224 --output_dir outputs/finetuned \
+        --num_train_epochs 3 --per_device_train_batch_size 64
 
-Data is anything ``datasets.load_dataset`` reads: a local folder with a dataset card (as written by
-``attndistill_hf.fashion_mnist``), a Hub id, or a builder (``parquet``, ``imagefolder``) with
-``--train_files`` / ``--eval_files``. A single ``.yaml`` / ``.json`` argument is read as a config file.
+The data flags are the library's ``DataArguments`` (``--dataset_name``, ``--train_dir`` / ``--eval_dir``,
+``--data_files`` / ``--eval_data_files``, columns, sample limits, ``--image_size``), read by the same
+loader and collator as distillation, so undecodable images are skipped and counted rather than fatal.
+A single ``.yaml`` / ``.json`` argument is read as a config file.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
-from PIL import Image
-from torchvision.transforms import v2
+from datasets import ClassLabel, Dataset
+from torch import nn
 from transformers import (
     AutoImageProcessor,
     EvalPrediction,
@@ -34,9 +35,16 @@ from transformers import (
     ViTForImageClassification,
 )
 
-logger = logging.getLogger(__name__)
+from attndistill_hf.data import (
+    DataArguments,
+    ImageCollator,
+    eval_transform,
+    image_stats,
+    load_split,
+    train_transform,
+)
 
-EVAL_SPLIT_CANDIDATES = ("validation", "test", "eval")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,59 +56,6 @@ class ModelArguments:
         default=None,
         metadata={"help": "Classes of the new head; inferred from the label column when not given."},
     )
-
-
-@dataclass
-class FinetuneDataArguments:
-    """Where the labelled images are and which columns hold them."""
-
-    dataset: str = field(
-        metadata={"help": "Dataset folder / Hub id, or a builder name (parquet, imagefolder) with *_files."}
-    )
-    train_files: list[str] | None = field(default=None, metadata={"help": "Data files of the train split."})
-    eval_files: list[str] | None = field(default=None, metadata={"help": "Data files of the eval split."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str | None = field(
-        default=None, metadata={"help": "Split to evaluate on (default: validation, test or eval, if present)."}
-    )
-    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
-    label_column: str = field(default="label", metadata={"help": "Column holding integer class labels."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N train rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval rows."})
-    min_crop_scale: float = field(default=0.2, metadata={"help": "Lower scale bound of RandomResizedCrop."})
-
-
-def load_splits(data_args: FinetuneDataArguments) -> tuple[Dataset, Dataset | None]:
-    """The train split and the evaluation split (None when the dataset has none)."""
-    data_files: dict[str, list[str]] = {}
-    if data_args.train_files:
-        data_files["train"] = list(data_args.train_files)
-    if data_args.eval_files:
-        data_files["eval"] = list(data_args.eval_files)
-    loaded = load_dataset(data_args.dataset, data_files=data_files or None)
-    if not isinstance(loaded, DatasetDict):
-        raise TypeError(f"Expected a dataset with named splits from {data_args.dataset!r}, got {type(loaded)}.")
-    train_split = "train" if data_args.train_files else data_args.train_split
-    if train_split not in loaded:
-        raise ValueError(f"No split {train_split!r} in {data_args.dataset!r}; it has {sorted(loaded)}.")
-    eval_split = "eval" if data_args.eval_files else data_args.eval_split
-    if eval_split is None:
-        eval_split = next((name for name in EVAL_SPLIT_CANDIDATES if name in loaded), None)
-    elif eval_split not in loaded:
-        raise ValueError(f"No split {eval_split!r} in {data_args.dataset!r}; it has {sorted(loaded)}.")
-    train = loaded[train_split]
-    evaluation = loaded[eval_split] if eval_split is not None else None
-    for name, split in (("train", train), ("eval", evaluation)):
-        if split is None:
-            continue
-        missing = {data_args.image_column, data_args.label_column} - set(split.column_names)
-        if missing:
-            raise ValueError(f"The {name} split lacks column(s) {sorted(missing)}; it has {split.column_names}.")
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    if evaluation is not None and data_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
-    return train, evaluation
 
 
 def label_names(train: Dataset, label_column: str, num_labels: int | None) -> list[str]:
@@ -122,62 +77,6 @@ def label_names(train: Dataset, label_column: str, num_labels: int | None) -> li
             raise ValueError(f"num_labels={num_labels} but the labels need at least {len(names)} classes.")
         names += [f"class_{i}" for i in range(len(names), num_labels)]
     return names
-
-
-def build_transforms(
-    image_size: int, mean: Sequence[float], std: Sequence[float], min_crop_scale: float
-) -> tuple[v2.Compose, v2.Compose]:
-    """Train (random resized crop + flip) and eval (resize + center crop) transforms to normalised tensors."""
-    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=mean, std=std)]
-    train = v2.Compose(
-        [
-            v2.RandomResizedCrop(
-                image_size, scale=(min_crop_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
-            ),
-            v2.RandomHorizontalFlip(),
-            *to_tensor,
-        ]
-    )
-    evaluation = v2.Compose(
-        [
-            v2.Resize(round(image_size * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(image_size),
-            *to_tensor,
-        ]
-    )
-    return train, evaluation
-
-
-class ClassificationCollator:
-    """Rows of (PIL image, label) to ``{"pixel_values", "labels"}``; images are converted to RGB.
-
-    Unreadable images are skipped and counted (``self.skipped``) rather than failing a long run; a
-    batch with no readable image at all is an error, since there is nothing to train on.
-    """
-
-    def __init__(self, transform: v2.Compose, image_column: str, label_column: str) -> None:
-        self.transform = transform
-        self.image_column = image_column
-        self.label_column = label_column
-        self.skipped = 0
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pixels: list[torch.Tensor] = []
-        labels: list[int] = []
-        for row in rows:
-            try:
-                image = row[self.image_column]
-                if not isinstance(image, Image.Image):
-                    raise TypeError(f"not an image: {type(image).__name__}")
-                pixels.append(self.transform(image.convert("RGB")))
-            except (OSError, ValueError, TypeError) as exc:
-                self.skipped += 1
-                logger.warning("Skipping an unreadable image (%s).", exc)
-                continue
-            labels.append(int(row[self.label_column]))
-        if not pixels:
-            raise ValueError(f"None of the {len(rows)} images in this batch could be read.")
-        return {"pixel_values": torch.stack(pixels), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 class FinetuneTrainer(Trainer):
@@ -262,15 +161,15 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         compute_metrics=accuracy,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics: dict[str, Any] = {"train": dict(result.metrics), "skipped_images": train_collator.skipped}
+    metrics: dict[str, Any] = {"train": dict(result.metrics)}
     trainer.save_model()
     trainer.save_state()
+    trainer.save_metrics("train", metrics["train"])
 
     if evaluation is not None:
         metrics["eval"] = trainer.evaluate()
-        metrics["skipped_images"] += eval_collator.skipped
         trainer.save_metrics("eval", metrics["eval"])
-    trainer.save_metrics("train", metrics["train"])
+    metrics["skipped_images"] = {"train": train_collator.skipped, "eval": eval_collator.skipped}
     metrics["log_history"] = list(trainer.state.log_history)
     return metrics
 

@@ -126,6 +126,13 @@ def test_truncated_file_names_the_path(tmp_path: Path, suffix: str) -> None:
     assert "truncated" in str(info.value)
 
 
+def test_text_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "notes.pth"
+    path.write_text("hello, this is not a checkpoint\n")
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        load_checkpoint_file(path)
+
+
 def test_every_torch_load_in_the_project_is_weights_only() -> None:
     """A guard for future code: no ``torch.load`` call in the package or recipes without weights_only=True."""
     offenders = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -45,7 +45,9 @@ def measured_records() -> list[EvalRecord]:
     train_x = centres[train_y] + 1.5 * torch.randn(200, 16)
     test_x = centres[test_y] + 1.5 * torch.randn(60, 16)
     return [
-        EvalRecord(f"k-NN top-1 (k={k})", knn_top1(train_x, train_y, test_x, test_y, k), "ILSVRC/imagenet-1k", "validation")
+        EvalRecord(
+            f"k-NN top-1 (k={k})", knn_top1(train_x, train_y, test_x, test_y, k), "ILSVRC/imagenet-1k", "validation"
+        )
         for k in (10, 20)
     ]
 
@@ -163,7 +165,7 @@ def test_card_without_evaluations_or_hub_teacher_stays_truthful(tmp_path: Path) 
 
 
 def test_card_refuses_missing_or_escaping_figures(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="curves.png"):
+    with pytest.raises(FileNotFoundError, match=r"curves\.png"):
         write_model_card(tmp_path, **card_kwargs([], {"Training curves": "curves.png"}))
     assert not (tmp_path / "README.md").exists()
     with pytest.raises(ValueError, match="relative"):
@@ -190,8 +192,8 @@ def test_output_folder_loads_with_plain_transformers(tmp_path: Path) -> None:
 class RecordingApi:
     """Stands in for ``HfApi``: records the calls a push makes, optionally failing on upload."""
 
-    instances: list[RecordingApi] = []
-    fail_with: Exception | None = None
+    instances: ClassVar[list[RecordingApi]] = []
+    fail_with: ClassVar[Exception | None] = None
 
     def __init__(self, token: str | None = None) -> None:
         self.token = token

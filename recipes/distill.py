@@ -1,0 +1,295 @@
+"""Distill a self-supervised ViT teacher into a ViT student with AttnDistill.
+
+    accelerate launch recipes/distill.py recipes/configs/in1k_dino_vits8_to_vits16.yaml
+    python recipes/distill.py --teacher_name_or_path DIR --student_preset vit-tiny-patch16 \
+        --image_size 32 --patch_size 8 --train_dir IMAGES --max_steps 3 --output_dir OUT
+
+A config file (YAML/JSON) may come first; flags after it override it. ``--help`` lists every field.
+The output directory ends up a complete Hub model repo: the student (config.json, model.safetensors,
+preprocessor_config.json), a model card with the evaluations that were run, and its figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedModel, ViTImageProcessor, set_seed
+from transformers.image_utils import PILImageResampling
+
+from attndistill_hf.attention import last_cls_attention, unwrap_model
+from attndistill_hf.cli import parse_config_and_flags, recipe_text
+from attndistill_hf.data import (
+    DataArguments,
+    EqualStepsIterable,
+    ImageCollator,
+    count_examples,
+    dataloader_workers,
+    eval_transform,
+    image_stats,
+    load_split,
+    shard_stream,
+    steps_per_epoch,
+    train_transform,
+)
+from attndistill_hf.evaluation import KNNEvaluationCallback, run_knn_eval
+from attndistill_hf.figures import plot_attention_maps, plot_training_curves
+from attndistill_hf.hub import EvalRecord, HubPushError, push_output_dir, write_model_card
+from attndistill_hf.models import STUDENT_PRESETS, build_student, load_teacher, patch_grid
+from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+
+logger = logging.getLogger("attndistill_hf.distill")
+
+
+@dataclass
+class DistillModelArguments:
+    """Which teacher to distill and which student to train."""
+
+    teacher_name_or_path: str = field(
+        metadata={"help": "Teacher: a Hub id (e.g. facebook/dino-vits8) or a local model directory."}
+    )
+    student_preset: str | None = field(
+        default="vit-tiny-patch16",
+        metadata={"help": f"Student architecture trained from scratch; one of {sorted(STUDENT_PRESETS)}."},
+    )
+    student_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Start from this model or config directory instead of a preset (overrides the preset)."},
+    )
+    patch_size: int | None = field(default=None, metadata={"help": "Override the student preset's patch size."})
+    student_sincos_position_embeddings: bool | None = field(
+        default=None,
+        metadata={"help": "Fixed 2-D sin-cos position embeddings for the student (default: when the teacher is MAE)."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the Hub repo of the teacher (off: never runs it)."}
+    )
+
+
+@dataclass
+class DistillRunArguments:
+    """Evaluation during and after training, the model card and the Hub upload."""
+
+    knn_eval_steps: int | None = field(
+        default=None, metadata={"help": "Run a k-NN evaluation every N steps (logged as eval_knn_top1)."}
+    )
+    knn_train_samples: int = field(default=5000, metadata={"help": "Labelled training images in the k-NN memory bank."})
+    knn_k: int = field(default=20, metadata={"help": "Neighbours of the k-NN during training."})
+    final_knn_eval: bool = field(
+        default=True,
+        metadata={"help": "Evaluate the exported student by k-NN (k=10,20,100,200) when eval data exists."},
+    )
+    attention_figure_images: int = field(
+        default=4, metadata={"help": "Evaluation images in the teacher-vs-student attention figure (0: none)."}
+    )
+    model_card: bool = field(default=True, metadata={"help": "Write README.md (model card) into output_dir."})
+    card_license: str = field(default="apache-2.0", metadata={"help": "License in the model card."})
+    card_limitations: str | None = field(
+        default=None, metadata={"help": "Limitations stated in the model card (e.g. 'demo run on a tiny dataset')."}
+    )
+
+
+def load_student(model_args: DistillModelArguments, data_args: DataArguments, teacher: PreTrainedModel):
+    """The student: a pretrained/config directory, or a preset built for the crop size."""
+    if model_args.student_name_or_path:
+        path = Path(model_args.student_name_or_path)
+        has_weights = any((path / name).exists() for name in ("model.safetensors", "pytorch_model.bin"))
+        if has_weights or not path.exists():
+            return AutoModel.from_pretrained(model_args.student_name_or_path, attn_implementation="sdpa")
+        config = AutoConfig.from_pretrained(model_args.student_name_or_path)
+        return build_student(config=config, seed=None)
+    if model_args.student_preset is None:
+        raise ValueError("Give --student_preset or --student_name_or_path.")
+    sincos = model_args.student_sincos_position_embeddings
+    if sincos is None:
+        sincos = getattr(teacher.config, "model_type", "") == "vit_mae"
+    return build_student(
+        model_args.student_preset,
+        image_size=data_args.image_size,
+        patch_size=model_args.patch_size,
+        sincos_position_embeddings=sincos,
+    )
+
+
+def teacher_image_stats(teacher_name_or_path: str) -> tuple[Any, Any]:
+    """Normalisation of the teacher's image processor (ImageNet's when it ships none)."""
+    try:
+        processor = AutoImageProcessor.from_pretrained(teacher_name_or_path)
+    except (OSError, ValueError):
+        processor = None
+    return image_stats(processor)
+
+
+def build_train_dataset(data_args: DataArguments, args: AttnDistillConfig) -> Any:
+    """Map-style data as is; a stream sharded per rank, shuffled with the common seed, equal steps per rank."""
+    dataset = load_split(data_args, "train")
+    if not data_args.streaming:
+        return dataset
+    world, rank = max(1, args.world_size), args.process_index
+    dataset = shard_stream(
+        dataset, rank=rank, world_size=world, seed=args.seed, buffer_size=data_args.shuffle_buffer_size
+    )
+    total = count_examples(data_args, "train")
+    if total is None:
+        if args.max_steps <= 0:
+            raise ValueError("A stream of unknown size needs --num_train_examples or --max_steps.")
+        steps = args.max_steps * args.gradient_accumulation_steps
+    else:
+        steps = steps_per_epoch(total, world, args.per_device_train_batch_size)
+    return EqualStepsIterable(dataset, steps, args.per_device_train_batch_size)
+
+
+def eval_loader(data_args: DataArguments, split: str, limit: int | None, mean: Any, std: Any, batch: int) -> DataLoader:
+    """Labelled images with the evaluation view (resize + center crop), non-streamed, first ``limit``."""
+    dataset = load_split(data_args, split, streaming=False)
+    if limit is not None and len(dataset) > limit:
+        dataset = dataset.select(range(limit))
+    collator = ImageCollator(
+        eval_transform(data_args.image_size, mean, std), data_args.image_column, data_args.label_column
+    )
+    return DataLoader(dataset, batch_size=batch, collate_fn=collator, num_workers=0)
+
+
+def attention_figure(
+    trainer: AttnDistillTrainer, loader: DataLoader, count: int, mean: Any, std: Any, path: Path
+) -> str:
+    """Teacher vs student last-layer CLS attention on the first evaluation images."""
+    pixel_values = next(iter(loader))["pixel_values"][:count].to(trainer.args.device)
+    student = trainer.student.eval()
+    with torch.no_grad():
+        _, teacher_maps = last_cls_attention(trainer.teacher, pixel_values)
+        _, student_maps = last_cls_attention(student, pixel_values)
+    size = tuple(pixel_values.shape[-2:])
+    images = pixel_values.cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    plot_attention_maps(
+        images.clamp(0, 1),
+        teacher_maps.cpu(),
+        student_maps.cpu(),
+        patch_grid(unwrap_model(trainer.teacher).config, size),
+        patch_grid(student.config, size),
+        path,
+    )
+    return path.name
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, run_args, args = parse_config_and_flags(
+        (DistillModelArguments, DataArguments, DistillRunArguments, AttnDistillConfig), argv, description=__doc__
+    )
+    logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
+    started = time.time()
+    set_seed(args.seed)
+    push, args.push_to_hub = args.push_to_hub, False  # pushed below with the model card, not mid-run
+    teacher = load_teacher(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    mean, std = teacher_image_stats(model_args.teacher_name_or_path)
+    student = load_student(model_args, data_args, teacher)
+    train_dataset = build_train_dataset(data_args, args)
+    if isinstance(train_dataset, EqualStepsIterable):
+        args.dataloader_num_workers = dataloader_workers(train_dataset, args.dataloader_num_workers)
+    collator = ImageCollator(train_transform(data_args.image_size, mean, std), data_args.image_column)
+    processor = ViTImageProcessor(
+        do_resize=True,
+        size={"height": data_args.image_size, "width": data_args.image_size},
+        resample=PILImageResampling.BICUBIC,
+        image_mean=list(mean),
+        image_std=list(std),
+    )
+
+    has_eval = data_args.eval_source is not None
+    knn_loaders = None
+    callbacks = []
+    if has_eval and (run_args.knn_eval_steps or run_args.final_knn_eval):
+        batch = args.per_device_eval_batch_size
+        knn_loaders = (
+            eval_loader(data_args, "train", run_args.knn_train_samples, mean, std, batch),
+            eval_loader(data_args, "eval", data_args.max_eval_samples, mean, std, batch),
+        )
+        if run_args.knn_eval_steps:
+            callbacks.append(
+                KNNEvaluationCallback(*knn_loaders, every_n_steps=run_args.knn_eval_steps, k=run_args.knn_k)
+            )
+    trainer = AttnDistillTrainer(
+        student,
+        teacher,
+        args,
+        image_processor=processor,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        callbacks=callbacks,
+    )
+    for callback in callbacks:
+        callback.attach(trainer)
+    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    trainer.save_state()
+
+    summary: dict[str, Any] = {"train": train_result.metrics}
+    records: list[EvalRecord] = []
+    figures: dict[str, str] = {}
+    output_dir = Path(args.output_dir)
+    if trainer.is_world_process_zero():
+        dataset_name = (
+            data_args.dataset_name or Path(data_args.train_dir or (data_args.data_files or ["data"])[0]).parent.name
+        )
+        if knn_loaders is not None and run_args.final_knn_eval:
+            result = run_knn_eval(trainer.student, *knn_loaders, output_json=output_dir / "knn_results.json")
+            summary["knn"] = result["knn"]
+            records = [
+                EvalRecord(f"k-NN top-1 (k={k})", score["top1"], dataset_name, data_args.eval_split or "test")
+                for k, score in result["knn"].items()
+            ]
+        if trainer.state.log_history:
+            figures["Training curves"] = plot_training_curves(
+                trainer.state.log_history, output_dir / "training_curves.png"
+            ).name
+        if knn_loaders is not None and run_args.attention_figure_images > 0:
+            figures["Last-layer CLS attention: teacher vs student"] = attention_figure(
+                trainer, knn_loaders[1], run_args.attention_figure_images, mean, std, output_dir / "attention_maps.png"
+            )
+        if run_args.model_card:
+            write_model_card(
+                output_dir,
+                model_id_or_name=args.hub_model_id or output_dir.name,
+                teacher=model_args.teacher_name_or_path,
+                student_config=trainer.student.config.to_dict(),
+                dataset_name=dataset_name,
+                dataset_split=data_args.eval_split or "test",
+                eval_results=records,
+                recipe_text=recipe_text(argv),
+                training_summary={
+                    "steps": trainer.state.global_step,
+                    "epochs": round(trainer.state.epoch or 0.0, 3),
+                    "effective batch": args.total_train_batch_size,
+                    "peak learning rate": args.learning_rate,
+                    "skipped images (undecodable)": trainer.skipped_images,
+                    "skipped steps (NaN/inf loss)": trainer.nonfinite_steps,
+                    "hardware": f"{args.world_size} x {args.device.type}",
+                    "wall time (s)": round(time.time() - started, 1),
+                },
+                figures=figures,
+                license=run_args.card_license,
+                limitations=run_args.card_limitations,
+            )
+        if push:
+            if not args.hub_model_id:
+                raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/vit-tiny-attndistill).")
+            try:
+                url = push_output_dir(
+                    output_dir, args.hub_model_id, private=bool(args.hub_private_repo), token=args.hub_token
+                )
+                logger.info("Pushed to %s", url)
+            except HubPushError as error:
+                logger.error("%s", error)
+                summary["push_error"] = str(error)
+    summary["model"] = asdict(model_args)
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

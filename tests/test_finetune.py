@@ -1,0 +1,139 @@
+"""Downstream use: a saved student fine-tunes as a plain ViTForImageClassification with the stock Trainer."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features
+from datasets import Image as ImageFeature
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import EvalPrediction, ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+CLASS_NAMES = [f"shade-{i}" for i in range(NUM_CLASSES)]
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+finetune = _load_recipe()
+
+
+def save_student(folder: Path) -> ViTModel:
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        layer_norm_eps=1e-6,
+    )
+    student = ViTModel(config, add_pooling_layer=False)
+    student.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(
+        folder
+    )
+    return student
+
+
+def write_split(path: Path, per_class: int, seed: int) -> Path:
+    """Grayscale 'L' images whose brightness encodes the class (learnable in a few steps), as parquet."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label in range(NUM_CLASSES):
+        for _ in range(per_class):
+            level = 20 + 23 * label
+            pixels = np.clip(level + rng.normal(0, 4, (20, 20)), 0, 255).astype(np.uint8)
+            images.append(Image.fromarray(pixels, mode="L"))
+            labels.append(label)
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=CLASS_NAMES)})
+    Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(path))
+    return path
+
+
+def test_accuracy_is_top1_of_the_logits() -> None:
+    logits = np.array([[0.1, 2.0, 0.0], [3.0, 0.0, 1.0], [0.0, 0.2, 0.1], [0.0, 0.0, 5.0]])
+    labels = np.array([1, 0, 2, 2])
+    assert finetune.accuracy(EvalPrediction(predictions=logits, label_ids=labels)) == {"accuracy": 0.75}
+
+
+def test_label_names_from_classlabel_or_integers() -> None:
+    with_names = Dataset.from_dict({"label": [0, 1]}, features=Features({"label": ClassLabel(names=["a", "b", "c"])}))
+    assert finetune.label_names(with_names, "label", None) == ["a", "b", "c"]
+    plain = Dataset.from_dict({"label": [0, 3, 1]})
+    assert finetune.label_names(plain, "label", None) == ["class_0", "class_1", "class_2", "class_3"]
+    assert finetune.label_names(plain, "label", 6)[-2:] == ["class_4", "class_5"]
+    with pytest.raises(ValueError, match="at least 4"):
+        finetune.label_names(plain, "label", 3)
+
+
+def test_saved_student_loads_as_classifier_with_ten_labels(tmp_path: Path) -> None:
+    student = save_student(tmp_path)
+    model = ViTForImageClassification.from_pretrained(tmp_path, num_labels=NUM_CLASSES)
+    assert model.classifier.out_features == NUM_CLASSES
+    # The backbone weights are the student's, not a fresh initialisation.
+    torch.testing.assert_close(
+        model.vit.embeddings.patch_embeddings.projection.weight, student.embeddings.patch_embeddings.projection.weight
+    )
+    torch.testing.assert_close(model.vit.layernorm.weight, student.layernorm.weight)
+
+
+@pytest.mark.slow
+def test_finetune_recipe_trains_a_few_steps(tmp_path: Path) -> None:
+    student_dir = tmp_path / "student"
+    student = save_student(student_dir)
+    train = write_split(tmp_path / "train.parquet", per_class=4, seed=0)
+    evaluation = write_split(tmp_path / "eval.parquet", per_class=1, seed=1)
+    out = tmp_path / "finetuned"
+    metrics = finetune.main(
+        [
+            "--student_dir", str(student_dir),
+            "--dataset", "parquet",
+            "--train_files", str(train),
+            "--eval_files", str(evaluation),
+            "--output_dir", str(out),
+            "--max_steps", "12",
+            "--per_device_train_batch_size", "20",
+            "--per_device_eval_batch_size", "10",
+            "--learning_rate", "3e-3",
+            "--warmup_steps", "0",
+            "--logging_steps", "1",
+            "--save_strategy", "no",
+            "--report_to", "none",
+            "--use_cpu",
+            "--seed", "0",
+            "--dataloader_num_workers", "0",
+        ]
+    )  # fmt: skip
+    losses = [entry["loss"] for entry in metrics["log_history"] if "loss" in entry]
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert 0.0 <= metrics["eval"]["eval_accuracy"] <= 1.0
+    assert metrics["skipped_images"] == {"train": 0, "eval": 0}
+
+    # The saved classifier reloads with plain transformers, its class names, and trained weights.
+    model = ViTForImageClassification.from_pretrained(out)
+    assert model.config.num_labels == NUM_CLASSES
+    assert model.config.id2label[3] == "shade-3"
+    saved = load_file(str(out / "model.safetensors"))
+    assert saved["classifier.weight"].shape == (NUM_CLASSES, 32)
+    moved = (
+        model.vit.embeddings.patch_embeddings.projection.weight - student.embeddings.patch_embeddings.projection.weight
+    )
+    assert moved.abs().max() > 1e-4
+    assert (out / "preprocessor_config.json").is_file()
+    assert (out / "eval_results.json").is_file()
