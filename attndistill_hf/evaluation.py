@@ -175,8 +175,9 @@ def _load_cache(
         problems.append(f"it holds {metadata.get('kind')!r} features, not {kind!r}")
     if metadata.get("model") != fingerprint:
         problems.append("it was computed with different model weights")
-    if expected is not None and features.shape[0] != expected:
-        problems.append(f"it holds {features.shape[0]} samples, the dataset {expected}")
+    cached_length = metadata.get("dataset_length", "")
+    if expected is not None and cached_length and int(cached_length) != expected:
+        problems.append(f"it was computed on a dataset of {cached_length} items, this one has {expected}")
     if problems:
         raise ValueError(
             f"Feature cache {cache_path} does not match this request: {'; '.join(problems)}. "
@@ -203,9 +204,11 @@ def extract_features(
     evaluation), with bf16 autocast on CUDA unless ``dtype`` says otherwise. With an ``accelerator`` the
     loader must be one it prepared; each batch is gathered with ``gather_for_metrics`` (duplicates that
     pad the last batch are dropped), so every process gets all features in dataset order. Batches
-    without labels give label -1. With ``cache_path`` the result is saved as safetensors and a later
-    call with the same kind, weights and dataset size loads it without running the model; a cache that
-    does not match raises instead of being silently reused or overwritten.
+    without labels give label -1. Images the collator could not decode (its ``skipped_images`` count)
+    are left out with a warning on one process; with several processes they would break the gathered
+    order, so they raise. With ``cache_path`` the result is saved as safetensors and a later call with
+    the same kind, weights and dataset size loads it without running the model; a cache that does not
+    match raises instead of being silently reused or overwritten.
     """
     _check_kind(kind)
     cache = Path(cache_path) if cache_path is not None else None
@@ -220,8 +223,18 @@ def extract_features(
     labels: list[torch.Tensor] = []
     is_main = accelerator is None or accelerator.is_local_main_process
     total = len(dataloader) if hasattr(dataloader, "__len__") else None
+    skipped = 0
     for batch in tqdm(dataloader, desc=desc, total=total, disable=not (progress and is_main), unit="batch"):
         pixel_values, batch_labels = split_batch(batch)
+        batch_skipped = int(batch.get("skipped_images", 0)) if isinstance(batch, Mapping) else 0
+        if batch_skipped and accelerator is not None and accelerator.num_processes > 1:
+            raise ValueError(
+                f"{batch_skipped} image(s) of a batch could not be decoded; with several processes the gathered "
+                "features would lose their dataset order. Remove the corrupt images or evaluate on one process."
+            )
+        skipped += batch_skipped
+        if pixel_values.shape[0] == 0:
+            continue
         pixel_values = pixel_values.to(device, non_blocking=True)
         if batch_labels is None:
             batch_labels = torch.full((pixel_values.shape[0],), -1, dtype=torch.long)
@@ -234,7 +247,9 @@ def extract_features(
         features.append(batch_features.cpu())
         labels.append(batch_labels.cpu())
     if not features:
-        raise ValueError("The dataloader yielded no batches: nothing to extract features from.")
+        raise ValueError("The dataloader yielded no images: nothing to extract features from.")
+    if skipped:
+        warnings.warn(f"{skipped} image(s) could not be decoded and were left out of the features.", stacklevel=2)
     all_features, all_labels = torch.cat(features), torch.cat(labels)
 
     if cache is not None and is_main_process(accelerator):
@@ -242,7 +257,13 @@ def extract_features(
 
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp")
-        metadata = {"format": _CACHE_FORMAT, "kind": kind, "model": fingerprint, "num_samples": str(len(all_labels))}
+        metadata = {
+            "format": _CACHE_FORMAT,
+            "kind": kind,
+            "model": fingerprint,
+            "num_samples": str(len(all_labels)),
+            "dataset_length": "" if expected is None else str(expected),
+        }
         save_file({"features": all_features.contiguous(), "labels": all_labels.contiguous()}, str(tmp), metadata)
         os.replace(tmp, cache)
     if accelerator is not None:

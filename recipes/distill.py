@@ -76,6 +76,13 @@ class DistillModelArguments:
 class DistillRunArguments:
     """Evaluation during and after training, the model card and the Hub upload."""
 
+    train_augmentation: str = field(
+        default="published",
+        metadata={
+            "help": "'published': RandomResizedCrop(scale 0.2-1, bicubic) + flip; 'none': the deterministic "
+            "evaluation view (resize + center crop), for debugging and exact reproducibility checks."
+        },
+    )
     knn_eval_steps: int | None = field(
         default=None, metadata={"help": "Run a k-NN evaluation every N steps (logged as eval_knn_top1)."}
     )
@@ -192,7 +199,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_dataset = build_train_dataset(data_args, args)
     if isinstance(train_dataset, EqualStepsIterable):
         args.dataloader_num_workers = dataloader_workers(train_dataset, args.dataloader_num_workers)
-    collator = ImageCollator(train_transform(data_args.image_size, mean, std), data_args.image_column)
+    if run_args.train_augmentation not in {"published", "none"}:
+        raise ValueError(f"--train_augmentation must be 'published' or 'none', got {run_args.train_augmentation!r}.")
+    make_view = train_transform if run_args.train_augmentation == "published" else eval_transform
+    collator = ImageCollator(make_view(data_args.image_size, mean, std), data_args.image_column)
     processor = ViTImageProcessor(
         do_resize=True,
         size={"height": data_args.image_size, "width": data_args.image_size},

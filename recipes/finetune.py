@@ -80,17 +80,64 @@ def label_names(train: Dataset, label_column: str, num_labels: int | None) -> li
 
 
 class FinetuneTrainer(Trainer):
-    """``Trainer`` whose evaluation batches use their own collator (the deterministic eval transform).
+    """The stock ``Trainer``, adapted to the library's image collator (which skips undecodable images).
 
-    The stock Trainer has one ``data_collator`` for every loader, so evaluation during training would
-    otherwise see the training augmentation and report a noisier accuracy.
+    - Evaluation batches use their own collator (the deterministic eval view): the stock Trainer has one
+      ``data_collator`` for every loader, so evaluation would otherwise see the training augmentation.
+    - ``skipped_images`` is popped from each batch before the model sees it and summed per phase. The
+      count rides in the batch, not in the collator, because DataLoader workers are other processes.
+    - A batch whose images all failed to decode is not run (a mean over zero rows is NaN and would
+      poison the weights); training takes a zero loss step on it instead.
+    - ``interpolate_pos_encoding`` is passed when the crop size differs from the student's resolution.
     """
 
-    def __init__(self, *args: Any, eval_data_collator: ClassificationCollator | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        eval_data_collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+        self.skipped_images = {"train": 0, "eval": 0}
 
-    def _with_eval_collator(self, make: Any) -> torch.utils.data.DataLoader:
+    def _model_inputs(self, inputs: dict[str, Any], phase: str) -> dict[str, Any]:
+        skipped = inputs.pop("skipped_images", None)
+        if skipped is not None:
+            self.skipped_images[phase] += int(torch.as_tensor(skipped).sum())
+        if self.interpolate_pos_encoding:
+            inputs["interpolate_pos_encoding"] = True
+        return inputs
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        inputs = self._model_inputs(inputs, "train" if model.training else "eval")
+        if inputs["pixel_values"].shape[0] == 0:
+            logger.warning("Every image of a batch failed to decode; taking a zero step.")
+            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            return (zero, None) if return_outputs else zero
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        inputs = self._model_inputs(inputs, "eval")
+        if inputs["pixel_values"].shape[0] == 0:
+            return None, None, None
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def _with_eval_collator(self, make: Callable[[], torch.utils.data.DataLoader]) -> torch.utils.data.DataLoader:
         if self.eval_data_collator is None:
             return make()
         train_collator = self.data_collator
@@ -117,9 +164,9 @@ def accuracy(prediction: EvalPrediction) -> dict[str, float]:
 
 def parse_args(
     args: Sequence[str] | None = None,
-) -> tuple[ModelArguments, FinetuneDataArguments, TrainingArguments]:
+) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Command-line flags, or a single ``.yaml`` / ``.json`` config file, into the three argument groups."""
-    parser = HfArgumentParser((ModelArguments, FinetuneDataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     argv = list(sys.argv[1:] if args is None else args)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(Path(argv[0]).resolve())
@@ -129,12 +176,23 @@ def parse_args(
 
 
 def main(args: Sequence[str] | None = None) -> dict[str, Any]:
-    """Fine-tune, evaluate and save; return the train (and eval) metrics and the log history."""
+    """Fine-tune, evaluate and save; return the train (and eval) metrics, skipped counts and log history."""
     model_args, data_args, training_args = parse_args(args)
+    if data_args.streaming:
+        raise ValueError("Fine-tuning reads a prepared (map-style) dataset; drop --streaming.")
+    if data_args.gpu_augment:
+        raise ValueError("--gpu_augment is for distillation; fine-tuning augments in the DataLoader workers.")
     # The collator needs the image column, which the Trainer would otherwise drop as unused by forward.
     training_args.remove_unused_columns = False
 
-    train, evaluation = load_splits(data_args)
+    train = load_split(data_args, "train")
+    evaluation = load_split(data_args, "eval") if data_args.eval_source is not None else None
+    for name, split in (("train", train), ("eval", evaluation)):
+        if split is not None and data_args.label_column not in split.column_names:
+            raise ValueError(
+                f"The {name} data has no label column {data_args.label_column!r} (columns: "
+                f"{split.column_names}); set --label_column."
+            )
     names = label_names(train, data_args.label_column, model_args.num_labels)
     processor = AutoImageProcessor.from_pretrained(model_args.student_dir)
     model = ViTForImageClassification.from_pretrained(
@@ -143,12 +201,16 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         id2label=dict(enumerate(names)),
         label2id={name: i for i, name in enumerate(names)},
     )
-    image_size = model.config.image_size
-    train_tf, eval_tf = build_transforms(
-        image_size, processor.image_mean, processor.image_std, data_args.min_crop_scale
-    )
-    train_collator = ClassificationCollator(train_tf, data_args.image_column, data_args.label_column)
-    eval_collator = ClassificationCollator(eval_tf, data_args.image_column, data_args.label_column)
+    size = data_args.image_size
+    configured = model.config.image_size
+    interpolate = size != (configured if isinstance(configured, int) else configured[0])
+    if interpolate:
+        logger.info(
+            "Fine-tuning at %d px, the student was trained at %s px: interpolating positions.", size, configured
+        )
+    mean, std = image_stats(processor)
+    train_collator = ImageCollator(train_transform(size, mean, std), data_args.image_column, data_args.label_column)
+    eval_collator = ImageCollator(eval_transform(size, mean, std), data_args.image_column, data_args.label_column)
 
     trainer = FinetuneTrainer(
         model=model,
@@ -157,6 +219,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         eval_dataset=evaluation,
         data_collator=train_collator,
         eval_data_collator=eval_collator,
+        interpolate_pos_encoding=interpolate,
         processing_class=processor,
         compute_metrics=accuracy,
     )
@@ -165,11 +228,10 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     trainer.save_model()
     trainer.save_state()
     trainer.save_metrics("train", metrics["train"])
-
     if evaluation is not None:
         metrics["eval"] = trainer.evaluate()
         trainer.save_metrics("eval", metrics["eval"])
-    metrics["skipped_images"] = {"train": train_collator.skipped, "eval": eval_collator.skipped}
+    metrics["skipped_images"] = dict(trainer.skipped_images)
     metrics["log_history"] = list(trainer.state.log_history)
     return metrics
 

@@ -343,3 +343,22 @@ def test_safetensors_with_wrong_width_is_named(tmp_path: Path) -> None:
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(CheckpointError, match=r"patch_embed\.proj\.bias has \[16\], expected \[32\]"):
         convert_checkpoint(tmp_path / "bad.safetensors", "timm", tmp_path / "out", num_heads=2)
+
+
+@pytest.mark.parametrize("format", ["dino", "mae"])
+def test_converted_teacher_gives_reference_attention_through_library_capture(tmp_path: Path, format: str) -> None:
+    """As the distillation uses it (sdpa backend, CLS row recomputed from hooks), the teacher matches the original."""
+    from attndistill_hf.attention import last_cls_attention
+
+    checkpoint = tmp_path / f"{format}.pth"
+    reference = make_reference_checkpoint(checkpoint, format, **SMALL)
+    convert_checkpoint(checkpoint, format, tmp_path / "out", num_heads=2)
+    teacher = load_teacher(str(tmp_path / "out"))
+    assert teacher.config._attn_implementation == "sdpa"
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        output, attention = last_cls_attention(teacher, pixels)
+        expected = reference(pixels)
+    assert attention.shape == (2, 2, 17)
+    assert (attention - expected.last_attention[:, :, 0]).abs().max().item() < TOL
+    assert (output.last_hidden_state[:, 0] - expected.tokens[:, 0]).abs().max().item() < TOL

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,16 +51,21 @@ def save_student(folder: Path) -> ViTModel:
     return student
 
 
-def write_split(path: Path, per_class: int, seed: int) -> Path:
-    """Grayscale 'L' images whose brightness encodes the class (learnable in a few steps), as parquet."""
+def write_split(path: Path, per_class: int, seed: int, corrupt: int = 0) -> Path:
+    """Grayscale 'L' images whose brightness encodes the class (learnable in a few steps), as parquet.
+
+    The first ``corrupt`` rows hold bytes that are no image, replacing that many valid ones.
+    """
     rng = np.random.default_rng(seed)
-    images, labels = [], []
+    images: list[Any] = []
+    labels: list[int] = []
     for label in range(NUM_CLASSES):
         for _ in range(per_class):
             level = 20 + 23 * label
             pixels = np.clip(level + rng.normal(0, 4, (20, 20)), 0, 255).astype(np.uint8)
             images.append(Image.fromarray(pixels, mode="L"))
             labels.append(label)
+    images[:corrupt] = [{"bytes": b"not an image", "path": None}] * corrupt
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=CLASS_NAMES)})
     Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(path))
     return path
@@ -96,15 +102,16 @@ def test_saved_student_loads_as_classifier_with_ten_labels(tmp_path: Path) -> No
 def test_finetune_recipe_trains_a_few_steps(tmp_path: Path) -> None:
     student_dir = tmp_path / "student"
     student = save_student(student_dir)
-    train = write_split(tmp_path / "train.parquet", per_class=4, seed=0)
+    # 40 rows, one of them corrupt: every batch of 20 holds at most one bad image, never an empty batch.
+    train = write_split(tmp_path / "train.parquet", per_class=4, seed=0, corrupt=1)
     evaluation = write_split(tmp_path / "eval.parquet", per_class=1, seed=1)
     out = tmp_path / "finetuned"
     metrics = finetune.main(
         [
             "--student_dir", str(student_dir),
-            "--dataset", "parquet",
-            "--train_files", str(train),
-            "--eval_files", str(evaluation),
+            "--data_files", str(train),
+            "--eval_data_files", str(evaluation),
+            "--image_size", "32",
             "--output_dir", str(out),
             "--max_steps", "12",
             "--per_device_train_batch_size", "20",
@@ -123,7 +130,8 @@ def test_finetune_recipe_trains_a_few_steps(tmp_path: Path) -> None:
     assert len(losses) == 12
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     assert 0.0 <= metrics["eval"]["eval_accuracy"] <= 1.0
-    assert metrics["skipped_images"] == {"train": 0, "eval": 0}
+    # 12 steps of 20 over 40 rows = 6 epochs, each meeting the corrupt image once.
+    assert metrics["skipped_images"] == {"train": 6, "eval": 0}
 
     # The saved classifier reloads with plain transformers, its class names, and trained weights.
     model = ViTForImageClassification.from_pretrained(out)
@@ -137,3 +145,26 @@ def test_finetune_recipe_trains_a_few_steps(tmp_path: Path) -> None:
     assert moved.abs().max() > 1e-4
     assert (out / "preprocessor_config.json").is_file()
     assert (out / "eval_results.json").is_file()
+
+
+def test_finetune_at_another_resolution_interpolates_positions(tmp_path: Path) -> None:
+    student_dir = tmp_path / "student"
+    save_student(student_dir)  # trained at 32 px
+    train = write_split(tmp_path / "train.parquet", per_class=1, seed=2)
+    metrics = finetune.main(
+        [
+            "--student_dir", str(student_dir),
+            "--data_files", str(train),
+            "--image_size", "48",
+            "--max_train_samples", "4",
+            "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "1",
+            "--per_device_train_batch_size", "4",
+            "--save_strategy", "no",
+            "--report_to", "none",
+            "--use_cpu",
+        ]
+    )  # fmt: skip
+    assert "eval" not in metrics  # no evaluation source configured
+    assert np.isfinite(metrics["train"]["train_loss"])
+    assert ViTForImageClassification.from_pretrained(tmp_path / "out").config.image_size == 32

@@ -1,0 +1,481 @@
+"""Data sources, per-rank streaming, transforms and the collator, on tiny local data made here."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from datasets import Image as ImageFeature
+from PIL import Image
+from torchvision.transforms import v2
+
+from attndistill_hf.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    STREAMING_ACCELERATOR_CONFIG,
+    DataArguments,
+    EqualStepsIterable,
+    ImageCollator,
+    column_names,
+    count_examples,
+    dataloader_workers,
+    decode_image,
+    eval_transform,
+    image_stats,
+    load_split,
+    prepare_per_rank_dataloader,
+    shard_stream,
+    steps_per_epoch,
+    to_rgb,
+    train_transform,
+)
+
+ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def coordinate_image(size: int = 256) -> Image.Image:
+    """R = x, G = y: the colours of any crop tell where it came from."""
+    y, x = np.mgrid[0:size, 0:size]
+    array = np.stack([x, y, np.full_like(x, 128)], axis=-1).astype(np.uint8)
+    return Image.fromarray(array, mode="RGB")
+
+
+# 7 decodable images of every awkward kind, 2 that are not.
+GOOD_IMAGES = 7
+BAD_IMAGES = 2
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    (root / "cat").mkdir()
+    (root / "dog").mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(root / "cat" / "rgb.jpg", quality=95)
+    Image.new("L", (30, 40), 90).save(root / "cat" / "gray.png")
+    Image.new("RGBA", (20, 20), (0, 0, 255, 0)).save(root / "cat" / "rgba.png")
+    Image.new("CMYK", (24, 24), (0, 255, 0, 0)).save(root / "cat" / "cmyk.jpg")
+    Image.fromarray(np.full((16, 16), 257 * 60, dtype=np.uint16)).save(root / "dog" / "deep.png")
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(root / "dog" / "tiny.png")
+    palette = Image.new("P", (12, 12), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.save(root / "dog" / "palette.png", transparency=0)
+    good_jpeg = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    (root / "dog" / "truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 3])
+    (root / "dog" / "garbage.png").write_bytes(b"this is not an image at all")
+    return root
+
+
+@pytest.fixture(scope="module")
+def parquet_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four shards of 5 examples with ids 0..19 (the label is the id) plus an uneven set of three."""
+    root = tmp_path_factory.mktemp("parquet")
+    (root / "even").mkdir()
+    (root / "uneven").mkdir()
+    image = encode(Image.new("RGB", (10, 10), (50, 60, 70)))
+    for shard in range(4):
+        ids = list(range(5 * shard, 5 * shard + 5))
+        ds = Dataset.from_dict({"image": [{"bytes": image, "path": None}] * 5, "label": ids})
+        ds.cast_column("image", ImageFeature()).to_parquet(str(root / "even" / f"part-{shard}.parquet"))
+    for shard, ids in enumerate([range(0, 7), range(7, 10), range(10, 12)]):
+        ds = Dataset.from_dict({"image": [{"bytes": image, "path": None}] * len(ids), "label": list(ids)})
+        ds.cast_column("image", ImageFeature()).to_parquet(str(root / "uneven" / f"part-{shard}.parquet"))
+    return root
+
+
+def ids_of(ds) -> list[int]:
+    return [int(example["label"]) for example in ds]
+
+
+# ----------------------------------------------------------------------------------------------
+# DataArguments
+# ----------------------------------------------------------------------------------------------
+
+
+def test_every_field_documented_and_parsed_by_hf_argument_parser(image_folder: Path) -> None:
+    from transformers import HfArgumentParser
+
+    assert all(f.metadata.get("help") for f in fields(DataArguments))
+    (args,) = HfArgumentParser(DataArguments).parse_args_into_dataclasses(
+        ["--train_dir", str(image_folder), "--streaming", "--image_size", "96", "--max_train_samples", "3"]
+    )
+    assert (args.train_source, args.streaming, args.image_size, args.max_train_samples) == ("folder", True, 96, 3)
+    assert args.eval_source is None
+    # A config file may give a single pattern as a string.
+    assert DataArguments(data_files="x/*.parquet").data_files == ["x/*.parquet"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dataset_name": "a/b", "data_files": ["x.parquet"]}, "--dataset_name, --data_files"),
+        ({"dataset_config": "full"}, "--dataset_config is set without --dataset_name"),
+        ({"train_dir": "/no/such/folder"}, "is not a directory"),
+        ({"data_files": ["shards/*.txt"]}, "must end in .parquet"),
+        ({"data_files": ["a/*.parquet", "b/*.tar"]}, "mixes parquet and webdataset"),
+        ({"eval_dir": ".", "eval_data_files": ["e.parquet"]}, "keep one evaluation source"),
+        ({"max_train_samples": 0}, "--max_train_samples must be a positive integer"),
+        ({"image_size": -3}, "--image_size must be a positive integer"),
+    ],
+)
+def test_bad_arguments_say_what_to_change(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DataArguments(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding and colour conversion
+# ----------------------------------------------------------------------------------------------
+
+
+def test_to_rgb_converts_every_mode_to_expected_colours() -> None:
+    def pixel(image: Image.Image) -> tuple[int, ...]:
+        rgb = to_rgb(image)
+        assert rgb.mode == "RGB"
+        return rgb.getpixel((0, 0))
+
+    assert pixel(Image.new("L", (2, 2), 90)) == (90, 90, 90)
+    assert pixel(Image.new("RGBA", (2, 2), (0, 0, 255, 0))) == (255, 255, 255)  # transparent -> white
+    assert pixel(Image.new("RGBA", (2, 2), (0, 0, 255, 255))) == (0, 0, 255)
+    assert pixel(Image.new("RGBA", (2, 2), (0, 0, 0, 128))) == (127, 127, 127)  # half over white
+    assert pixel(Image.new("LA", (2, 2), (0, 0))) == (255, 255, 255)
+    assert pixel(Image.new("CMYK", (2, 2), (0, 0, 0, 0))) == (255, 255, 255)
+    assert pixel(Image.new("CMYK", (2, 2), (0, 255, 0, 0))) == (255, 0, 255)
+    # 16-bit: scaled, not clipped (PIL's own convert would give 255 here).
+    assert pixel(Image.fromarray(np.full((2, 2), 257 * 60, dtype=np.uint16))) == (60, 60, 60)
+    assert pixel(Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32))) == (128, 128, 128)
+    assert pixel(Image.new("I", (2, 2), 40000)) == (156, 156, 156)
+    opaque_palette = Image.new("P", (2, 2), 1)
+    opaque_palette.putpalette([0, 0, 0, 9, 8, 7] + [0] * 762)
+    assert pixel(opaque_palette) == (9, 8, 7)
+    see_through = opaque_palette.copy()
+    see_through.info["transparency"] = 1
+    assert pixel(see_through) == (255, 255, 255)
+
+
+def test_decode_image_accepts_every_form_and_rejects_bad_data(tmp_path: Path) -> None:
+    image = Image.new("RGB", (6, 4), (1, 2, 3))
+    data = encode(image)
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    for value in (data, bytearray(data), {"bytes": data, "path": None}, {"bytes": None, "path": str(path)},
+                  str(path), path, image):
+        decoded = decode_image(value)
+        assert decoded is not None and decoded.mode == "RGB" and decoded.size == (6, 4)
+        assert decoded.getpixel((5, 3)) == (1, 2, 3)
+    for bad in (b"", b"\x89PNG garbage", data[:40], {"bytes": None, "path": None}, str(tmp_path / "gone.png"),
+                None):
+        assert decode_image(bad) is None
+    with pytest.raises(TypeError, match="image column must hold"):
+        decode_image(12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_image_folder_skips_and_counts_corrupt_files(image_folder: Path, tmp_path: Path, streaming: bool) -> None:
+    args = DataArguments(train_dir=str(image_folder), streaming=streaming, cache_dir=str(tmp_path))
+    ds = load_split(args, "train")
+    assert ds.features["image"] == ImageFeature(decode=False)
+    examples = list(ds)
+    assert len(examples) == GOOD_IMAGES + BAD_IMAGES
+    assert count_examples(args, "train", None if streaming else ds) == GOOD_IMAGES + BAD_IMAGES
+    collate = ImageCollator(train_transform(24), "image", "label")
+    batch = collate(examples)
+    assert batch["pixel_values"].shape == (GOOD_IMAGES, 3, 24, 24)
+    assert batch["pixel_values"].dtype == torch.float32
+    assert batch["skipped_images"].item() == BAD_IMAGES and batch["skipped_images"].dtype == torch.long
+    names = [Path(e["image"]["path"]).name for e in examples]
+    good_labels = [e["label"] for e, n in zip(examples, names, strict=True) if n not in ("truncated.jpg", "garbage.png")]
+    assert batch["labels"].tolist() == good_labels
+
+
+def test_every_mode_becomes_a_three_channel_crop_of_the_right_colour(image_folder: Path) -> None:
+    expected = {
+        "rgb.jpg": (200, 10, 10), "gray.png": (90, 90, 90), "rgba.png": (255, 255, 255),
+        "cmyk.jpg": (255, 0, 255), "deep.png": (60, 60, 60), "tiny.png": (10, 200, 10),
+        "palette.png": (255, 255, 255),
+    }
+    collate = ImageCollator(eval_transform(20, ZERO, ONE))
+    for name, colour in expected.items():
+        (path,) = image_folder.glob(f"*/{name}")
+        batch = collate([{"image": {"bytes": None, "path": str(path)}}])
+        pixels = batch["pixel_values"]
+        assert pixels.shape == (1, 3, 20, 20), name
+        # Constant images stay constant through resizing; JPEG may move a value by a few levels.
+        np.testing.assert_allclose(pixels.mean(dim=(0, 2, 3)).numpy() * 255, colour, atol=3, err_msg=name)
+        assert "labels" not in batch
+
+
+def test_parquet_and_count_from_metadata(parquet_shards: Path, tmp_path: Path) -> None:
+    pattern = str(parquet_shards / "even" / "*.parquet")
+    args = DataArguments(data_files=[pattern], cache_dir=str(tmp_path))
+    ds = load_split(args, "train")
+    assert len(ds) == 20 and sorted(ids_of(ds)) == list(range(20))
+    streamed = load_split(args, "train", streaming=True)
+    assert streamed.num_shards == 4
+    assert count_examples(args, "train") == 20
+    capped = DataArguments(data_files=[pattern], max_train_samples=7, streaming=True)
+    assert len(ids_of(load_split(capped, "train"))) == 7
+    assert count_examples(capped, "train") == 7
+    assert count_examples(DataArguments(data_files=[pattern], num_train_examples=13), "train") == 13
+
+
+def test_webdataset_shards_get_default_column_names(tmp_path: Path) -> None:
+    tar_path = tmp_path / "shard-000.tar"
+    with tarfile.open(tar_path, "w") as archive:
+        for i in range(3):
+            for ext, data in (("jpg", encode(Image.new("RGB", (9, 9), (i, i, i)), "JPEG")), ("cls", str(i).encode())):
+                info = tarfile.TarInfo(f"sample{i:04d}.{ext}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    args = DataArguments(data_files=[str(tmp_path / "*.tar")], streaming=True)
+    ds = load_split(args, "train")
+    assert {"image", "label"} <= set(column_names(ds))
+    assert count_examples(args, "train") == 3
+    batch = ImageCollator(eval_transform(8), "image", "label")(list(ds))
+    assert batch["pixel_values"].shape == (3, 3, 8, 8) and batch["labels"].tolist() == [0, 1, 2]
+
+
+def test_load_errors_are_clear(parquet_shards: Path, tmp_path: Path) -> None:
+    Dataset.from_dict({"img": [b"x"], "target": [1]}).to_parquet(str(tmp_path / "wrong.parquet"))
+    with pytest.raises(ValueError, match=r"no image column 'image'; its columns are \['img', 'target'\]"):
+        load_split(DataArguments(data_files=[str(tmp_path / "wrong.parquet")], streaming=True), "train")
+    Dataset.from_dict({"image": [], "label": []}).to_parquet(str(tmp_path / "empty.parquet"))
+    with pytest.raises(ValueError, match="empty"):
+        load_split(DataArguments(data_files=[str(tmp_path / "empty.parquet")], streaming=True), "train")
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        load_split(DataArguments(data_files=[str(tmp_path / "none" / "*.parquet")]), "train")
+    with pytest.raises(ValueError, match="No training data"):
+        load_split(DataArguments(), "train")
+    with pytest.raises(ValueError, match="No evaluation data"):
+        load_split(DataArguments(data_files=[str(tmp_path / "wrong.parquet")]), "eval")
+    with pytest.raises(ValueError, match="split must be"):
+        load_split(DataArguments(), "validation")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming per rank
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["even", "uneven"])
+def test_ranks_get_disjoint_parts_covering_everything(parquet_shards: Path, layout: str) -> None:
+    args = DataArguments(data_files=[str(parquet_shards / layout / "*.parquet")], streaming=True)
+    ds = load_split(args, "train")
+    total = count_examples(args, "train")
+    parts = [ids_of(shard_stream(ds, rank=r, world_size=2, seed=7, buffer_size=4)) for r in range(2)]
+    assert not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == list(range(total))
+
+
+def test_shuffle_is_reproducible_per_rank_and_changes_with_epoch(parquet_shards: Path) -> None:
+    args = DataArguments(data_files=[str(parquet_shards / "even" / "*.parquet")], streaming=True)
+    ds = load_split(args, "train")
+
+    def order(rank: int, epoch: int, seed: int = 3) -> list[int]:
+        stream = shard_stream(ds, rank=rank, world_size=2, seed=seed, buffer_size=8)
+        stream.set_epoch(epoch)
+        return ids_of(stream)
+
+    for rank in range(2):
+        assert order(rank, 0) == order(rank, 0)  # what another process with the same seed sees
+    epoch0 = [order(r, 0) for r in range(2)]
+    epoch1 = [order(r, 1) for r in range(2)]
+    assert epoch0 != epoch1
+    for parts in (epoch0, epoch1):  # still a partition after the reshuffle
+        assert sorted(parts[0] + parts[1]) == list(range(20)) and not set(parts[0]) & set(parts[1])
+
+
+def test_steps_per_epoch_numbers() -> None:
+    assert steps_per_epoch(20, 2, 4) == 2
+    assert steps_per_epoch(20, 2, 4, drop_last=False) == 3
+    assert steps_per_epoch(1_281_167, 8, 256) == 625
+    with pytest.raises(ValueError, match="do not fill one global batch"):
+        steps_per_epoch(7, 2, 4)
+    with pytest.raises(ValueError, match="world_size must be a positive integer"):
+        steps_per_epoch(7, 0, 4)
+
+
+def test_equal_steps_on_every_rank_with_uneven_shards(parquet_shards: Path) -> None:
+    # Shards of 7, 3 and 2 examples over 2 ranks: the ranks' streams differ in length.
+    args = DataArguments(data_files=[str(parquet_shards / "uneven" / "*.parquet")], streaming=True)
+    ds = load_split(args, "train")
+    steps = steps_per_epoch(count_examples(args, "train"), world_size=2, per_device_batch=2, drop_last=False)
+    assert steps == 3
+    batches_per_rank = []
+    for rank in range(2):
+        stream = EqualStepsIterable(shard_stream(ds, rank=rank, world_size=2, seed=0, buffer_size=4), steps, 2)
+        assert len(stream) == 6
+        loader = torch.utils.data.DataLoader(stream, batch_size=2, collate_fn=ImageCollator(eval_transform(4)))
+        batches = list(loader)
+        assert [b["pixel_values"].shape[0] for b in batches] == [2, 2, 2]
+        batches_per_rank.append(len(batches))
+    assert batches_per_rank == [3, 3]
+
+
+def test_short_stream_is_cycled_and_long_stream_cut(parquet_shards: Path) -> None:
+    args = DataArguments(data_files=[str(parquet_shards / "even" / "*.parquet")], streaming=True)
+    ds = load_split(args, "train")
+    rank0 = shard_stream(ds, rank=0, world_size=2, seed=0, shuffle=False)
+    own = ids_of(rank0)
+    assert len(own) == 10
+    assert ids_of(EqualStepsIterable(rank0, steps=3, per_device_batch=4)) == own + own[:2]
+    assert ids_of(EqualStepsIterable(rank0, steps=2, per_device_batch=3)) == own[:6]
+
+
+def test_workers_share_the_steps_and_epoch_reaches_them(parquet_shards: Path) -> None:
+    args = DataArguments(data_files=[str(parquet_shards / "even" / "*.parquet")], streaming=True)
+    ds = load_split(args, "train")
+    stream = EqualStepsIterable(shard_stream(ds, rank=1, world_size=2, seed=5, buffer_size=4), steps=3, per_device_batch=3)
+    loader = torch.utils.data.DataLoader(stream, batch_size=3, num_workers=2, collate_fn=ImageCollator(eval_transform(4), label_column="label"))
+    first = [b["labels"].tolist() for b in loader]
+    assert [len(b) for b in first] == [3, 3, 3]
+    stream.set_epoch(1)
+    assert stream.dataset.epoch == 1
+    second = [b["labels"].tolist() for b in loader]
+    assert [len(b) for b in second] == [3, 3, 3] and second != first
+
+
+def test_dataloader_workers_capped_by_shards(parquet_shards: Path, tmp_path: Path) -> None:
+    args = DataArguments(data_files=[str(parquet_shards / "even" / "*.parquet")], streaming=True,
+                         cache_dir=str(tmp_path))
+    ds = load_split(args, "train")
+    with pytest.warns(UserWarning, match="has 4 shard"):
+        assert dataloader_workers(ds, 8) == 4
+    rank_stream = shard_stream(ds, rank=0, world_size=2, seed=0)
+    with pytest.warns(UserWarning, match="has 2 shard"):
+        assert dataloader_workers(EqualStepsIterable(rank_stream, 1, 1), 16) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dataloader_workers(ds, 3) == 3
+        assert dataloader_workers(load_split(args, "train", streaming=False), 16) == 16
+
+
+def test_per_rank_dataloader_is_not_resharded_by_accelerate(parquet_shards: Path) -> None:
+    from accelerate import Accelerator
+    from accelerate.data_loader import IterableDatasetShard, prepare_data_loader
+
+    assert STREAMING_ACCELERATOR_CONFIG == {"dispatch_batches": False}
+    args = DataArguments(data_files=[str(parquet_shards / "even" / "*.parquet")], streaming=True)
+    stream = EqualStepsIterable(shard_stream(load_split(args, "train"), rank=0, world_size=2, seed=0), 2, 5)
+    loader = torch.utils.data.DataLoader(stream, batch_size=5, collate_fn=ImageCollator(eval_transform(4), label_column="label"))
+    # What plain preparation would do with 2 processes: cut this rank's stream again.
+    naive = prepare_data_loader(loader, num_processes=2, process_index=0, dispatch_batches=False)
+    assert isinstance(naive.dataset, IterableDatasetShard)
+    accelerator = Accelerator(cpu=True)
+    prepared = prepare_per_rank_dataloader(accelerator, loader)
+    assert prepared.dataset is stream and prepared in accelerator._dataloaders
+    labels = [b["labels"].tolist() for b in prepared]
+    assert labels == [b["labels"].tolist() for b in loader] and sum(len(x) for x in labels) == 10
+    prepared.set_epoch(4)  # what Trainer does at each epoch
+    assert stream.dataset.epoch == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms and statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def test_image_stats_from_processor_and_fallback() -> None:
+    from transformers import ViTImageProcessor
+
+    assert image_stats(None) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert image_stats(object()) == (IMAGENET_MEAN, IMAGENET_STD)
+    processor = ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.5, 1.0])
+    assert image_stats(processor) == ((0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
+    assert image_stats({"image_mean": 0.3, "image_std": [0.2]}) == ((0.3, 0.3, 0.3), (0.2, 0.2, 0.2))
+    assert image_stats(ViTImageProcessor(do_normalize=False)) == (ZERO, ONE)
+    with pytest.raises(ValueError, match="1 or 3 values"):
+        image_stats({"image_mean": [0.1, 0.2], "image_std": [0.2]})
+    with pytest.raises(ValueError, match="std must be positive"):
+        image_stats({"image_mean": [0.1], "image_std": [0.0]})
+
+
+def test_normalisation_of_a_constant_image() -> None:
+    image = Image.new("RGB", (50, 37), (30, 120, 240))
+    expected = (np.array([30, 120, 240]) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    for transform in (train_transform(16), eval_transform(16)):
+        out = transform(image)
+        assert out.shape == (3, 16, 16)
+        np.testing.assert_allclose(out.numpy(), np.broadcast_to(expected[:, None, None], (3, 16, 16)), atol=1e-5)
+
+
+def test_eval_transform_sizes_and_centre_crop() -> None:
+    assert eval_transform(224).transforms[1].size == [256]
+    assert eval_transform(32).transforms[1].size == [37]  # round(32 * 256 / 224)
+    for size in ((500, 375), (8, 8), (300, 1000)):
+        assert eval_transform(32)(Image.new("L", size)).shape == (3, 32, 32)
+    # 256 px at size 224: no resize, then the central 224 px, i.e. x and y 16..239.
+    out = eval_transform(224, ZERO, ONE)(coordinate_image(256)) * 255
+    assert out[0, 0, 0].item() == pytest.approx(16, abs=0.01) and out[0, 0, -1].item() == pytest.approx(239, abs=0.01)
+    assert out[1, 0, 0].item() == pytest.approx(16, abs=0.01) and out[1, -1, 0].item() == pytest.approx(239, abs=0.01)
+
+
+def test_train_crop_area_and_flip_statistics() -> None:
+    """Measure each crop from a coordinate image: its area fraction must follow RandomResizedCrop(0.2, 1)."""
+    torch.manual_seed(0)
+    out_size, n = 32, 300
+    transform = train_transform(out_size, ZERO, ONE)
+    image = coordinate_image(256)
+    fractions, flips = [], 0
+    for _ in range(n):
+        out = transform(image) * 255
+        red, green = out[0, out_size // 2], out[1, :, out_size // 2]
+        # Output pixel centres span (out-1)/out of the crop, so scale the measured span up.
+        width = abs(red[-1] - red[0]).item() * out_size / (out_size - 1)
+        height = (green[-1] - green[0]).item() * out_size / (out_size - 1)
+        fractions.append(width * height / 256**2)
+        flips += int(red[-1] < red[0])
+    fractions = np.array(fractions)
+    assert fractions.min() > 0.2 * 0.9 and fractions.max() < 1.0 * 1.05
+    # The same draw through torchvision's sampler gives the expected mean area.
+    reference = [np.prod(v2.RandomResizedCrop.get_params(torch.empty(1, 256, 256), [0.2, 1.0], [3 / 4, 4 / 3])[2:])
+                 / 256**2 for _ in range(4000)]
+    assert abs(fractions.mean() - np.mean(reference)) < 0.04
+    assert (fractions < 0.3).any() and (fractions > 0.9).any()
+    assert 0.4 * n < flips < 0.6 * n
+
+
+def test_tiny_image_is_upsampled_to_the_crop() -> None:
+    out = train_transform(48)(Image.new("RGB", (8, 8), (10, 20, 30)))
+    assert out.shape == (3, 48, 48)
+
+
+# ----------------------------------------------------------------------------------------------
+# Collator edge cases
+# ----------------------------------------------------------------------------------------------
+
+
+def test_collator_whole_batch_failing_and_fill_option() -> None:
+    bad = {"image": {"bytes": b"junk", "path": None}, "label": 1}
+    good = {"image": {"bytes": encode(Image.new("RGB", (9, 9))), "path": None}, "label": 4}
+    collate = ImageCollator(train_transform(16), "image", "label")
+    empty = collate([bad, bad, bad])
+    assert empty["pixel_values"].shape == (0, 3, 16, 16) and empty["labels"].shape == (0,)
+    assert empty["skipped_images"].item() == 3
+    filled = ImageCollator(train_transform(16), "image", "label", fill_skipped=True)([good, bad, bad])
+    assert filled["pixel_values"].shape == (3, 3, 16, 16) and filled["labels"].tolist() == [4, 4, 4]
+    assert filled["skipped_images"].item() == 2
+    with pytest.raises(KeyError, match=r"no image column 'image'; its columns are \['jpg'\]"):
+        collate([{"jpg": b""}])
+    with pytest.raises(KeyError, match="no label column"):
+        collate([{"image": good["image"]}])

@@ -1,0 +1,666 @@
+"""Evaluation protocols: parity with plain reference implementations, and sane numbers on real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from transformers import DeiTConfig, DeiTModel, ViTConfig, ViTForImageClassification, ViTModel
+
+from attndistill_hf.evaluation import (
+    KNNEvaluationCallback,
+    LinearProbeConfig,
+    balanced_label_subset,
+    compute_features,
+    default_feature_model,
+    extract_features,
+    knn_accuracy,
+    run_knn_eval,
+    run_linear_eval,
+    train_linear_probe,
+    train_linear_probe_on_images,
+)
+from attndistill_hf.fashion_mnist import (
+    DEBIAN_FASHION_MNIST_DIR,
+    balanced_subset_indices,
+    read_fashion_mnist_split,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_REAL = (Path(DEBIAN_FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").is_file()
+
+
+def tiny_vit(layers: int = 4, hidden: int = 32, channels: int = 1, image: int = 28, patch: int = 7) -> ViTModel:
+    config = ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        image_size=image,
+        patch_size=patch,
+        num_channels=channels,
+        layer_norm_eps=1e-6,
+    )
+    return ViTModel(config, add_pooling_layer=False).eval()
+
+
+def clustered_features(n: int, classes: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian clusters around fixed class centres: k-NN is neither trivial nor hopeless on them."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(1234))
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    return centres[labels] + spread * torch.randn(n, dim, generator=gen), labels
+
+
+# ---- independent reference: per test sample, plain Python, float64 ------------------------------
+
+
+def reference_knn(train_x, train_y, test_x, test_y, k, temperature, num_classes):
+    train = [row / np.linalg.norm(row) for row in train_x.double().numpy()]
+    train_y = train_y.tolist()
+    top1 = top5 = 0
+    for query, target in zip(test_x.double().numpy(), test_y.tolist(), strict=True):
+        query = query / np.linalg.norm(query)
+        sims = [float(np.dot(query, row)) for row in train]
+        neighbours = sorted(range(len(train)), key=lambda j: -sims[j])[: min(k, len(train))]
+        votes = [0.0] * num_classes
+        for j in neighbours:
+            votes[train_y[j]] += math.exp(sims[j] / temperature)
+        ranking = [c for c in sorted(range(num_classes), key=lambda c: -votes[c]) if votes[c] > 0]
+        top1 += ranking[0] == target
+        top5 += target in ranking[: min(5, k)]
+    n = len(test_y)
+    return 100.0 * top1 / n, 100.0 * top5 / n
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.5, 2.0])
+def test_knn_matches_reference(temperature: float) -> None:
+    train_x, train_y = clustered_features(300, 10, 16, spread=1.6, seed=0)
+    test_x, test_y = clustered_features(120, 10, 16, spread=1.6, seed=1)
+    ks = (1, 3, 10, 20, 50)
+    result = knn_accuracy(train_x, train_y, test_x, test_y, ks=ks, temperature=temperature)
+    assert sorted(result) == list(ks)
+    for k in ks:
+        top1, top5 = reference_knn(train_x, train_y, test_x, test_y, k, temperature, 10)
+        assert result[k]["top1"] == pytest.approx(top1, abs=1e-9), k
+        assert result[k]["top5"] == pytest.approx(top5, abs=1e-9), k
+    # The data is neither trivial nor hopeless, so the comparison means something.
+    assert 30 < result[20]["top1"] < 95
+
+
+def test_knn_chunked_equals_unchunked() -> None:
+    train_x, train_y = clustered_features(500, 12, 8, spread=1.2, seed=2)
+    test_x, test_y = clustered_features(203, 12, 8, spread=1.2, seed=3)
+    kwargs = {"ks": (5, 20, 200), "temperature": 0.07, "num_classes": 15}
+    whole = knn_accuracy(train_x, train_y, test_x, test_y, chunk_size=10_000, **kwargs)
+    for chunk in (1, 7, 64, None):
+        assert knn_accuracy(train_x, train_y, test_x, test_y, chunk_size=chunk, **kwargs) == whole
+
+
+def test_knn_clips_large_k_and_validates_input() -> None:
+    train_x, train_y = clustered_features(40, 4, 8, spread=1.0, seed=4)
+    test_x, test_y = clustered_features(30, 4, 8, spread=1.0, seed=5)
+    with pytest.warns(UserWarning, match="k=100 is larger than the 40 train features"):
+        clipped = knn_accuracy(train_x, train_y, test_x, test_y, ks=(100,))
+    assert clipped[100] == knn_accuracy(train_x, train_y, test_x, test_y, ks=(40,))[40]
+    # Identical train and test sets with k=1: every test point finds itself.
+    assert knn_accuracy(train_x, train_y, train_x, train_y, ks=(1,))[1] == {"top1": 100.0, "top5": 100.0}
+
+    with pytest.raises(ValueError, match="dimension"):
+        knn_accuracy(train_x, train_y, test_x[:, :4], test_y)
+    with pytest.raises(ValueError, match="negative"):
+        knn_accuracy(train_x, train_y - 1, test_x, test_y)
+    with pytest.raises(ValueError, match="one label per feature"):
+        knn_accuracy(train_x, train_y[:-1], test_x, test_y)
+    with pytest.raises(ValueError, match="temperature"):
+        knn_accuracy(train_x, train_y, test_x, test_y, temperature=0.0)
+    with pytest.raises(ValueError, match="num_classes"):
+        knn_accuracy(train_x, train_y, test_x, test_y, num_classes=2)
+    with pytest.raises(ValueError, match="integer"):
+        knn_accuracy(train_x, train_y.float(), test_x, test_y)
+
+
+# ---- real Fashion-MNIST ------------------------------------------------------------------------------
+
+MEAN, STD = 0.286, 0.353
+
+
+@pytest.fixture(scope="module")
+def fmnist() -> dict[str, torch.Tensor]:
+    """2000 train / 500 test images (class-balanced), normalised, [N, 1, 28, 28]."""
+    if not HAVE_REAL:
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    data = {}
+    for split, count, seed in (("train", 2000, 0), ("test", 500, 1)):
+        images, labels = read_fashion_mnist_split(DEBIAN_FASHION_MNIST_DIR, split)
+        keep = balanced_subset_indices(labels, count, seed)
+        data[f"{split}_x"] = ((torch.from_numpy(images[keep]).float() / 255 - MEAN) / STD).unsqueeze(1)
+        data[f"{split}_y"] = torch.from_numpy(labels[keep])
+    return data
+
+
+def loaders(data: dict[str, torch.Tensor], batch_size: int = 250) -> tuple[DataLoader, DataLoader]:
+    return (
+        DataLoader(TensorDataset(data["train_x"], data["train_y"]), batch_size=batch_size),
+        DataLoader(TensorDataset(data["test_x"], data["test_y"]), batch_size=batch_size),
+    )
+
+
+def model_knn_top1(model: nn.Module, data: dict[str, torch.Tensor]) -> float:
+    train_loader, test_loader = loaders(data)
+    train = extract_features(model, train_loader, progress=False)
+    test = extract_features(model, test_loader, progress=False)
+    return knn_accuracy(*train, *test, ks=(20,))[20]["top1"]
+
+
+@pytest.fixture(scope="module")
+def trained_vit(fmnist: dict[str, torch.Tensor]) -> tuple[ViTModel, ViTModel]:
+    """A random tiny ViT and a copy trained briefly (supervised, linear head on CLS)."""
+    torch.manual_seed(0)
+    random_model = tiny_vit(layers=4)
+    model = tiny_vit(layers=4)
+    model.load_state_dict(random_model.state_dict())
+    head = nn.Linear(model.config.hidden_size, 10)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(150):
+        index = torch.randint(0, fmnist["train_x"].shape[0], (128,), generator=gen)
+        cls = model(pixel_values=fmnist["train_x"][index]).last_hidden_state[:, 0]
+        loss = F.cross_entropy(head(cls), fmnist["train_y"][index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return random_model.eval(), model.eval()
+
+
+def test_knn_on_raw_pixels_is_sane(fmnist: dict[str, torch.Tensor]) -> None:
+    result = knn_accuracy(
+        fmnist["train_x"].flatten(1), fmnist["train_y"], fmnist["test_x"].flatten(1), fmnist["test_y"]
+    )
+    assert 72.0 < result[20]["top1"] < 90.0  # published full-set pixel k-NN is ~85%; 2k train costs a few points
+    assert result[20]["top5"] > 95.0
+    assert all(result[k]["top5"] >= result[k]["top1"] for k in result)
+
+
+def test_trained_model_beats_random_model(
+    fmnist: dict[str, torch.Tensor], trained_vit: tuple[ViTModel, ViTModel]
+) -> None:
+    random_model, trained = trained_vit
+    random_top1, trained_top1 = model_knn_top1(random_model, fmnist), model_knn_top1(trained, fmnist)
+    assert 20.0 < random_top1 < trained_top1 - 5.0
+    assert trained_top1 > 72.0
+
+
+# ---- feature extraction ------------------------------------------------------------------------------
+
+
+def test_feature_kinds_dims_and_manual_values() -> None:
+    model = tiny_vit(layers=5, hidden=32)
+    pixels = torch.randn(6, 1, 28, 28)
+    labels = torch.arange(6)
+    loader = DataLoader(TensorDataset(pixels, labels), batch_size=4)
+
+    captured = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o)) for layer in model.layers]
+    with torch.no_grad():
+        final = model(pixel_values=pixels).last_hidden_state
+        manual_last4 = torch.cat([model.layernorm(out[:, 0]) for out in captured[-4:]], dim=-1)
+    for hook in hooks:
+        hook.remove()
+    manual_avg = torch.cat([final[:, 0], final[:, 1:].mean(dim=1)], dim=-1)
+
+    expected = {"cls": final[:, 0], "last4_cls": manual_last4, "cls+avgpool": manual_avg}
+    dims = {"cls": 32, "last4_cls": 128, "cls+avgpool": 64}
+    for kind, manual in expected.items():
+        features, got_labels = extract_features(model, loader, kind=kind, progress=False)
+        assert features.shape == (6, dims[kind]) and features.dtype == torch.float32
+        torch.testing.assert_close(features, manual, atol=1e-5, rtol=1e-5)
+        assert got_labels.tolist() == list(range(6)) and got_labels.dtype == torch.long
+    # Batching does not change the values (dataset order kept across batches).
+    one_batch = extract_features(model, DataLoader(TensorDataset(pixels, labels), batch_size=6), progress=False)
+    torch.testing.assert_close(one_batch[0], extract_features(model, loader, progress=False)[0])
+
+
+def test_avgpool_excludes_all_prefix_tokens() -> None:
+    """DeiT has CLS + distillation token before the patches: neither may enter the patch average."""
+    config = DeiTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=7,
+        num_channels=1,
+    )
+    model = DeiTModel(config, add_pooling_layer=False).eval()
+    pixels = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        tokens = model(pixel_values=pixels).last_hidden_state
+        features = compute_features(model, pixels, "cls+avgpool")
+    assert tokens.shape[1] == 2 + 16
+    torch.testing.assert_close(features, torch.cat([tokens[:, 0], tokens[:, 2:].mean(1)], -1))
+
+
+def test_extract_features_batch_formats_and_errors() -> None:
+    model = tiny_vit(layers=2)
+    pixels = torch.randn(5, 1, 28, 28)
+
+    class DictDataset(Dataset):
+        def __len__(self) -> int:
+            return 5
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"pixel_values": pixels[i], "labels": torch.tensor(i % 2)}
+
+    from_dicts, labels = extract_features(model, DataLoader(DictDataset(), batch_size=2), progress=False)
+    from_tensors, no_labels = extract_features(model, DataLoader(pixels, batch_size=3), progress=False)
+    torch.testing.assert_close(from_dicts, from_tensors)
+    assert labels.tolist() == [0, 1, 0, 1, 0]
+    assert no_labels.tolist() == [-1] * 5  # unlabelled batches are marked, and k-NN refuses them
+
+    with pytest.raises(ValueError, match="at least 4 transformer blocks"):
+        extract_features(model, DataLoader(pixels, batch_size=3), kind="last4_cls", progress=False)
+    with pytest.raises(ValueError, match="Unknown feature kind"):
+        extract_features(model, DataLoader(pixels, batch_size=3), kind="pooler", progress=False)
+    with pytest.raises(ValueError, match="no images"):
+        extract_features(model, [], progress=False)
+    # Batches from the collator carry a count of undecodable images; all-failed batches have 0 rows.
+    batches = [
+        {"pixel_values": pixels[:2], "labels": torch.tensor([1, 2]), "skipped_images": torch.tensor(1)},
+        {"pixel_values": pixels[:0], "labels": torch.zeros(0, dtype=torch.long), "skipped_images": torch.tensor(2)},
+    ]
+    with pytest.warns(UserWarning, match="3 image"):
+        features, labels = extract_features(model, batches, progress=False)
+    assert features.shape[0] == 2 and labels.tolist() == [1, 2]
+
+
+def test_feature_cache_is_reused_without_running_the_model(tmp_path: Path) -> None:
+    model = tiny_vit(layers=4)
+    loader = DataLoader(TensorDataset(torch.randn(7, 1, 28, 28), torch.arange(7)), batch_size=3)
+    cache = tmp_path / "cache" / "train.safetensors"
+    first = extract_features(model, loader, kind="last4_cls", cache_path=cache, progress=False)
+    assert cache.is_file()
+
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *args: calls.append(1))
+    second = extract_features(model, loader, kind="last4_cls", cache_path=cache, progress=False)
+    assert calls == []  # loaded, not recomputed
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    hook.remove()
+
+    with pytest.raises(ValueError, match="'last4_cls' features, not 'cls'"):
+        extract_features(model, loader, kind="cls", cache_path=cache, progress=False)
+    with torch.no_grad():
+        model.layernorm.weight.add_(1.0)
+    with pytest.raises(ValueError, match="different model weights"):
+        extract_features(model, loader, kind="last4_cls", cache_path=cache, progress=False)
+    with torch.no_grad():
+        model.layernorm.weight.sub_(1.0)
+    smaller = DataLoader(TensorDataset(torch.randn(5, 1, 28, 28), torch.arange(5)), batch_size=3)
+    with pytest.raises(ValueError, match="dataset of 7 items"):
+        extract_features(model, smaller, kind="last4_cls", cache_path=cache, progress=False)
+
+
+def test_extract_with_single_process_accelerator() -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_vit(layers=2)
+    loader = DataLoader(TensorDataset(torch.randn(11, 1, 28, 28), torch.arange(11)), batch_size=4)
+    plain = extract_features(model, loader, progress=False)
+    gathered = extract_features(model, accelerator.prepare(loader), accelerator=accelerator, progress=False)
+    torch.testing.assert_close(gathered[0], plain[0])
+    assert gathered[1].tolist() == list(range(11))
+
+
+def _gather_worker(out_dir: str) -> None:
+    """Runs in each of 2 CPU processes: extract features of 11 items (last batch uneven) and save them."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    model = tiny_vit(layers=2)
+    loader = DataLoader(TensorDataset(torch.randn(11, 1, 28, 28), torch.arange(11)), batch_size=2)
+    features, labels = extract_features(model, accelerator.prepare(loader), accelerator=accelerator, progress=False)
+    reference, _ = extract_features(model, loader, progress=False)
+    torch.save(
+        {"features": features, "labels": labels, "reference": reference},
+        os.path.join(out_dir, f"rank{accelerator.process_index}.pt"),
+    )
+
+
+@pytest.mark.slow
+def test_extract_gathers_across_processes_in_dataset_order(tmp_path: Path) -> None:
+    from accelerate.utils import PrepareForLaunch, patch_environment
+    from torch.multiprocessing import start_processes
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with patch_environment(
+        world_size=2,
+        master_addr="127.0.0.1",
+        master_port=str(port),
+        accelerate_mixed_precision="no",
+        accelerate_debug_rdv_file=str(tmp_path / "rdv"),
+        accelerate_use_cpu="yes",
+        gloo_socket_ifname="lo",
+    ):
+        start_processes(
+            PrepareForLaunch(_gather_worker, debug=True), args=(str(tmp_path),), nprocs=2, start_method="fork"
+        )
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["labels"].tolist() == list(range(11))  # every rank: all items, in order, no duplicates
+        torch.testing.assert_close(result["features"], result["reference"])
+
+
+# ---- balanced label subsets --------------------------------------------------------------------------
+
+
+def test_balanced_label_subset() -> None:
+    labels = torch.tensor([0] * 200 + [1] * 100 + [2] * 30 + [3] * 1)[torch.randperm(331)]
+    keep = balanced_label_subset(labels, 0.1, seed=3)
+    counts = torch.bincount(labels[keep], minlength=4).tolist()
+    assert counts == [20, 10, 3, 1]  # per class round(10%), at least one
+    assert keep.unique().numel() == keep.numel() and torch.all(keep[1:] > keep[:-1])
+    assert torch.equal(keep, balanced_label_subset(labels, 0.1, seed=3))
+    assert not torch.equal(keep, balanced_label_subset(labels, 0.1, seed=4))
+    assert torch.bincount(labels[balanced_label_subset(labels, 0.01, seed=0)], minlength=4).tolist() == [2, 1, 1, 1]
+    assert torch.equal(balanced_label_subset(labels, 1.0, seed=0), torch.arange(331))
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="fraction"):
+            balanced_label_subset(labels, bad)
+
+
+# ---- linear probe ------------------------------------------------------------------------------------
+
+
+def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features whose class is the arg-max of the first 10 coordinates: linearly separable by construction."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    features = 0.3 * torch.randn(n, 24, generator=gen)
+    features[torch.arange(n), labels] += 3.0
+    return features, labels
+
+
+def test_linear_probe_separable_reaches_100_percent() -> None:
+    train_x, train_y = separable(1000, 0)
+    test_x, test_y = separable(400, 1)
+    config = LinearProbeConfig(epochs=15, batch_size=64, lr_sweep=(1e-3, 10.0, 100.0), progress=False)
+    assert config.learning_rates() == pytest.approx([2.5e-4, 2.5, 25.0])  # lr x batch / 256
+    report = train_linear_probe(train_x, train_y, test_x, test_y, config)
+    assert report["top1"] >= 99.5 and report["top5"] == 100.0
+    assert report["lr"] in (2.5, 25.0)
+    assert report["per_lr"]["0.00025"]["top1"] < report["top1"]  # the sweep matters: tiny lr lags behind
+    assert report["num_train"] == 1000 and report["feature_dim"] == 24 and report["num_classes"] == 10
+
+
+def reference_probe(train_x, train_y, test_x, test_y, lr, epochs, batch, seed, classes):
+    """DINO's probe from its description: N(0, 0.01) init, SGD momentum 0.9, cosine per epoch, reshuffle each epoch."""
+    init = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(classes, train_x.shape[1], generator=init) * 0.01).requires_grad_()
+    bias = torch.zeros(classes, requires_grad=True)
+    velocity = [torch.zeros_like(weight), torch.zeros_like(bias)]
+    order_gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        epoch_lr = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        order = torch.randperm(train_x.shape[0], generator=order_gen)
+        for start in range(0, train_x.shape[0], batch):
+            index = order[start : start + batch]
+            loss = F.cross_entropy(train_x[index] @ weight.T + bias, train_y[index])
+            grads = torch.autograd.grad(loss, [weight, bias])
+            with torch.no_grad():
+                for param, grad, vel in zip((weight, bias), grads, velocity, strict=True):
+                    vel.mul_(0.9).add_(grad)
+                    param.sub_(epoch_lr * vel)
+    with torch.no_grad():
+        predictions = (test_x @ weight.T + bias).argmax(1)
+    return 100.0 * float((predictions == test_y).float().mean())
+
+
+def test_linear_probe_matches_reference_and_sweep_heads_are_independent() -> None:
+    train_x, train_y = clustered_features(600, 6, 12, spread=2.0, seed=7)
+    test_x, test_y = clustered_features(300, 6, 12, spread=2.0, seed=8)
+    single = LinearProbeConfig(epochs=8, batch_size=32, base_lr=0.5, seed=5, progress=False)
+    report = train_linear_probe(train_x, train_y, test_x, test_y, single)
+    expected = reference_probe(train_x, train_y, test_x, test_y, 0.5 * 32 / 256, 8, 32, 5, 6)
+    assert 40 < expected < 98  # not saturated, so the comparison is informative
+    assert report["top1"] == pytest.approx(expected, abs=100 / 300 + 1e-9)  # at most one borderline sample
+
+    # In a sweep, the first head sees the same init and batches as a single run: identical result.
+    sweep = LinearProbeConfig(epochs=8, batch_size=32, lr_sweep=(0.5, 0.01), seed=5, progress=False)
+    swept = train_linear_probe(train_x, train_y, test_x, test_y, sweep)
+    assert swept["per_lr"][f"{0.5 * 32 / 256:g}"] == {"top1": report["top1"], "top5": report["top5"]}
+
+
+def test_linear_probe_semi_supervised_and_config_checks() -> None:
+    train_x, train_y = separable(1000, 2)
+    test_x, test_y = separable(200, 3)
+    config = LinearProbeConfig(epochs=10, batch_size=16, lr=1.0, label_fraction=0.05, progress=False)
+    report = train_linear_probe(train_x, train_y, test_x, test_y, config)
+    assert report["num_train"] == len(balanced_label_subset(train_y, 0.05, 0))
+    assert 45 <= report["num_train"] <= 55
+    assert report["top1"] > 95.0 and report["label_fraction"] == 0.05
+    with pytest.raises(ValueError, match="lr_sweep"):
+        LinearProbeConfig(lr=0.1, lr_sweep=(0.1,))
+    with pytest.raises(ValueError, match="label_fraction"):
+        LinearProbeConfig(label_fraction=2.0)
+    with pytest.raises(ValueError, match="epochs"):
+        LinearProbeConfig(epochs=0)
+
+
+class FlipDataset(Dataset):
+    """Images with a random horizontal flip: the augmentation the faithful path must apply every epoch."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        image = self.images[i]
+        return (image.flip(-1) if torch.rand(()) < 0.5 else image), self.labels[i]
+
+
+def test_linear_probe_on_images(fmnist: dict[str, torch.Tensor], trained_vit: tuple[ViTModel, ViTModel]) -> None:
+    _, model = trained_vit
+    model.train()  # the probe must evaluate the backbone in eval mode and hand it back as it was
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dataset = FlipDataset(fmnist["train_x"][:800], fmnist["train_y"][:800])
+    train_loader = DataLoader(dataset, batch_size=100, shuffle=True)
+    test_loader = DataLoader(TensorDataset(fmnist["test_x"], fmnist["test_y"]), batch_size=250)
+    config = LinearProbeConfig(epochs=3, batch_size=100, lr_sweep=(1.0, 10.0), progress=False)
+    report = train_linear_probe_on_images(model, train_loader, test_loader, "last4_cls", config)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # frozen
+    assert dataset.calls == 3 * 800  # images (and their augmentation) are drawn anew every epoch
+    assert report["feature_dim"] == 4 * 32 and report["num_train"] == 800
+    assert report["top1"] > 65.0
+
+    semi = LinearProbeConfig(epochs=2, batch_size=20, lr=1.0, label_fraction=0.1, progress=False)
+    with pytest.raises(ValueError, match="train_labels"):
+        train_linear_probe_on_images(model, train_loader, test_loader, "cls", semi)
+    semi_report = train_linear_probe_on_images(
+        model, train_loader, test_loader, "cls", semi, train_labels=fmnist["train_y"][:800]
+    )
+    assert semi_report["num_train"] == 80 and semi_report["top1"] > 40.0
+    model.eval()
+
+
+# ---- Trainer callback --------------------------------------------------------------------------------
+
+
+class DictTensorDataset(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.images[i], "labels": self.labels[i]}
+
+
+@pytest.mark.parametrize("attach", [True, False])
+def test_knn_callback_logs_during_training(fmnist: dict[str, torch.Tensor], tmp_path: Path, attach: bool) -> None:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=7,
+        num_channels=1,
+        num_labels=10,
+    )
+    model = ViTForImageClassification(config)
+    knn_train = DataLoader(TensorDataset(fmnist["train_x"][:400], fmnist["train_y"][:400]), batch_size=200)
+    knn_test = DataLoader(TensorDataset(fmnist["test_x"][:200], fmnist["test_y"][:200]), batch_size=200)
+    callback = KNNEvaluationCallback(knn_train, knn_test, every_n_steps=4, feature_model=lambda m: m.vit)
+
+    modes = []
+
+    class ModeSpy(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            modes.append(model.training)
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=32,
+        logging_steps=4,
+        learning_rate=3e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=DictTensorDataset(fmnist["train_x"], fmnist["train_y"]),
+        callbacks=[ModeSpy()] + ([] if attach else [callback]),
+    )
+    if attach:
+        callback.attach(trainer)
+    trainer.train()
+
+    knn_logs = [entry for entry in trainer.state.log_history if "eval_knn_top1" in entry]
+    assert [entry["step"] for entry in knn_logs] == [4, 8]  # every 4 steps; the end of training is step 8 again
+    assert [entry["eval_knn_top1"] for entry in knn_logs] == [h["eval_knn_top1"] for h in callback.history]
+    loss_steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
+    assert loss_steps == [4, 8]  # the regular logging is not disturbed
+    assert all(modes) and len(modes) == 8  # training resumed in train mode after each evaluation
+
+    # The last value is the k-NN top-1 of the final model, computed independently.
+    model.eval()
+    expected = knn_accuracy(
+        *extract_features(model.vit, knn_train, progress=False),
+        *extract_features(model.vit, knn_test, progress=False),
+        ks=(20,),
+    )[20]["top1"]
+    assert knn_logs[-1]["eval_knn_top1"] == pytest.approx(expected)
+    assert 10.0 < expected <= 100.0
+
+
+def test_default_feature_model_unwraps_wrappers() -> None:
+    student = tiny_vit(layers=1)
+
+    class Distiller(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.student, self.teacher = student, tiny_vit(layers=1)
+
+    class DataParallelLike(nn.Module):
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    assert default_feature_model(DataParallelLike(Distiller())) is student
+    assert default_feature_model(DataParallelLike(student)) is student
+    assert default_feature_model(student) is student
+    with pytest.raises(ValueError, match="every_n_steps"):
+        KNNEvaluationCallback([], [], every_n_steps=0)
+
+
+# ---- complete evaluations and recipes ----------------------------------------------------------------
+
+
+def test_run_knn_eval_writes_json_and_table(
+    fmnist: dict[str, torch.Tensor], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tiny_vit(layers=4).train()
+    train_loader, test_loader = loaders({k: v[:500] for k, v in fmnist.items()})
+    out = tmp_path / "knn.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k=200 on 500 train features is fine; no clipping here anyway
+        results = run_knn_eval(
+            model, train_loader, test_loader, ks=(10, 20), cache_dir=tmp_path / "cache", output_json=out, progress=False
+        )
+    assert model.training  # restored
+    assert json.loads(out.read_text()) == results
+    assert sorted((tmp_path / "cache").iterdir()) == [
+        tmp_path / "cache" / "test-cls.safetensors",
+        tmp_path / "cache" / "train-cls.safetensors",
+    ]
+    model.eval()
+    direct = knn_accuracy(
+        *extract_features(model, train_loader, progress=False),
+        *extract_features(model, test_loader, progress=False),
+        ks=(10, 20),
+    )
+    assert results["knn"] == {str(k): v for k, v in direct.items()}
+    assert results["num_train"] == 500 and results["feature_dim"] == 32
+    table = capsys.readouterr().out
+    assert "top-1 (%)" in table and f"{direct[20]['top1']:.2f}" in table
+
+
+def test_run_linear_eval_fast_path(fmnist: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    model = tiny_vit(layers=4)
+    train_loader, test_loader = loaders({k: v[:500] for k, v in fmnist.items()})
+    config = LinearProbeConfig(epochs=5, batch_size=50, lr=1.0, progress=False)
+    results = run_linear_eval(
+        model,
+        train_loader,
+        test_loader,
+        kind="last4_cls",
+        config=config,
+        augment=False,
+        cache_dir=tmp_path,
+        output_json=tmp_path / "linear.json",
+        print_table=False,
+    )
+    train = extract_features(model, train_loader, kind="last4_cls", progress=False)
+    test = extract_features(model, test_loader, kind="last4_cls", progress=False)
+    direct = train_linear_probe(*train, *test, config)
+    assert results["top1"] == direct["top1"] and results["protocol"] == "linear"
+    assert json.loads((tmp_path / "linear.json").read_text())["top1"] == direct["top1"]
+    assert results["top1"] > 50.0  # even random ViT features are far better than chance (10%)
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,164 @@
+"""AttnDistillTrainer: exact gradient accumulation, resume, export, NaN handling, weight decay groups."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoImageProcessor, AutoModel
+
+from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer, NonFiniteLossError, check_pair
+
+from helpers import PixelDataset, tiny_student, tiny_teacher
+
+
+def config(tmp_path: Path, **overrides) -> AttnDistillConfig:
+    values = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 8,
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+    values.update(overrides)
+    return AttnDistillConfig(**values)
+
+
+def student_after(tmp_path: Path, **overrides) -> dict[str, torch.Tensor]:
+    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path, **overrides), train_dataset=PixelDataset())
+    trainer.train()
+    return {k: v.detach().clone() for k, v in trainer.student.state_dict().items()}
+
+
+def test_learning_rate_follows_the_base_rate_rule(tmp_path: Path) -> None:
+    args = AttnDistillConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=64, gradient_accumulation_steps=2, use_cpu=True
+    )
+    assert args.learning_rate == pytest.approx(1.5e-4 * 128 / 256)
+    assert (args.adam_beta2, args.weight_decay, args.lr_scheduler_type) == (0.95, 0.05, "cosine")
+    assert args.accelerator_config.dispatch_batches is False
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path: Path) -> None:
+    # SGD: the update is proportional to the gradient, so equal updates mean equal gradients (Adam's
+    # first step is ~lr * sign(g) and would hide a wrong scale).
+    large = student_after(tmp_path / "a", per_device_train_batch_size=8, gradient_accumulation_steps=1, optim="sgd")
+    accumulated = student_after(
+        tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=4, optim="sgd"
+    )
+    initial = tiny_student().state_dict()
+    moved = max((large[k] - initial[k]).abs().max().item() for k in large)
+    assert moved > 1e-4  # training changed the weights...
+    for name, value in large.items():  # ...and both runs changed them identically
+        torch.testing.assert_close(accumulated[name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    straight = student_after(tmp_path / "straight", max_steps=4)
+    first = AttnDistillTrainer(
+        tiny_student(),
+        tiny_teacher(),
+        config(tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2),
+        train_dataset=PixelDataset(),
+    )
+    first.args.max_steps = 2  # "interrupted" after two steps, with the schedule of a 4-step run
+    first.train()
+    checkpoint = tmp_path / "resumed" / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
+    second = AttnDistillTrainer(
+        tiny_student(seed=99),  # different init: everything must come from the checkpoint
+        tiny_teacher(),
+        config(tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2),
+        train_dataset=PixelDataset(),
+    )
+    second.train(resume_from_checkpoint=str(checkpoint))
+    resumed = second.student.state_dict()
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_logged_terms_and_export(tmp_path: Path) -> None:
+    from transformers import ViTImageProcessor
+
+    trainer = AttnDistillTrainer(
+        tiny_student(),
+        tiny_teacher(),
+        config(tmp_path, max_steps=3),
+        train_dataset=PixelDataset(),
+        image_processor=ViTImageProcessor(size={"height": 32, "width": 32}),
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    for entry in logs:
+        assert entry["loss_proj"] > 0 and entry["loss_attn"] > 0
+        assert entry["loss"] == pytest.approx(entry["loss_proj"] + 0.1 * entry["loss_attn"], rel=1e-3)
+    out = tmp_path / "student"
+    trainer.save_model(str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    reloaded = AutoModel.from_pretrained(out)
+    assert type(reloaded).__name__ == "ViTModel"
+    assert AutoImageProcessor.from_pretrained(out).size == {"height": 32, "width": 32}
+    pixels = torch.randn(2, 3, 32, 32)
+    trainer.student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(pixel_values=pixels).last_hidden_state, trainer.student(pixel_values=pixels).last_hidden_state
+        )
+    assert not any("projector" in k for k in reloaded.state_dict())
+
+
+def test_weight_decay_exempts_biases_and_1d_parameters(tmp_path: Path) -> None:
+    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path), train_dataset=PixelDataset())
+    decayed = set(trainer.get_decay_parameter_names(trainer.model))
+    params = dict(trainer.model.named_parameters())
+    assert "loss_fn.projector.layers.1.weight" in decayed  # the projector trains (and decays) too
+    assert all(params[name].ndim > 1 for name in decayed)
+    assert {n for n, p in params.items() if p.ndim > 1} == decayed
+    optimizer = trainer.create_optimizer()
+    decays = {g["weight_decay"] for g in optimizer.param_groups if g["params"]}
+    assert decays == {0.05, 0.0}
+
+
+def test_teacher_is_frozen_and_not_wrapped(tmp_path: Path) -> None:
+    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path), train_dataset=PixelDataset())
+    assert not trainer.teacher.training
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    assert not any(p is q for p in trainer.teacher.parameters() for q in trainer.model.parameters())
+
+
+def test_nonfinite_batch_is_skipped_with_zero_gradients(tmp_path: Path) -> None:
+    trainer = AttnDistillTrainer(
+        tiny_student(), tiny_teacher(), config(tmp_path, max_consecutive_nonfinite_steps=2), train_dataset=PixelDataset()
+    )
+    trainer.create_optimizer()
+    bad = {"pixel_values": torch.full((2, 3, 32, 32), float("nan"))}
+    trainer._validated = True  # input validation happens on the first step; here the NaN must be survived
+    loss = trainer.training_step(trainer.model, bad)
+    assert loss.item() == 0.0 and trainer.nonfinite_steps == 1
+    grads = [p.grad for p in trainer.model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+    with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
+        trainer.training_step(trainer.model, bad)
+
+
+def test_first_step_validates_inputs(tmp_path: Path) -> None:
+    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path), train_dataset=PixelDataset())
+    with pytest.raises(ValueError, match="NaN or inf"):
+        trainer.compute_loss(trainer.model, {"pixel_values": torch.full((2, 3, 32, 32), float("nan"))})
+
+
+def test_pair_checks_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="configured for 32 px but the data transform crops 48 px"):
+        check_pair(tiny_teacher(), tiny_student(), 48)
+    with pytest.raises(ValueError, match="teacher cannot take 30 px crops"):
+        check_pair(tiny_teacher(), tiny_student(), 30)
+    with pytest.raises(TypeError, match="Unsupported teacher: Linear has no CLS token"):
+        check_pair(torch.nn.Linear(2, 2), tiny_student(), 32)
