@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor, AutoModel, TrainerCallback
 
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer, NonFiniteLossError, check_pair
 
@@ -60,6 +60,16 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path: Path) -> None:
         torch.testing.assert_close(accumulated[name], value, atol=1e-6, rtol=1e-5)
 
 
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
 def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     straight = student_after(tmp_path / "straight", max_steps=4)
     first = AttnDistillTrainer(
@@ -67,8 +77,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         tiny_teacher(),
         config(tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2),
         train_dataset=PixelDataset(),
+        callbacks=[StopAt(2)],  # "interrupted" after two steps, with the schedule of a 4-step run
     )
-    first.args.max_steps = 2  # "interrupted" after two steps, with the schedule of a 4-step run
     first.train()
     checkpoint = tmp_path / "resumed" / "checkpoint-2"
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
@@ -141,6 +151,7 @@ def test_nonfinite_batch_is_skipped_with_zero_gradients(tmp_path: Path) -> None:
     trainer.create_optimizer()
     bad = {"pixel_values": torch.full((2, 3, 32, 32), float("nan"))}
     trainer._validated = True  # input validation happens on the first step; here the NaN must be survived
+    trainer.current_gradient_accumulation_steps = 1
     loss = trainer.training_step(trainer.model, bad)
     assert loss.item() == 0.0 and trainer.nonfinite_steps == 1
     grads = [p.grad for p in trainer.model.parameters() if p.requires_grad]
