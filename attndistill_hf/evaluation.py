@@ -17,6 +17,7 @@ independent of how data is loaded; the recipes in ``recipes/`` wire it to the da
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -144,12 +145,16 @@ def compute_features(model: nn.Module, pixel_values: torch.Tensor, kind: Feature
 
 
 def _model_fingerprint(model: nn.Module) -> str:
-    """A cheap identity of the weights, so a cache written for another checkpoint is not reused by mistake."""
-    params = list(model.parameters())
-    num = sum(p.numel() for p in params)
-    probe = [float(p.detach().float().sum()) for p in (params[0], params[-1])] if params else []
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    return json.dumps({"class": type(model).__name__, "name": name, "params": num, "sums": probe})
+    """A digest of every weight and buffer, so a cache written for other weights is never reused by mistake.
+
+    Hashing is one pass over the weights, negligible next to a pass of the model over a dataset.
+    """
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _dataset_length(dataloader: Iterable[Any]) -> int | None:
@@ -212,7 +217,7 @@ def extract_features(
     """
     _check_kind(kind)
     cache = Path(cache_path) if cache_path is not None else None
-    fingerprint = _model_fingerprint(model)
+    fingerprint = _model_fingerprint(model) if cache is not None else ""
     expected = _dataset_length(dataloader)
     if cache is not None and cache.is_file():
         logger.info("Loading cached %s features from %s", kind, cache)

@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTModel
 
 from .attention import find_last_attention, last_cls_attention, unwrap_model
+from .data import EqualStepsIterable, prepare_per_rank_dataloader
 from .losses import AttnDistillLoss
 from .models import cls_features, forward_kwargs, load_teacher, patch_grid
 
@@ -157,6 +159,23 @@ def check_pair(teacher: PreTrainedModel, student: PreTrainedModel, image_size: i
         )
 
 
+def exportable_student(student: PreTrainedModel) -> PreTrainedModel:
+    """The student as ``AutoModel`` builds it, so that loading warns about nothing missing.
+
+    Students train without ViT's pooler (unused parameters break DDP), but ``AutoModel`` builds a
+    ViTModel with one. The exported copy carries a freshly initialised pooler; AttnDistill features
+    are the CLS token of ``last_hidden_state``, which the pooler does not touch.
+    """
+    if not isinstance(student, ViTModel) or student.pooler is not None:
+        return student
+    torch.manual_seed(0)
+    full = ViTModel(student.config).to(next(student.parameters()).device)
+    missing, unexpected = full.load_state_dict(student.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("pooler.") for key in missing):
+        raise RuntimeError(f"Cannot export the student: missing {missing}, unexpected {unexpected}.")
+    return full
+
+
 class AttnDistillTrainer(Trainer):
     """Trainer that distills ``teacher`` into ``student`` with the AttnDistill loss.
 
@@ -278,6 +297,29 @@ class AttnDistillTrainer(Trainer):
             logs["nonfinite_steps"] = self.nonfinite_steps
         super().log(logs, start_time)
 
+    # ---- data -------------------------------------------------------------------------------------
+
+    def get_train_dataloader(self) -> DataLoader:
+        """A stream already split per rank (``EqualStepsIterable``) must not be sharded a second time.
+
+        ``accelerator.prepare`` would cut each rank's part again; such a loader is prepared as a
+        single-process one (device placement only). Everything else takes the Trainer's path.
+        """
+        dataset = self.train_dataset
+        if not isinstance(dataset, EqualStepsIterable):
+            return super().get_train_dataloader()
+        workers = self.args.dataloader_num_workers
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
+            prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None,
+        )
+        return prepare_per_rank_dataloader(self.accelerator, loader)
+
     # ---- optimisation -----------------------------------------------------------------------------
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
@@ -297,9 +339,8 @@ class AttnDistillTrainer(Trainer):
                 "warmup_epochs needs the epoch length: stream with a known size (--num_train_examples) "
                 "or use warmup_steps."
             )
-        # Per-rank datasets (streams wrapped to equal steps) hold this rank's examples only.
-        per_rank = getattr(self.train_dataset, "per_device_batch", None) is not None
-        world = 1 if per_rank else max(1, self.args.world_size)
+        # Per-rank streams (EqualStepsIterable) hold this rank's examples only.
+        world = 1 if isinstance(self.train_dataset, EqualStepsIterable) else max(1, self.args.world_size)
         batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * world
         return max(1, math.ceil(len(self.train_dataset) / batch))
 
@@ -330,7 +371,7 @@ class AttnDistillTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.student.save_pretrained(output_dir, safe_serialization=True)
+        exportable_student(self.student).save_pretrained(output_dir, safe_serialization=True)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         logger.info("Exported the student to %s", output_dir)

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 EvalRecord(f"k-NN top-1 (k={k})", score["top1"], dataset_name, data_args.eval_split or "test")
                 for k, score in result["knn"].items()
             ]
-        if trainer.state.log_history:
+        if any("loss" in entry for entry in trainer.state.log_history):
             figures["Training curves"] = plot_training_curves(
                 trainer.state.log_history, output_dir / "training_curves.png"
             ).name
@@ -275,12 +275,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 training_summary={
                     "steps": trainer.state.global_step,
                     "epochs": round(trainer.state.epoch or 0.0, 3),
-                    "effective batch": args.total_train_batch_size,
-                    "peak learning rate": args.learning_rate,
-                    "skipped images (undecodable)": trainer.skipped_images,
-                    "skipped steps (NaN/inf loss)": trainer.nonfinite_steps,
+                    "effective_batch_size": args.total_train_batch_size,
+                    "peak_learning_rate": args.learning_rate,
+                    "skipped_images": trainer.skipped_images,
+                    "nan_skipped_steps": trainer.nonfinite_steps,
                     "hardware": f"{args.world_size} x {args.device.type}",
-                    "wall time (s)": round(time.time() - started, 1),
+                    "wall_time_s": round(time.time() - started, 1),
                 },
                 figures=figures,
                 license=run_args.card_license,

@@ -43,6 +43,15 @@ from attndistill_hf.data import (
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
 
+@pytest.fixture(autouse=True)
+def no_arrow_shutdown_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shuffled parquet streams pause 5 s when they close (a guard for arrow's reader threads); tiny
+    test files need no such pause."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kwargs)
@@ -204,7 +213,8 @@ def test_image_folder_skips_and_counts_corrupt_files(image_folder: Path, tmp_pat
     assert batch["pixel_values"].dtype == torch.float32
     assert batch["skipped_images"].item() == BAD_IMAGES and batch["skipped_images"].dtype == torch.long
     names = [Path(e["image"]["path"]).name for e in examples]
-    good_labels = [e["label"] for e, n in zip(examples, names, strict=True) if n not in ("truncated.jpg", "garbage.png")]
+    bad_names = ("truncated.jpg", "garbage.png")
+    good_labels = [e["label"] for e, n in zip(examples, names, strict=True) if n not in bad_names]
     assert batch["labels"].tolist() == good_labels
 
 
@@ -345,8 +355,10 @@ def test_short_stream_is_cycled_and_long_stream_cut(parquet_shards: Path) -> Non
 def test_workers_share_the_steps_and_epoch_reaches_them(parquet_shards: Path) -> None:
     args = DataArguments(data_files=[str(parquet_shards / "even" / "*.parquet")], streaming=True)
     ds = load_split(args, "train")
-    stream = EqualStepsIterable(shard_stream(ds, rank=1, world_size=2, seed=5, buffer_size=4), steps=3, per_device_batch=3)
-    loader = torch.utils.data.DataLoader(stream, batch_size=3, num_workers=2, collate_fn=ImageCollator(eval_transform(4), label_column="label"))
+    rank_stream = shard_stream(ds, rank=1, world_size=2, seed=5, buffer_size=4)
+    stream = EqualStepsIterable(rank_stream, steps=3, per_device_batch=3)
+    collate = ImageCollator(eval_transform(4), label_column="label")
+    loader = torch.utils.data.DataLoader(stream, batch_size=3, num_workers=2, collate_fn=collate)
     first = [b["labels"].tolist() for b in loader]
     assert [len(b) for b in first] == [3, 3, 3]
     stream.set_epoch(1)
@@ -377,7 +389,8 @@ def test_per_rank_dataloader_is_not_resharded_by_accelerate(parquet_shards: Path
     assert STREAMING_ACCELERATOR_CONFIG == {"dispatch_batches": False}
     args = DataArguments(data_files=[str(parquet_shards / "even" / "*.parquet")], streaming=True)
     stream = EqualStepsIterable(shard_stream(load_split(args, "train"), rank=0, world_size=2, seed=0), 2, 5)
-    loader = torch.utils.data.DataLoader(stream, batch_size=5, collate_fn=ImageCollator(eval_transform(4), label_column="label"))
+    collate = ImageCollator(eval_transform(4), label_column="label")
+    loader = torch.utils.data.DataLoader(stream, batch_size=5, collate_fn=collate)
     # What plain preparation would do with 2 processes: cut this rank's stream again.
     naive = prepare_data_loader(loader, num_processes=2, process_index=0, dispatch_batches=False)
     assert isinstance(naive.dataset, IterableDatasetShard)

@@ -32,7 +32,9 @@ def config(tmp_path: Path, **overrides) -> AttnDistillConfig:
 
 
 def student_after(tmp_path: Path, **overrides) -> dict[str, torch.Tensor]:
-    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path, **overrides), train_dataset=PixelDataset())
+    trainer = AttnDistillTrainer(
+        tiny_student(), tiny_teacher(), config(tmp_path, **overrides), train_dataset=PixelDataset()
+    )
     trainer.train()
     return {k: v.detach().clone() for k, v in trainer.student.state_dict().items()}
 
@@ -146,7 +148,10 @@ def test_teacher_is_frozen_and_not_wrapped(tmp_path: Path) -> None:
 
 def test_nonfinite_batch_is_skipped_with_zero_gradients(tmp_path: Path) -> None:
     trainer = AttnDistillTrainer(
-        tiny_student(), tiny_teacher(), config(tmp_path, max_consecutive_nonfinite_steps=2), train_dataset=PixelDataset()
+        tiny_student(),
+        tiny_teacher(),
+        config(tmp_path, max_consecutive_nonfinite_steps=2),
+        train_dataset=PixelDataset(),
     )
     trainer.create_optimizer()
     bad = {"pixel_values": torch.full((2, 3, 32, 32), float("nan"))}
