@@ -131,7 +131,9 @@ class DataArguments:
         default=10_000, metadata={"help": "Examples held in the shuffle buffer when streaming."}
     )
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N training examples (quick runs, debugging)."}
+        default=None,
+        metadata={"help": "Use only N training examples (quick runs, debugging): the first N, or when streaming "
+                  "with several readers, N in total taken from the start of each reader's shards."},
     )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N evaluation examples."}

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None,
                         help="device of the gpu path (default: cuda when available, else cpu)")
     parser.add_argument("--warmup_epochs", type=int, default=1, help="untimed passes before the timed ones")
-    parser.add_argument("--epochs", type=int, default=2, help="timed passes over the images")
+    parser.add_argument("--epochs", type=int, default=1, help="timed passes over the images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated images")
     parser.add_argument("--json", type=Path, default=None, help="also write the result rows to this JSON file")
     args = parser.parse_args(argv)

@@ -220,6 +220,12 @@ def make_setup(
     module: nn.Module = module_cls(student, loss_fn).to(device)
     teacher_module: nn.Module = teacher.to(device)
     if mode == "default+compile":
+        # One uncompiled call installs the q/k capture hooks on both models, so the compiled graphs
+        # see them from the first step (installing them inside a compiled region is not traceable).
+        probe = torch.zeros(1, 3, image_size, image_size, device=device)
+        with torch.no_grad():
+            last_cls_attention(teacher_module, probe)
+            last_cls_attention(student, probe)
         teacher_module = torch.compile(teacher_module, backend=compile_backend)
         module = torch.compile(module, backend=compile_backend)
     return StepSetup(

@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if run_args.train_augmentation not in {"published", "none"}:
         raise ValueError(f"--train_augmentation must be 'published' or 'none', got {run_args.train_augmentation!r}.")
     make_view = train_transform if run_args.train_augmentation == "published" else eval_transform
-    collator = ImageCollator(make_view(data_args.image_size, mean, std), data_args.image_column)
+    # fill_skipped: an undecodable image is replaced by another view of the batch, so every rank keeps
+    # the same batch size (an empty batch on one DDP rank would stall the others).
+    collator = ImageCollator(make_view(data_args.image_size, mean, std), data_args.image_column, fill_skipped=True)
     processor = ViTImageProcessor(
         do_resize=True,
         size={"height": data_args.image_size, "width": data_args.image_size},

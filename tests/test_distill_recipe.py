@@ -41,8 +41,8 @@ def write_shards(folder: Path, shards: int, per_shard: int) -> str:
 def run(args: list[str], processes: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if processes:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes)]
-        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(DISTILL)]
+        # torchrun with gloo: the same DDP code path as a GPU launch, on CPU processes.
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(DISTILL)]
     else:
         command = [sys.executable, str(DISTILL)]
     result = subprocess.run(command + args, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)

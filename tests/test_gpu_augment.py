@@ -236,3 +236,21 @@ def test_cuda_decode_matches_the_cpu_fallback() -> None:
     assert on_gpu.is_cuda
     # nvJPEG and libjpeg-turbo may differ by a level or two of their IDCT.
     assert (on_gpu.cpu() - on_cpu).abs().max().item() < 4 / 255 / min(IMAGENET_STD)
+
+
+def test_bench_data_smoke(tmp_path: Path) -> None:
+    """The benchmark runs end to end with a tiny setting and writes one JSON row per pipeline."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_data", Path(__file__).parents[1] / "bench" / "bench_data.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.json"
+    rows = bench.main(["--num_images", "8", "--width", "64", "--height", "48", "--image_size", "16",
+                       "--batch_size", "4", "--num_workers", "0", "--warmup_epochs", "0", "--json", str(out)])
+    assert [r["path"] for r in rows] == ["cpu", "gpu"]
+    assert all(r["images"] == 8 and r["img_per_s"] > 0 for r in rows)
+    assert json.loads(out.read_text()) == rows
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--paths", "tpu"])
