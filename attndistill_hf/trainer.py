@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +182,8 @@ class AttnDistillTrainer(Trainer):
 
     ``teacher`` is a model, a Hub id or a local directory. ``image_processor`` is saved next to the
     exported student so that ``AutoImageProcessor.from_pretrained`` works on the output directory.
+    ``batch_transform`` runs on each batch in the training process before the models see it, e.g.
+    :class:`~attndistill_hf.gpu_augment.GpuAugment` decoding and augmenting JPEG bytes on the GPU.
     """
 
     def __init__(
@@ -190,6 +193,7 @@ class AttnDistillTrainer(Trainer):
         args: AttnDistillConfig,
         *,
         image_processor: Any = None,
+        batch_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         teacher_model = load_teacher(teacher)
@@ -218,6 +222,7 @@ class AttnDistillTrainer(Trainer):
         self.teacher.eval()
         if args.torch_compile:
             self.teacher = torch.compile(self.teacher, backend=args.torch_compile_backend or "inductor")
+        self.batch_transform = batch_transform
         self._validated = False
         self._consecutive_nonfinite = 0
         self._term_sums: dict[str, torch.Tensor] = {}
@@ -234,6 +239,8 @@ class AttnDistillTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.batch_transform is not None:
+            inputs = self.batch_transform(inputs)
         skipped = inputs.get("skipped_images")
         if skipped is not None:
             self.skipped_images += int(skipped.sum())

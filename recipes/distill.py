@@ -40,6 +40,7 @@ from attndistill_hf.data import (
 )
 from attndistill_hf.evaluation import KNNEvaluationCallback, run_knn_eval
 from attndistill_hf.figures import plot_attention_maps, plot_training_curves
+from attndistill_hf.gpu_augment import GpuAugment, RawBytesCollator
 from attndistill_hf.hub import EvalRecord, HubPushError, push_output_dir, write_model_card
 from attndistill_hf.models import STUDENT_PRESETS, build_student, load_teacher, patch_grid
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
@@ -205,6 +206,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # fill_skipped: an undecodable image is replaced by another view of the batch, so every rank keeps
     # the same batch size (an empty batch on one DDP rank would stall the others).
     collator = ImageCollator(make_view(data_args.image_size, mean, std), data_args.image_column, fill_skipped=True)
+    batch_transform = None
+    if data_args.gpu_augment:
+        if run_args.train_augmentation != "published":
+            raise ValueError("--gpu_augment applies the published augmentation; drop --train_augmentation none.")
+        # Workers only gather the encoded bytes; decoding and augmentation run batched on the device.
+        collator = RawBytesCollator(data_args.image_column)
+        batch_transform = GpuAugment(data_args.image_size, mean, std, device=args.device)
     processor = ViTImageProcessor(
         do_resize=True,
         size={"height": data_args.image_size, "width": data_args.image_size},
@@ -233,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         image_processor=processor,
         train_dataset=train_dataset,
         data_collator=collator,
+        batch_transform=batch_transform,
         callbacks=callbacks,
     )
     for callback in callbacks:

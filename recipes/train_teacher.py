@@ -254,7 +254,7 @@ def train_classifier(
     model = ViTForImageClassification(config)
     model.train()
     optimizer = torch.optim.AdamW(
-        _param_groups(model, recipe.weight_decay), lr=recipe.learning_rate, betas=(0.9, 0.999)
+        _param_groups(model, recipe.weight_decay), lr=recipe.learning_rate, betas=(0.9, 0.999), fused=True
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, recipe.warmup_steps, recipe.max_steps)

@@ -178,3 +178,22 @@ def test_pair_checks_name_the_problem() -> None:
         check_pair(tiny_teacher(), tiny_student(), 30)
     with pytest.raises(TypeError, match="Unsupported teacher: Linear has no CLS token"):
         check_pair(torch.nn.Linear(2, 2), tiny_student(), 32)
+
+
+def test_batch_transform_runs_in_the_training_process(tmp_path: Path) -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def halve(batch: dict) -> dict:
+        seen.append(tuple(batch["pixel_values"].shape))
+        return {"pixel_values": batch["pixel_values"][:4], "skipped_images": torch.tensor(3)}
+
+    trainer = AttnDistillTrainer(
+        tiny_student(),
+        tiny_teacher(),
+        config(tmp_path, max_steps=2),
+        train_dataset=PixelDataset(),
+        batch_transform=halve,
+    )
+    trainer.train()
+    assert seen == [(8, 3, 32, 32), (8, 3, 32, 32)]
+    assert trainer.skipped_images == 6
