@@ -1,0 +1,48 @@
+"""Property tests: random valid maps of random shapes never break the attention-guidance loss."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attndistill_hf.losses import attention_guidance_loss
+
+
+def maps(batch: int, heads: int, grid: tuple[int, int], sharpness: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, heads, 1 + grid[0] * grid[1], generator=generator) * sharpness
+    return logits.softmax(-1)
+
+
+shapes = st.tuples(st.integers(1, 4), st.sampled_from([1, 2, 3, 4, 6, 12]), st.integers(1, 9), st.integers(1, 9))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    teacher=shapes,
+    student=shapes,
+    sharpness=st.floats(0.0, 30.0),
+    temperature=st.floats(0.5, 20.0),
+    seed=st.integers(0, 2**16),
+)
+def test_loss_is_finite_and_non_negative(teacher, student, sharpness, temperature, seed) -> None:
+    batch = teacher[0]
+    t_map = maps(batch, teacher[1], teacher[2:], sharpness, seed)
+    s_map = maps(batch, student[1], student[2:], sharpness, seed + 1)
+    loss = attention_guidance_loss(
+        t_map, s_map, fusion_temperature=temperature, teacher_grid=teacher[2:], student_grid=student[2:]
+    )
+    assert math.isfinite(loss.item())
+    assert loss.item() >= -1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, sharpness=st.floats(0.0, 30.0), seed=st.integers(0, 2**16))
+def test_loss_is_zero_when_student_equals_teacher(shape, sharpness, seed) -> None:
+    batch, heads, rows, cols = shape
+    attention = maps(batch, heads, (rows, cols), sharpness, seed)
+    loss = attention_guidance_loss(attention, attention.clone(), teacher_grid=(rows, cols), student_grid=(rows, cols))
+    assert abs(loss.item()) < 1e-6
