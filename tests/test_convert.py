@@ -362,3 +362,30 @@ def test_converted_teacher_gives_reference_attention_through_library_capture(tmp
     assert attention.shape == (2, 2, 17)
     assert (attention - expected.last_attention[:, :, 0]).abs().max().item() < TOL
     assert (output.last_hidden_state[:, 0] - expected.tokens[:, 0]).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("format", ["mugs", "mae"])
+def test_converted_teacher_drives_a_short_distillation(tmp_path: Path, format: str) -> None:
+    from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+
+    from helpers import PixelDataset, tiny_student
+
+    checkpoint = tmp_path / "teacher.pth"
+    make_reference_checkpoint(checkpoint, format, wrap="teacher", prefix="module.backbone.", seed=5, **SMALL)
+    convert_checkpoint(checkpoint, format, tmp_path / "teacher", num_heads=2)
+    args = AttnDistillConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    trainer = AttnDistillTrainer(tiny_student(), str(tmp_path / "teacher"), args, train_dataset=PixelDataset())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(entry["loss_attn"] > 0 and entry["loss_proj"] > 0 for entry in logs)
+    assert type(trainer.teacher).__name__ == ("ViTMAEModel" if format == "mae" else "ViTModel")
