@@ -107,13 +107,20 @@ class DistillationModule(nn.Module):
     """What the Trainer optimises: the student and the loss (whose projector trains with it).
 
     The forward pass takes the teacher's CLS token and attention map, computed outside under
-    ``no_grad``, so that DDP wraps only trainable parameters.
+    ``no_grad``, so that DDP wraps only trainable parameters. ``capture`` computes the student's map
+    (the fast hooked path; the benchmark passes the eager reference to time the naive step).
     """
 
-    def __init__(self, student: PreTrainedModel, loss_fn: AttnDistillLoss) -> None:
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        loss_fn: AttnDistillLoss,
+        capture: Callable[[nn.Module, torch.Tensor], tuple[Any, torch.Tensor]] = last_cls_attention,
+    ) -> None:
         super().__init__()
         self.student = student
         self.loss_fn = loss_fn
+        self.capture = capture
 
     def forward(
         self,
@@ -124,7 +131,7 @@ class DistillationModule(nn.Module):
         validate: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.loss_fn.attn_weight:
-            output, student_attn = last_cls_attention(self.student, pixel_values)
+            output, student_attn = self.capture(self.student, pixel_values)
         else:
             output = self.student(pixel_values=pixel_values, **forward_kwargs(self.student, pixel_values))
             student_attn = None

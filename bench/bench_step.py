@@ -594,6 +594,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "bench/results/<YYYY-MM-DD>-<gpu-name>.json when this is not given.",
     )
     parser.add_argument("--no_json", action="store_true", help="Write no JSON file, not even the default on cuda.")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)."
+    )
     args = parser.parse_args(argv)
     args.pair_specs = [PAIRS[key] for key in _split(args.pairs, list(PAIRS), "pair", parser)]
     args.mode_list = _split(args.modes, MODES, "mode", parser)
@@ -645,6 +648,8 @@ def write_json(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark; return the result rows (timing rows, or top-op rows with --profile)."""
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device: torch.device = args.device
     name = device_name(device)
     today = datetime.date.today().isoformat()

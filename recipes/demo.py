@@ -1,0 +1,342 @@
+"""The AttnDistill demo: real data, a real teacher, a distilled student and its baselines, on a CPU.
+
+    make demo                      # = python recipes/demo.py
+    python recipes/demo.py --quick --output_root /tmp/demo   # a small slice (the test suite runs this)
+
+Five stages, each with a progress bar, all offline:
+
+1. **Data**: Fashion-MNIST written as parquet shards (``recipes/prepare_fashion_mnist.py``), a
+   class-balanced subset of the train split and a held-out subset of the test split.
+2. **Teacher**: a small supervised ViT (patch 4, 4 heads) trained by ``recipes/train_teacher.py``, or
+   reused when ``<output_root>/demo-teacher`` already holds one made with the same recipe and data.
+3. **Student**: the config of a smaller ViT with 2 heads and patch 8, so the attention guidance needs
+   both of its shape adaptations (the teacher's 8x8 maps resized to the student's 4x4 grid, and the
+   heads of both sides fused into one map).
+4. **Distillation**: ``accelerate launch --num_processes 1 --cpu recipes/distill.py
+   recipes/configs/demo.yaml`` (plain ``python`` when the ``accelerate`` command is missing). No labels.
+5. **Evaluation**: weighted k-NN (k = 10, 20, 100, 200) of the teacher, the distilled student and an
+   untrained student of the same architecture, on the held-out test images; a summary table, printed
+   and added to the student's model card, and ``demo_results.json``.
+
+The student folder (``<output_root>/demo-student``) is a Hub-ready model repo: weights, image
+processor, model card, training curves and the teacher-vs-student attention figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import AutoConfig
+
+RECIPES = Path(__file__).resolve().parent
+if str(RECIPES) not in sys.path:  # the teacher recipe lives next to this file
+    sys.path.insert(0, str(RECIPES))
+
+from train_teacher import (  # noqa: E402
+    KNN_KS,
+    TeacherRecipe,
+    TeacherRunArguments,
+    hardware_description,
+    knn_loaders,
+    train_teacher,
+)
+
+from attndistill_hf.cli import read_config_file  # noqa: E402
+from attndistill_hf.evaluation import run_knn_eval  # noqa: E402
+from attndistill_hf.fashion_mnist import prepare_fashion_mnist  # noqa: E402
+from attndistill_hf.models import build_student, student_config  # noqa: E402
+
+logger = logging.getLogger("attndistill_hf.demo")
+
+DEFAULT_CONFIG = RECIPES / "configs" / "demo.yaml"
+
+# The demo student: narrower and with fewer heads than the teacher, and a coarser patch grid.
+DEMO_STUDENT: dict[str, int] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "intermediate_size": 256,
+    "patch_size": 8,
+}
+
+
+@dataclass(frozen=True)
+class DemoScale:
+    """How much data and how many steps a demo run uses."""
+
+    max_train: int
+    max_test: int
+    teacher: TeacherRecipe
+    distill_overrides: tuple[str, ...] = ()
+
+
+# The full demo: about 10 minutes on 2 CPU cores from a cold start (teacher included).
+FULL = DemoScale(max_train=10_000, max_test=2_000, teacher=TeacherRecipe())
+# --quick: a small slice that still shows the effect, for the test suite (a few minutes at most).
+QUICK = DemoScale(
+    max_train=2_000,
+    max_test=500,
+    teacher=TeacherRecipe(max_steps=120, batch_size=64, warmup_steps=12),
+    distill_overrides=("--max_steps", "120", "--warmup_steps", "12", "--logging_steps", "10"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="A tiny slice of data and few steps (for tests).")
+    parser.add_argument(
+        "--output_root", default="outputs", help="Folder for demo-teacher/, demo-student/ and the student config."
+    )
+    parser.add_argument(
+        "--data_dir",
+        default=None,
+        help="Where the Fashion-MNIST shards go (default: data/fashion_mnist, or <output_root>/data with --quick).",
+    )
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Distillation config file.")
+    parser.add_argument("--hub", action="store_true", help="Read Fashion-MNIST from the Hub instead of IDX files.")
+    parser.add_argument(
+        "--launcher",
+        choices=("auto", "accelerate", "python"),
+        default="auto",
+        help="How distill.py runs: 'accelerate launch' (auto: when the command exists) or plain python.",
+    )
+    parser.add_argument("--retrain_teacher", action="store_true", help="Train the teacher even when one is cached.")
+    parser.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------------
+
+
+def _stage(index: int, title: str) -> float:
+    print(f"\n[{index}/5] {title}", flush=True)
+    return time.time()
+
+
+def write_student_config(path: Path, image_size: int) -> Path:
+    """Save the demo student's ``ViTConfig`` as a config directory (distill.py builds a fresh student from it)."""
+    fields = dict(DEMO_STUDENT)
+    patch = fields.pop("patch_size")
+    config = student_config("vit-tiny-patch16", image_size=image_size, patch_size=patch, **fields)
+    config.save_pretrained(path)
+    return path
+
+
+def distill_command(launcher: str) -> list[str]:
+    """``accelerate launch`` on one CPU process, or the plain interpreter when accelerate's CLI is missing."""
+    script = str(RECIPES / "distill.py")
+    accelerate = shutil.which("accelerate", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if launcher == "accelerate" and accelerate is None:
+        raise FileNotFoundError("--launcher accelerate: the `accelerate` command was not found.")
+    if launcher != "python" and accelerate is not None:
+        return [
+            accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
+            "--mixed_precision", "no", "--dynamo_backend", "no", script,
+        ]
+    return [sys.executable, script]
+
+
+def _path_arg(path: Path) -> str:
+    """A path as the subprocess sees it: relative to the working directory when inside it (cards stay portable)."""
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)
+
+
+def path_overrides(config: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Flags for the values that differ from the config file (so a default run's card shows just the file)."""
+    flags: list[str] = []
+    for key, value in wanted.items():
+        current = config.get(key)
+        if isinstance(value, list):
+            if current != value and [current] != value:
+                flags += [f"--{key}", *value]
+        elif current != value:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def run_distillation(command: list[str], config_path: str, overrides: Sequence[str]) -> float:
+    """Run distill.py as a subprocess (its progress bars show); returns the wall time, raises on failure."""
+    full = [*command, config_path, *overrides]
+    print("$ " + " ".join(full), flush=True)
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("MPLBACKEND", "Agg")
+    started = time.time()
+    subprocess.run(full, check=True, env=env)
+    return time.time() - started
+
+
+def evaluate(
+    name: str, model: torch.nn.Module, loaders: tuple[Any, Any], progress: bool
+) -> dict[str, dict[str, float]]:
+    print(f"k-NN of the {name}", flush=True)
+    result = run_knn_eval(model, *loaders, ks=KNN_KS, progress=progress, print_table=False)
+    return result["knn"]
+
+
+def _architecture(config: Any) -> str:
+    return (
+        f"ViT {config.num_hidden_layers}L/{config.hidden_size}w/{config.num_attention_heads}h, "
+        f"patch {config.patch_size}"
+    )
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The demo's comparison as a Markdown table (k-NN top-1 in %, one column per k)."""
+    header = "| model | architecture | params | " + " | ".join(f"k={k}" for k in KNN_KS) + " |"
+    lines = [header, "|" + "---|" * (3 + len(KNN_KS))]
+    for row in rows:
+        scores = " | ".join(f"{row['knn'][str(k)]['top1']:.2f}" for k in KNN_KS)
+        lines.append(f"| {row['model']} | {row['architecture']} | {row['params'] / 1e6:.2f} M | {scores} |")
+    return "\n".join(lines)
+
+
+def add_to_card(readme: Path, table: str, details: str) -> None:
+    """Insert the comparison into the student's model card, before its Limitations section."""
+    section = f"## Demo comparison\n\n{details}\n\n{table}\n\n"
+    text = readme.read_text()
+    marker = "## Limitations"
+    text = text.replace(marker, section + marker, 1) if marker in text else text.rstrip() + "\n\n" + section
+    readme.write_text(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the five stages; returns what ``demo_results.json`` holds."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    progress = not args.no_progress
+    scale = QUICK if args.quick else FULL
+    root = Path(args.output_root)
+    data_dir = Path(args.data_dir) if args.data_dir else (root / "data" if args.quick else Path("data/fashion_mnist"))
+    teacher_dir, student_dir = root / "demo-teacher", root / "demo-student"
+    student_config_dir = root / "demo-student-config"
+    config = read_config_file(args.config)
+    image_size = int(config.get("image_size", 32))
+    times: dict[str, float] = {}
+    started = time.time()
+
+    t0 = _stage(1, f"Fashion-MNIST: {scale.max_train} train / {scale.max_test} test images -> {data_dir}")
+    prepare_fashion_mnist(
+        data_dir, hub=args.hub, max_train=scale.max_train, max_test=scale.max_test, progress=progress
+    )
+    times["data_s"] = time.time() - t0
+
+    t0 = _stage(2, f"Teacher (supervised ViT) -> {teacher_dir}")
+    teacher_record = train_teacher(
+        scale.teacher,
+        TeacherRunArguments(
+            data_dir=str(data_dir), output_dir=str(teacher_dir), overwrite=args.retrain_teacher, progress=progress
+        ),
+    )
+    verb = "reused (same recipe and data)" if teacher_record["reused"] else "trained"
+    print(f"teacher {verb}: k-NN top-1 (k=20) {teacher_record['knn']['knn']['20']['top1']:.2f}%")
+    times["teacher_s"] = time.time() - t0
+
+    t0 = _stage(3, f"Student config -> {student_config_dir}")
+    write_student_config(student_config_dir, image_size)
+    times["student_config_s"] = time.time() - t0
+
+    t0 = _stage(4, f"Distillation -> {student_dir}")
+    overrides = path_overrides(
+        config,
+        {
+            "teacher_name_or_path": _path_arg(teacher_dir),
+            "student_name_or_path": _path_arg(student_config_dir),
+            "output_dir": _path_arg(student_dir),
+            "data_files": [_path_arg(data_dir / "train-*.parquet")],
+            "eval_data_files": [_path_arg(data_dir / "test-*.parquet")],
+            "knn_train_samples": scale.max_train,
+        },
+    )
+    overrides += list(scale.distill_overrides)
+    if args.no_progress:
+        overrides += ["--disable_tqdm", "true"]
+    times["distill_s"] = run_distillation(distill_command(args.launcher), args.config, overrides)
+
+    t0 = _stage(5, "k-NN on the held-out test images: teacher, distilled student, untrained student")
+    from transformers import AutoModel
+
+    mean, std = teacher_record["image_mean"], teacher_record["image_std"]
+    loaders = knn_loaders(data_dir, image_size, mean, std)
+    distilled = AutoModel.from_pretrained(student_dir).eval()
+    seed = int(config.get("seed", 0))
+    untrained = build_student(config=AutoConfig.from_pretrained(student_config_dir), seed=seed).eval()
+    teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    rows = [
+        {
+            "model": "teacher (supervised)",
+            "architecture": _architecture(teacher_config),
+            "params": teacher_record["num_parameters"],
+            "knn": teacher_record["knn"]["knn"],  # measured by train_teacher.py on the same data, same protocol
+        },
+        {
+            "model": "distilled student (AttnDistill)",
+            "architecture": _architecture(distilled.config),
+            "params": sum(p.numel() for p in distilled.parameters()),
+            "knn": evaluate("distilled student", distilled, loaders, progress),
+        },
+        {
+            "model": "untrained student",
+            "architecture": _architecture(untrained.config),
+            "params": sum(p.numel() for p in untrained.parameters()),
+            "knn": evaluate("untrained student", untrained, loaders, progress),
+        },
+    ]
+    times["evaluation_s"] = time.time() - t0
+    times["total_s"] = time.time() - started
+
+    table = summary_table(rows)
+    details = (
+        f"Weighted k-NN top-1 (%) of the frozen CLS features on {scale.max_test} held-out Fashion-MNIST test "
+        f"images, memory bank {scale.max_train} train images. The untrained student has the same architecture "
+        f"(random initialisation, seed {seed}). Demo run on {hardware_description()}: "
+        f"{times['total_s'] / 60:.1f} min in all, distillation {times['distill_s'] / 60:.1f} min."
+    )
+    results = {
+        "quick": args.quick,
+        "rows": rows,
+        "times": {key: round(value, 1) for key, value in times.items()},
+        "hardware": hardware_description(),
+        "teacher_recipe_hash": teacher_record["recipe_hash"],
+        "teacher_reused": teacher_record["reused"],
+        "num_train": scale.max_train,
+        "num_test": scale.max_test,
+    }
+    (student_dir / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    add_to_card(student_dir / "README.md", table, details)
+    print("\n" + table)
+    print(f"\n{details}\nStudent (Hub-ready): {student_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
