@@ -112,8 +112,12 @@ def _make_site(module: nn.Module, query: nn.Linear, key: nn.Linear, model: nn.Mo
     return AttentionSite(module, query, key, int(num_heads), head_dim, scaling)
 
 
-def _capture_for(model: nn.Module) -> _Capture:
-    """Install the q/k hooks once per model; they stay for later calls (no recompiles under compile)."""
+def install_attention_capture(model: nn.Module) -> _Capture:
+    """Install the q/k hooks once per model; they stay for later calls.
+
+    Call it before ``torch.compile``: installed inside compiled code, the hooks cause a graph break
+    and are re-installed on every step (a recompile each time). ``last_cls_attention`` calls it lazily.
+    """
     plain = unwrap_model(model)
     capture = plain.__dict__.get(_CAPTURE_ATTRIBUTE)
     if capture is None:
@@ -185,7 +189,7 @@ def last_cls_attention(
     Family-specific arguments (MAE's fixed noise, ``interpolate_pos_encoding``) are added automatically;
     ``forward_kwargs`` are passed on to the model and win over those.
     """
-    capture = _capture_for(model)
+    capture = install_attention_capture(model)
     capture.outputs.clear()
     output = _call(model, pixel_values, forward_kwargs)
     query, key = capture.outputs.pop("query", None), capture.outputs.pop("key", None)

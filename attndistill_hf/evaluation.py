@@ -491,12 +491,17 @@ def _train_heads(
         for features, labels in epoch_batches(epoch):
             features = features.to(device).float()
             labels = labels.to(device=device, dtype=torch.long)
+            if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+                raise ValueError(
+                    f"Training labels must be class ids in [0, {num_classes}); got {labels.min()}..{labels.max()}. "
+                    "Pass num_classes when the test set does not contain every class."
+                )
             # Heads are independent, so the summed loss gives each head exactly its own gradient.
             loss = sum(F.cross_entropy(head(features), labels) for head in heads)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * labels.shape[0]
+            total += float(loss.detach()) * labels.shape[0]
             count += labels.shape[0]
         if count == 0:
             raise ValueError("The probe's training data yielded no batches.")
@@ -639,13 +644,11 @@ def train_linear_probe_on_images(
             keep = balanced_label_subset(torch.as_tensor(train_labels), config.label_fraction, config.seed)
             train_loader = _subset_loader(train_loader, keep, config.seed)
 
-        # One batch to learn the feature width; it is not used for training (the loader is re-iterated).
-        first_pixels, _ = split_batch(next(iter(train_loader)))
-        with torch.no_grad(), _autocast(device, dtype):
-            dim = compute_features(model, first_pixels[:1].to(device), kind).shape[1]
+        # The test features come first: they also give the feature width without drawing a training batch.
         test_features, test_labels = extract_features(
             model, test_loader, kind=kind, dtype=dtype, progress=config.progress, desc="test features"
         )
+        dim = test_features.shape[1]
         if num_classes is None:
             seen = int(test_labels.max()) + 1
             if train_labels is not None:
@@ -660,6 +663,8 @@ def train_linear_probe_on_images(
                 pixel_values, labels = split_batch(batch)
                 if labels is None:
                     raise ValueError("The probe's training loader yields batches without labels.")
+                if pixel_values.shape[0] == 0:  # every image of the batch failed to decode
+                    continue
                 with torch.no_grad(), _autocast(device, dtype):
                     features = compute_features(model, pixel_values.to(device, non_blocking=True), kind)
                 yield features.float(), torch.as_tensor(labels)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTModel
 
-from .attention import find_last_attention, last_cls_attention, unwrap_model
+from .attention import find_last_attention, install_attention_capture, last_cls_attention, unwrap_model
 from .data import EqualStepsIterable, prepare_per_rank_dataloader
 from .losses import AttnDistillLoss
 from .models import cls_features, forward_kwargs, load_teacher, patch_grid
@@ -121,6 +121,8 @@ class DistillationModule(nn.Module):
         self.student = student
         self.loss_fn = loss_fn
         self.capture = capture
+        if capture is last_cls_attention and loss_fn.attn_weight:
+            install_attention_capture(student)  # before any torch.compile of this module
 
     def forward(
         self,
@@ -228,6 +230,7 @@ class AttnDistillTrainer(Trainer):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         if args.torch_compile:
+            install_attention_capture(teacher_model)
             self.teacher = torch.compile(self.teacher, backend=args.torch_compile_backend or "inductor")
         self.batch_transform = batch_transform
         self._validated = False

@@ -41,7 +41,12 @@ import transformers
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
-from attndistill_hf.attention import eager_last_cls_attention, last_cls_attention, unwrap_model
+from attndistill_hf.attention import (
+    eager_last_cls_attention,
+    install_attention_capture,
+    last_cls_attention,
+    unwrap_model,
+)
 from attndistill_hf.losses import AttnDistillLoss
 from attndistill_hf.models import STUDENT_PRESETS, build_student, cls_features, forward_kwargs, patch_grid
 from attndistill_hf.trainer import DistillationModule
@@ -128,39 +133,6 @@ def build_bench_student(preset: str, image_size: int, *, attn_implementation: st
     return student.train()
 
 
-class NaiveDistillationModule(nn.Module):
-    """The straightforward step: the student's map comes from ``output_attentions=True`` on eager attention.
-
-    Same parameters (names included) as :class:`DistillationModule`, so optimizer state and gradients
-    compare one to one.
-    """
-
-    def __init__(self, student: ViTModel, loss_fn: AttnDistillLoss) -> None:
-        super().__init__()
-        self.student = student
-        self.loss_fn = loss_fn
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        teacher_cls: torch.Tensor,
-        teacher_attn: torch.Tensor | None = None,
-        teacher_grid: tuple[int, int] | None = None,
-        validate: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        output, student_attn = eager_last_cls_attention(self.student, pixel_values)
-        terms = self.loss_fn(
-            teacher_cls,
-            teacher_attn,
-            output,
-            student_attn,
-            teacher_grid=teacher_grid,
-            student_grid=patch_grid(self.student.config, tuple(pixel_values.shape[-2:])),
-            validate=validate,
-        )
-        return terms.loss, terms.loss_proj, terms.loss_attn
-
-
 @dataclass
 class StepSetup:
     """Everything one mode of one pair needs to run training steps."""
@@ -216,16 +188,14 @@ def make_setup(
         attn_weight=0.1 if with_attention else 0.0,
         fusion_temperature=10.0,
     )
-    module_cls = NaiveDistillationModule if mode == "naive" else DistillationModule
-    module: nn.Module = module_cls(student, loss_fn).to(device)
+    # The naive step differs only in how the student's map is taken (eager, every block's maps).
+    capture = eager_last_cls_attention if mode == "naive" else last_cls_attention
+    module: nn.Module = DistillationModule(student, loss_fn, capture=capture).to(device)
     teacher_module: nn.Module = teacher.to(device)
     if mode == "default+compile":
-        # One uncompiled call installs the q/k capture hooks on both models, so the compiled graphs
-        # see them from the first step (installing them inside a compiled region is not traceable).
-        probe = torch.zeros(1, 3, image_size, image_size, device=device)
-        with torch.no_grad():
-            last_cls_attention(teacher_module, probe)
-            last_cls_attention(student, probe)
+        # The student's hooks were installed by DistillationModule; the teacher's must be too before
+        # compiling (installing them inside a compiled region breaks the graph on every step).
+        install_attention_capture(teacher_module)
         teacher_module = torch.compile(teacher_module, backend=compile_backend)
         module = torch.compile(module, backend=compile_backend)
     return StepSetup(
@@ -298,8 +268,8 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    cores = torch.get_num_threads()
-    return f"CPU ({platform.machine()}, {cores} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({platform.machine()}, {threads} thread{'' if threads == 1 else 's'})"
 
 
 def slug(text: str) -> str:
@@ -457,6 +427,7 @@ def profile_mode(
     compile_backend: str,
 ) -> list[dict[str, Any]]:
     """Profile ``steps`` steps after warm-up; print and return the top ops by self device time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     setup = make_setup(pair, mode, image_size=image_size, device=device, tiny=tiny, compile_backend=compile_backend)
@@ -482,7 +453,14 @@ def profile_mode(
     def self_time(event: Any) -> float:
         return float(getattr(event, sort_key, 0.0) or 0.0)
 
-    total = sum(self_time(event) for event in averages) or 1.0
+    if on_cuda:
+        # An operator's self device time repeats the time of the kernels it launched, which are rows
+        # of their own: the busy time of the device is the sum over device-side rows only.
+        total = sum(self_time(event) for event in averages if event.device_type != DeviceType.CPU)
+    else:
+        total = sum(self_time(event) for event in averages)
+    total = total or 1.0
+    print(f"{'device' if on_cuda else 'CPU'} busy time per step: {total / 1000 / steps:.2f} ms")
     top = sorted(averages, key=self_time, reverse=True)[:rows]
     del setup, optimizer, step, pixels, prof
     release()
@@ -615,7 +593,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _split(text: str, known: Sequence[str], what: str, parser: argparse.ArgumentParser) -> list[str]:
     """The comma-separated names of ``text``, each one of ``known`` (argparse error otherwise)."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))  # once each, in order
     unknown = [name for name in names if name not in known]
     if unknown or not names:
         parser.error(f"Unknown {what}(s) {unknown or text!r}; choose from {', '.join(known)}.")

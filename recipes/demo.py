@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import AutoConfig
 
 RECIPES = Path(__file__).resolve().parent
@@ -142,7 +141,8 @@ def write_student_config(path: Path, image_size: int) -> Path:
 def distill_command(launcher: str) -> list[str]:
     """``accelerate launch`` on one CPU process, or the plain interpreter when accelerate's CLI is missing."""
     script = str(RECIPES / "distill.py")
-    accelerate = shutil.which("accelerate", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    accelerate = shutil.which("accelerate", path=search)
     if launcher == "accelerate" and accelerate is None:
         raise FileNotFoundError("--launcher accelerate: the `accelerate` command was not found.")
     if launcher != "python" and accelerate is not None:

@@ -369,8 +369,9 @@ A small Vision Transformer trained **with labels (supervised)** on Fashion-MNIST
 teacher of the AttnDistill demo. Only the backbone is published: a plain transformers `ViTModel`
 whose last-layer CLS token (after the final LayerNorm) is the image feature.
 
-Architecture: {recipe["num_hidden_layers"]} layers, width {recipe["hidden_size"]}, {recipe["num_attention_heads"]} heads,
-patch {recipe["patch_size"]} on {recipe["image_size"]} px RGB crops ({record["num_patches"]} patches + CLS),
+Architecture: {recipe["num_hidden_layers"]} layers, width {recipe["hidden_size"]},
+{recipe["num_attention_heads"]} heads, patch {recipe["patch_size"]} on {recipe["image_size"]} px RGB crops
+({record["num_patches"]} patches + CLS),
 {record["num_parameters"] / 1e6:.2f} M parameters.
 
 ## How it was made

@@ -1,0 +1,175 @@
+"""The offline demo end to end on a small slice of real Fashion-MNIST, and the pieces it is built from."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from attndistill_hf.cli import read_config_file
+from attndistill_hf.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, SOURCE_FILES
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "recipes" / "configs"
+
+needs_real = pytest.mark.skipif(
+    not all((Path(DEBIAN_FASHION_MNIST_DIR) / name).is_file() for pair in SOURCE_FILES.values() for name in pair),
+    reason="Fashion-MNIST IDX files are not installed (Debian package dataset-fashion-mnist)",
+)
+
+
+def load_recipe(name: str) -> ModuleType:
+    """Import recipes/<name>.py (the recipes import their neighbours, so their folder goes on the path)."""
+    recipes = str(REPO / "recipes")
+    if recipes not in sys.path:
+        sys.path.insert(0, recipes)
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- The demo, end to end ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_real
+def test_quick_demo_distilled_student_beats_untrained(tmp_path: Path) -> None:
+    demo = load_recipe("demo")
+    results = demo.main(["--quick", "--output_root", str(tmp_path), "--no_progress"])
+
+    rows = {row["model"]: row for row in results["rows"]}
+    teacher = rows["teacher (supervised)"]["knn"]
+    distilled = rows["distilled student (AttnDistill)"]["knn"]
+    untrained = rows["untrained student"]["knn"]
+    for k in ("10", "20"):
+        # The claim of the demo, on held-out real images: distillation taught the student something.
+        assert distilled[k]["top1"] > untrained[k]["top1"], (k, distilled[k], untrained[k])
+    assert 10.0 < teacher["20"]["top1"] <= 100.0  # a trained teacher, above chance on 10 classes
+
+    # The student folder is a complete Hub model repo, and the demo's numbers are the ones it stores.
+    student = tmp_path / "demo-student"
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "attention_maps.png",
+        "training_curves.png",
+        "knn_results.json",
+        "demo_results.json",
+    ):
+        assert (student / name).is_file(), name
+    stored = json.loads((student / "demo_results.json").read_text())
+    assert stored["rows"] == json.loads(json.dumps(results["rows"]))
+    card = (student / "README.md").read_text()
+    assert "## Demo comparison" in card
+    assert f"{distilled['20']['top1']:.2f}" in card and f"{untrained['20']['top1']:.2f}" in card
+    assert str(tmp_path) not in card  # no local path is published
+    # The distilled student kept the demo's shape: fewer heads and a larger patch than the teacher.
+    teacher_config = json.loads((tmp_path / "demo-teacher" / "config.json").read_text())
+    student_config = json.loads((student / "config.json").read_text())
+    assert student_config["num_attention_heads"] < teacher_config["num_attention_heads"]
+    assert student_config["patch_size"] > teacher_config["patch_size"]
+
+    # The teacher's card states its measured k-NN; a second request with the same recipe reuses it.
+    teacher_card = (tmp_path / "demo-teacher" / "README.md").read_text()
+    assert "supervised" in teacher_card and f"{teacher['20']['top1']:.2f}" in teacher_card
+    train_teacher = load_recipe("train_teacher")
+    again = train_teacher.train_teacher(
+        demo.QUICK.teacher,
+        train_teacher.TeacherRunArguments(
+            data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "demo-teacher"), progress=False
+        ),
+    )
+    assert again["reused"]
+    assert again["knn"]["knn"] == json.loads(json.dumps(results["rows"][0]["knn"]))
+    assert (tmp_path / "demo-teacher" / "model.safetensors").stat().st_size < 10 * 2**20
+
+
+# ---- Pieces (fast) -------------------------------------------------------------------------------
+
+
+def test_random_resized_crop_flip_is_seeded_and_shaped() -> None:
+    train_teacher = load_recipe("train_teacher")
+    images = torch.rand(6, 1, 28, 28)
+    first = train_teacher.random_resized_crop_flip(images, 32, (0.35, 1.0), torch.Generator().manual_seed(1))
+    second = train_teacher.random_resized_crop_flip(images, 32, (0.35, 1.0), torch.Generator().manual_seed(1))
+    assert first.shape == (6, 1, 32, 32)
+    torch.testing.assert_close(first, second)
+    # Bilinear resampling of a crop inside the image never leaves the input's value range.
+    assert first.min() >= 0.0 and first.max() <= 1.0
+
+
+def test_recipe_hash_follows_recipe_and_data() -> None:
+    train_teacher = load_recipe("train_teacher")
+    recipe = train_teacher.TeacherRecipe()
+    base = train_teacher.recipe_hash(recipe, "data-a")
+    assert base == train_teacher.recipe_hash(train_teacher.TeacherRecipe(), "data-a")
+    assert base != train_teacher.recipe_hash(recipe, "data-b")
+    assert base != train_teacher.recipe_hash(train_teacher.TeacherRecipe(max_steps=recipe.max_steps + 1), "data-a")
+
+
+def test_demo_config_matches_the_demo() -> None:
+    config = read_config_file(CONFIGS / "demo.yaml")
+    demo = load_recipe("demo")
+    assert config["knn_train_samples"] == demo.FULL.max_train
+    assert config["teacher_name_or_path"] == "outputs/demo-teacher"
+    assert config["student_name_or_path"] == "outputs/demo-student-config"
+    # A default run passes no path override, so the student's card shows exactly this file.
+    wanted = {
+        "teacher_name_or_path": "outputs/demo-teacher",
+        "output_dir": "outputs/demo-student",
+        "data_files": ["data/fashion_mnist/train-*.parquet"],
+    }
+    assert demo.path_overrides(config, wanted) == []
+    assert demo.path_overrides(config, {"output_dir": "elsewhere"}) == ["--output_dir", "elsewhere"]
+    assert demo.DEMO_STUDENT["num_attention_heads"] != 4 and demo.DEMO_STUDENT["patch_size"] != 4
+
+
+def test_ablation_configs_cover_three_cases_times_three_losses() -> None:
+    ablation = load_recipe("ablation")
+    cells = set()
+    for path in sorted(CONFIGS.glob("ablation_*.yaml")):
+        config = read_config_file(path)
+        case, loss = ablation.case_of(config), ablation.loss_of(config)
+        assert path.stem == f"ablation_{case}_{loss}"
+        cells.add((case, loss))
+    assert cells == {(case, loss) for case in ablation.CASE_ORDER for loss in ablation.LOSSES}
+
+
+def test_ablation_report_states_mean_and_spread() -> None:
+    ablation = load_recipe("ablation")
+    runs = [
+        {"case": "same", "loss": loss, "seed": seed, "knn": {"10": value, "20": value, "200": value}}
+        for loss, values in (("proj", (70.0, 72.0, 74.0)), ("both", (75.0, 76.0, 77.0)))
+        for seed, value in enumerate(values)
+    ]
+    state = {
+        "runs": runs,
+        "untrained": [{"case": "same", "seed": s, "knn": {"10": 60.0, "20": 60.0, "200": 60.0}} for s in range(3)],
+        "teacher": {
+            "recipe_hash": "abc",
+            "recipe": {"max_steps": 10, "batch_size": 8},
+            "knn": {"knn": {k: {"top1": 80.0} for k in ("10", "20", "200")}},
+        },
+        "seeds": [0, 1, 2],
+        "num_train": 100,
+        "num_test": 50,
+        "settings": "10 steps",
+        "hardware": "CPU",
+        "date": "2025-01-01",
+        "distill_time_s": 60.0,
+        "total_time_s": 120.0,
+        "load_average": [None, None],
+    }
+    text = ablation.render_results(state)
+    assert "| 72.00 ± 2.00 |" in text and "| 76.00 ± 1.00 |" in text and "| 60.00 ± 0.00 |" in text
+    assert "adding the attention term to the projector term: +4.00" in text
+    assert "2025-01-01" in text and "CPU" in text
