@@ -23,7 +23,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -227,7 +227,10 @@ def extract_features(
     features: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     is_main = accelerator is None or accelerator.is_local_main_process
-    total = len(dataloader) if hasattr(dataloader, "__len__") else None
+    try:
+        total = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:  # a DataLoader over a stream has no length
+        total = None
     skipped = 0
     for batch in tqdm(dataloader, desc=desc, total=total, disable=not (progress and is_main), unit="batch"):
         pixel_values, batch_labels = split_batch(batch)
@@ -396,9 +399,11 @@ def balanced_label_subset(labels: torch.Tensor | Sequence[int], fraction: float,
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
     generator = torch.Generator().manual_seed(seed)
+    # Group indices by class with one stable sort (ImageNet: 1.28M labels, 1000 classes).
+    order = torch.argsort(labels, stable=True)
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
     chosen = []
-    for cls in torch.unique(labels):
-        members = torch.nonzero(labels == cls).flatten()
+    for members in torch.split(order, counts.tolist()):
         count = max(1, round(fraction * members.numel()))
         chosen.append(members[torch.randperm(members.numel(), generator=generator)[:count]])
     return torch.sort(torch.cat(chosen)).values
@@ -414,7 +419,8 @@ class LinearProbeConfig:
     """DINO's linear evaluation: SGD momentum 0.9, weight decay 0, per-epoch cosine to 0, lr 1e-3 x batch / 256.
 
     ``lr_sweep`` trains one head per base lr in parallel on the same batches (scaled by batch / 256 like
-    ``base_lr``) and reports the best, as DINO's sweep over learning rates does. ``label_fraction`` keeps
+    ``base_lr``) and reports the best: the lr sweep of DINO-style linear evaluations at the cost of one
+    backbone pass. ``label_fraction`` keeps
     a balanced, seeded fraction of the training labels (semi-supervised 1% / 10%).
     """
 
@@ -767,6 +773,11 @@ class KNNEvaluationCallback(TrainerCallback):
             train_labels = torch.as_tensor(self.train_labels)
         if self.test_labels is not None:
             test_labels = torch.as_tensor(self.test_labels)
+        for name, labels in (("train", train_labels), ("test", test_labels)):
+            if labels.numel() and labels.min() < 0:
+                raise ValueError(
+                    f"The k-NN {name} loader yields no labels; give {name}_labels= to KNNEvaluationCallback."
+                )
         result = knn_accuracy(
             train_features,
             train_labels,
@@ -817,6 +828,103 @@ class KNNEvaluationCallback(TrainerCallback):
 # --------------------------------------------------------------------------------------------------
 # Complete evaluations (used by the recipes and the demo)
 # --------------------------------------------------------------------------------------------------
+
+
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+
+
+@dataclass
+class EvalArguments:
+    """The model to evaluate and how to run it (shared by ``recipes/eval_knn.py`` and ``recipes/eval_linear.py``)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Model directory or Hub id to evaluate (teacher or student; any AutoModel vision backbone)."},
+    )
+    feature_kind: str | None = field(
+        default=None,
+        metadata={
+            "help": "Features: 'cls' (final CLS, DINO's k-NN), 'last4_cls' (CLS of the last 4 blocks, each through "
+            "the final norm: DINO's ViT-S/T probe) or 'cls+avgpool' (CLS + mean patch token: ViT-B probe). "
+            "Default: 'cls' for k-NN, 'last4_cls' for the linear probe."
+        },
+    )
+    batch_size: int = field(default=256, metadata={"help": "Images per forward pass (and per probe SGD step)."})
+    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes decoding images."})
+    output_json: str | None = field(default=None, metadata={"help": "Write the results to this JSON file."})
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cache extracted features here (safetensors) and reuse them on the next run with the same "
+            "model, feature kind and dataset size."
+        },
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention backend to load the model with ('sdpa', 'eager', ...)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the Hub repository (only for repositories you trust)."}
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "Autocast precision: 'auto' (bf16 on GPU, fp32 on CPU), 'bf16', 'fp16' or 'fp32'."},
+    )
+    num_classes: int | None = field(
+        default=None,
+        metadata={"help": "Number of classes; read from the label column's ClassLabel feature or the labels if unset."},
+    )
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            raise ValueError("--model_name_or_path is required: the model directory or Hub id to evaluate.")
+        if self.feature_kind is not None:
+            _check_kind(self.feature_kind)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}.")
+        for name in ("batch_size",):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.num_workers < 0:
+            raise ValueError(f"--num_workers cannot be negative, got {self.num_workers}.")
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+
+def class_count(dataset: Any, label_column: str) -> int | None:
+    """Number of classes a ``ClassLabel`` label column declares (None for a plain integer column).
+
+    Declared classes beat the labels seen: a small test subset may miss a class the probe must still output.
+    """
+    feature = (getattr(dataset, "features", None) or {}).get(label_column)
+    return getattr(feature, "num_classes", None)
+
+
+def load_eval_model(
+    name_or_path: str, *, attn_implementation: str = "sdpa", trust_remote_code: bool = False
+) -> tuple[nn.Module, Any | None]:
+    """A frozen backbone in eval mode and its image processor (None when the checkpoint has none).
+
+    Loading goes through ``models.load_teacher`` (``AutoModel.from_pretrained``, MAE masking switched
+    off), so any teacher or student checkpoint is evaluated the same way.
+    """
+    from transformers import AutoImageProcessor
+
+    from .models import load_teacher
+
+    model = load_teacher(name_or_path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):  # no preprocessor_config.json: ImageNet statistics apply
+        processor = None
+    return model, processor
 
 
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -6,6 +6,7 @@ import gzip
 import importlib.util
 import json
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +229,7 @@ def test_prepare_from_hub_writes_the_same_layout(tmp_path: Path, monkeypatch: py
 def load_recipe(name: str):
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the recipe is being executed
     spec.loader.exec_module(module)
     return module
 

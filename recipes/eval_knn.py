@@ -1,0 +1,122 @@
+"""Weighted k-NN evaluation (DINO's protocol) of any teacher or student, on any dataset source.
+
+    python recipes/eval_knn.py --model_name_or_path facebook/dino-vits16 --dataset_name ILSVRC/imagenet-1k \\
+        --eval_split validation
+    python recipes/eval_knn.py --model_name_or_path outputs/student --dataset_name data/fashion_mnist \\
+        --image_size 32 --output_json outputs/student/knn.json
+    python recipes/eval_knn.py config.yaml --ks 20          # a YAML/JSON file of the same fields, flags on top
+    accelerate launch --num_processes 4 recipes/eval_knn.py ...   # features gathered across processes
+
+The memory bank is the training source, the queries the evaluation source; both use the evaluation
+view (resize to 256/224 of the image size, centre crop). Prints a table and writes JSON.
+Importable: ``run_knn_eval_from_args(eval_args, knn_args, data_args)`` runs it without a subprocess.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from attndistill_hf.cli import parse_config_and_flags
+from attndistill_hf.data import (
+    DataArguments,
+    ImageCollator,
+    dataloader_workers,
+    eval_transform,
+    image_stats,
+    load_split,
+)
+from attndistill_hf.evaluation import DEFAULT_KNN_KS, EvalArguments, class_count, load_eval_model, run_knn_eval
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KNNArguments:
+    """The k-NN protocol's parameters."""
+
+    ks: list[int] = field(
+        default_factory=lambda: list(DEFAULT_KNN_KS), metadata={"help": "Numbers of neighbours to report."}
+    )
+    temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(similarity / temperature)."})
+
+
+def eval_view_loader(
+    data_args: DataArguments, split: str, mean: Any, std: Any, eval_args: EvalArguments
+) -> tuple[DataLoader, Any]:
+    """Labelled images of ``split`` with the evaluation view, in dataset order; returns (loader, dataset)."""
+    dataset = load_split(data_args, split)
+    collator = ImageCollator(
+        eval_transform(data_args.image_size, mean, std), data_args.image_column, data_args.label_column
+    )
+    workers = dataloader_workers(dataset, eval_args.num_workers)
+    loader = DataLoader(
+        dataset, batch_size=eval_args.batch_size, shuffle=False, num_workers=workers, collate_fn=collator
+    )
+    return loader, dataset
+
+
+def run_knn_eval_from_args(
+    eval_args: EvalArguments, knn_args: KNNArguments, data_args: DataArguments
+) -> dict[str, Any]:
+    """Load the model and both splits, run the k-NN evaluation, print the table, write the JSON."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    model, processor = load_eval_model(
+        eval_args.model_name_or_path,
+        attn_implementation=eval_args.attn_implementation,
+        trust_remote_code=eval_args.trust_remote_code,
+    )
+    configured = getattr(model.config, "image_size", None)
+    if isinstance(configured, int) and configured != data_args.image_size:
+        logger.warning(
+            "The model was configured for %d px images and is evaluated at --image_size %d "
+            "(position embeddings are interpolated).",
+            configured,
+            data_args.image_size,
+        )
+    mean, std = image_stats(processor)
+    train_loader, train_set = eval_view_loader(data_args, "train", mean, std, eval_args)
+    test_loader, _ = eval_view_loader(data_args, "eval", mean, std, eval_args)
+    model = model.to(accelerator.device)
+    train_loader, test_loader = accelerator.prepare(train_loader, test_loader)
+    kind = eval_args.feature_kind or "cls"
+    extra = {
+        "model": eval_args.model_name_or_path,
+        "data": {key: value for key, value in asdict(data_args).items() if value is not None},
+        "image_mean": list(mean),
+        "image_std": list(std),
+    }
+    return run_knn_eval(
+        model,
+        train_loader,
+        test_loader,
+        kind=kind,
+        ks=knn_args.ks,
+        temperature=knn_args.temperature,
+        num_classes=eval_args.num_classes or class_count(train_set, data_args.label_column),
+        accelerator=accelerator,
+        cache_dir=eval_args.feature_cache_dir,
+        output_json=eval_args.output_json,
+        dtype=eval_args.dtype,
+        progress=eval_args.progress,
+        extra=extra,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command-line entry point: ``[config.yaml|json] [--field value ...]``."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    eval_args, knn_args, data_args = parse_config_and_flags(
+        (EvalArguments, KNNArguments, DataArguments), argv, description=__doc__.split("\n\n")[0]
+    )
+    return run_knn_eval_from_args(eval_args, knn_args, data_args)
+
+
+if __name__ == "__main__":
+    main()
