@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, ViTModel
 
 RECIPES = Path(__file__).resolve().parent
 if str(RECIPES) not in sys.path:  # the demo's stages live next to this file
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             [path, *overrides, "--seed", str(seed), "--output_dir", str(output_dir), "--disable_tqdm", "true"]
         )
         distill_time = time.time() - run_started
-        student = AutoModel.from_pretrained(output_dir).eval()
+        student = ViTModel.from_pretrained(output_dir, add_pooling_layer=False).eval()
         record = {
             "key": key,
             "config": Path(path).name,

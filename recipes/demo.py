@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, ViTModel
 
 RECIPES = Path(__file__).resolve().parent
 if str(RECIPES) not in sys.path:  # the teacher recipe lives next to this file
@@ -88,7 +88,7 @@ FULL = DemoScale(max_train=10_000, max_test=2_000, teacher=TeacherRecipe())
 QUICK = DemoScale(
     max_train=2_000,
     max_test=500,
-    teacher=TeacherRecipe(max_steps=120, batch_size=64, warmup_steps=12),
+    teacher=TeacherRecipe(max_steps=400, warmup_steps=30),
     distill_overrides=("--max_steps", "120", "--warmup_steps", "12", "--logging_steps", "10"),
 )
 
@@ -148,6 +148,7 @@ def distill_command(launcher: str) -> list[str]:
     if launcher != "python" and accelerate is not None:
         return [
             accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
+            "--num_cpu_threads_per_process", str(torch.get_num_threads()),
             "--mixed_precision", "no", "--dynamo_backend", "no", script,
         ]
     return [sys.executable, script]
@@ -283,11 +284,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     times["distill_s"] = run_distillation(distill_command(args.launcher), args.config, overrides)
 
     t0 = _stage(5, "k-NN on the held-out test images: teacher, distilled student, untrained student")
-    from transformers import AutoModel
-
     mean, std = teacher_record["image_mean"], teacher_record["image_std"]
     loaders = knn_loaders(data_dir, image_size, mean, std)
-    distilled = AutoModel.from_pretrained(student_dir).eval()
+    # Without the pooler that ViTModel adds by default: the student was trained and saved without one.
+    distilled = ViTModel.from_pretrained(student_dir, add_pooling_layer=False).eval()
     seed = int(config.get("seed", 0))
     untrained = build_student(config=AutoConfig.from_pretrained(student_config_dir), seed=seed).eval()
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
