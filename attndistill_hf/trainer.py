@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTModel
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .attention import find_last_attention, install_attention_capture, last_cls_attention, unwrap_model
 from .data import EqualStepsIterable, prepare_per_rank_dataloader
@@ -360,6 +362,49 @@ class AttnDistillTrainer(Trainer):
         world = 1 if isinstance(self.train_dataset, EqualStepsIterable) else max(1, self.args.world_size)
         batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * world
         return max(1, math.ceil(len(self.train_dataset) / batch))
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    STAGING_DIR = ".checkpoint-staging"
+
+    def _get_output_dir(self, trial: Any) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, self.STAGING_DIR) if getattr(self, "_staging", False) else run_dir
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write ``checkpoint-N`` under a staging folder, then move it into place with one rename.
+
+        A run killed while writing leaves no half-written ``checkpoint-N`` for resume to pick up:
+        ``get_last_checkpoint`` only ever sees complete checkpoints. Rotation (``save_total_limit``)
+        runs after the rename, so it only ever deletes older complete checkpoints.
+        """
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, self.STAGING_DIR)
+        if self.args.should_save and os.path.isdir(os.path.join(staging, name)):
+            shutil.rmtree(os.path.join(staging, name))  # leftover of an earlier crash
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+                self.state.best_model_checkpoint = os.path.join(
+                    run_dir, os.path.basename(self.state.best_model_checkpoint)
+                )
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
 
     # ---- saving -----------------------------------------------------------------------------------
 

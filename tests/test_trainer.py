@@ -197,3 +197,31 @@ def test_batch_transform_runs_in_the_training_process(tmp_path: Path) -> None:
     trainer.train()
     assert seen == [(8, 3, 32, 32), (8, 3, 32, 32)]
     assert trainer.skipped_images == 6
+
+
+def test_checkpoints_appear_whole_or_not_at_all(tmp_path: Path) -> None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    args = config(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=2)
+    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset())
+    trainer.train()
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
+    assert names == ["checkpoint-4", "checkpoint-6"]  # rotation kept the newest two complete ones
+    assert not any((tmp_path / AttnDistillTrainer.STAGING_DIR).iterdir())
+
+    # A crash while writing checkpoint-8 (here: the RNG state write fails) leaves checkpoint-6 the last.
+    resumed = AttnDistillTrainer(
+        tiny_student(),
+        tiny_teacher(),
+        config(tmp_path, max_steps=8, save_strategy="steps", save_steps=2, save_total_limit=2),
+        train_dataset=PixelDataset(),
+    )
+
+    def crash(_output_dir: str) -> None:
+        raise OSError("disk full")
+
+    resumed._save_rng_state = crash
+    with pytest.raises(OSError, match="disk full"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-6")
+    assert (tmp_path / "checkpoint-6" / "optimizer.pt").is_file()
