@@ -1,0 +1,131 @@
+"""Faults lose nothing: SIGKILL mid-step and mid-checkpoint-write, then resume; secrets stay secret."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers.trainer_utils import get_last_checkpoint
+
+from attndistill_hf.cli import recipe_text
+from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+
+from helpers import PixelDataset, tiny_student, tiny_teacher, write_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs recipes/distill.py in-process and kills itself with SIGKILL at a chosen point:
+#   KILL_AT=step:N        right after optimizer step N (the step's update is not checkpointed yet)
+#   KILL_AT=checkpoint:N  in the middle of writing checkpoint-N (model and optimizer written, RNG not)
+DRIVER = """
+import os, runpy, signal, sys
+import attndistill_hf.trainer as trainer_module
+from transformers import TrainerCallback
+
+kind, step = os.environ.get("KILL_AT", "none:0").split(":")
+step = int(step)
+Trainer = trainer_module.AttnDistillTrainer
+
+if kind == "step":
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+    original_init = Trainer.__init__
+    def init(self, *a, **k):
+        original_init(self, *a, **k)
+        self.add_callback(Kill())
+    Trainer.__init__ = init
+elif kind == "checkpoint":
+    original_rng = Trainer._save_rng_state
+    def save_rng(self, output_dir):
+        if self.state.global_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_rng(self, output_dir)
+    Trainer._save_rng_state = save_rng
+
+sys.argv = [sys.argv[1]] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def distill(tmp_path: Path, out: Path, extra: list[str], kill_at: str = "none:0") -> int:
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "KILL_AT": kill_at}
+    args = ["--teacher_name_or_path", str(tmp_path / "teacher"), "--student_preset", "vit-tiny-patch16"]
+    args += ["--image_size", "32", "--patch_size", "8", "--use_cpu", "true", "--train_dir", str(tmp_path / "images")]
+    args += ["--train_augmentation", "none", "--per_device_train_batch_size", "4", "--max_steps", "6"]
+    args += ["--save_steps", "2", "--optim", "sgd", "--learning_rate", "0.05", "--output_dir", str(out)]
+    args += ["--final_knn_eval", "false", "--model_card", "false", "--dataloader_num_workers", "0", *extra]
+    command = [sys.executable, str(driver), str(ROOT / "recipes" / "distill.py"), *args]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, timeout=600).returncode
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Path:
+    tiny_teacher(tmp_path / "teacher")
+    write_image_folder(tmp_path / "images", per_class=4)
+    return tmp_path
+
+
+@pytest.mark.parametrize("kill_at", ["step:3", "checkpoint:4"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(setup: Path, kill_at: str) -> None:
+    tmp_path = setup
+    assert distill(tmp_path, tmp_path / "straight", []) == 0
+    interrupted = tmp_path / "interrupted"
+    assert distill(tmp_path, interrupted, [], kill_at=kill_at) == -signal.SIGKILL
+    last = get_last_checkpoint(str(interrupted))
+    assert last == str(interrupted / "checkpoint-2")  # never the half-written checkpoint-4
+    assert distill(tmp_path, interrupted, ["--resume_from_checkpoint", last]) == 0
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(interrupted / "model.safetensors")
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_hub_token_is_never_written_to_disk(tmp_path: Path) -> None:
+    token = "hf_" + "x" * 30
+    args = AttnDistillConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to="none",
+        hub_token=token,
+        disable_tqdm=True,
+    )
+    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "student"))
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in written)
+    for path in written:
+        assert token.encode() not in path.read_bytes(), path
+    assert trainer.args.hub_token == token  # still usable in memory for the push
+
+
+def test_recipe_text_redacts_tokens(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 3\n")
+    text = recipe_text([str(config), "--hub_token", "hf_secret", "--max_steps", "4", "--hub_token=hf_other"])
+    assert "hf_secret" not in text and "hf_other" not in text
+    assert text.startswith("max_steps: 3\n") and "--max_steps 4" in text
+
+
+def test_no_code_path_enables_remote_code() -> None:
+    """trust_remote_code is only ever forwarded from a user's flag, never set to True by the project."""
+    offenders = []
+    for path in [*ROOT.joinpath("attndistill_hf").rglob("*.py"), *ROOT.joinpath("recipes").rglob("*.py")]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"trust_remote_code\s*=\s*True", line):
+                offenders.append(f"{path.name}:{number}")
+    assert offenders == []
