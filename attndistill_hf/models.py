@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -126,6 +127,10 @@ def sincos_2d_position_embeddings(dim: int, grid_h: int, grid_w: int) -> torch.T
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0).float()
 
 
+class TeacherLoadError(ValueError):
+    """The teacher could not be read (missing, corrupt or not a transformers model)."""
+
+
 def load_teacher(
     name_or_path: str | PreTrainedModel,
     *,
@@ -140,16 +145,23 @@ def load_teacher(
     if isinstance(name_or_path, PreTrainedModel):
         model = name_or_path
     else:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        if getattr(config, "model_type", None) == "vit_mae":
-            config.mask_ratio = 0.0
-        model = AutoModel.from_pretrained(
-            name_or_path,
-            config=config,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
+        try:
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            if getattr(config, "model_type", None) == "vit_mae":
+                config.mask_ratio = 0.0
+            model = AutoModel.from_pretrained(
+                name_or_path,
+                config=config,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+                **kwargs,
+            )
+        except (OSError, ValueError, SafetensorError) as error:
+            raise TeacherLoadError(
+                f"Cannot load the teacher {name_or_path!r}: {error}\n"
+                "Give a Hub id (with network access and, for gated repos, a login) or a local directory "
+                "written by save_pretrained; convert original .pth checkpoints with recipes/convert_teacher.py."
+            ) from error
     if isinstance(model, ViTMAEModel) and model.config.mask_ratio != 0:
         raise ValueError(
             f"MAE teacher has mask_ratio={model.config.mask_ratio}; a teacher must see every patch. "

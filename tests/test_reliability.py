@@ -129,3 +129,13 @@ def test_no_code_path_enables_remote_code() -> None:
             if re.search(r"trust_remote_code\s*=\s*True", line):
                 offenders.append(f"{path.name}:{number}")
     assert offenders == []
+
+
+def test_unreadable_teacher_is_named(tmp_path: Path) -> None:
+    from attndistill_hf.models import TeacherLoadError, load_teacher
+
+    tiny_teacher(tmp_path / "teacher")
+    weights = tmp_path / "teacher" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])  # truncated download
+    with pytest.raises(TeacherLoadError, match=r"Cannot load the teacher '.*teacher'.*convert_teacher"):
+        load_teacher(str(tmp_path / "teacher"))
