@@ -137,5 +137,5 @@ def test_unreadable_teacher_is_named(tmp_path: Path) -> None:
     tiny_teacher(tmp_path / "teacher")
     weights = tmp_path / "teacher" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:300])  # truncated download
-    with pytest.raises(TeacherLoadError, match=r"Cannot load the teacher '.*teacher'.*convert_teacher"):
+    with pytest.raises(TeacherLoadError, match=r"(?s)Cannot load the teacher '.*teacher'.*convert_teacher"):
         load_teacher(str(tmp_path / "teacher"))
