@@ -110,38 +110,42 @@ class DataArguments:
     )
     data_files: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "Glob(s) of local or remote training shards: '*.parquet' files or webdataset '*.tar' files."
-        },
+        metadata={"help": "Glob(s) of local or remote training shards: '*.parquet' files or webdataset '*.tar' files."},
     )
     eval_data_files: list[str] | None = field(
         default=None, metadata={"help": "Glob(s) of evaluation shards ('*.parquet' or webdataset '*.tar')."}
     )
     image_column: str = field(
         default=_DEFAULT_IMAGE_COLUMN,
-        metadata={"help": "Column holding the images. Webdataset shards name it after the extension ('jpg'); "
-                  "with the default, such a column is found and renamed automatically."},
+        metadata={
+            "help": "Column holding the images. Webdataset shards name it after the extension ('jpg'); "
+            "with the default, such a column is found and renamed automatically."
+        },
     )
     label_column: str = field(
         default=_DEFAULT_LABEL_COLUMN,
-        metadata={"help": "Column holding class indices (only evaluation needs labels). Webdataset: 'cls', "
-                  "found automatically with the default."},
+        metadata={
+            "help": "Column holding class indices (only evaluation needs labels). Webdataset: 'cls', "
+            "found automatically with the default."
+        },
     )
     shuffle_buffer_size: int = field(
         default=10_000, metadata={"help": "Examples held in the shuffle buffer when streaming."}
     )
     max_train_samples: int | None = field(
         default=None,
-        metadata={"help": "Use only N training examples (quick runs, debugging): the first N, or when streaming "
-                  "with several readers, N in total taken from the start of each reader's shards."},
+        metadata={
+            "help": "Use only N training examples (quick runs, debugging): the first N, or when streaming "
+            "with several readers, N in total taken from the start of each reader's shards."
+        },
     )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N evaluation examples."}
-    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
     num_train_examples: int | None = field(
         default=None,
-        metadata={"help": "Number of training examples, when streaming from a source whose size cannot be read "
-                  "(it fixes the steps per epoch that every rank runs)."},
+        metadata={
+            "help": "Number of training examples, when streaming from a source whose size cannot be read "
+            "(it fixes the steps per epoch that every rank runs)."
+        },
     )
     cache_dir: str | None = field(
         default=None,
@@ -150,8 +154,10 @@ class DataArguments:
     image_size: int = field(default=224, metadata={"help": "Side of the square crop fed to the models, in pixels."})
     gpu_augment: bool = field(
         default=False,
-        metadata={"help": "Decode JPEGs and augment on the GPU (workers only gather bytes); falls back to the "
-                  "CPU when no GPU is present."},
+        metadata={
+            "help": "Decode JPEGs and augment on the GPU (workers only gather bytes); falls back to the "
+            "CPU when no GPU is present."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -257,9 +263,7 @@ def _check_local_patterns(patterns: Sequence[str], flag: str) -> None:
             raise FileNotFoundError(f"{flag} {pattern!r} matches no file; check the path and the glob")
 
 
-def load_split(
-    data_args: DataArguments, split: Literal["train", "eval"], *, streaming: bool | None = None
-) -> Any:
+def load_split(data_args: DataArguments, split: Literal["train", "eval"], *, streaming: bool | None = None) -> Any:
     """Load the training or evaluation images as a ``datasets.Dataset`` (or ``IterableDataset`` when streaming).
 
     The image column is cast to ``Image(decode=False)``: examples carry the encoded bytes (or a path) and
@@ -281,12 +285,18 @@ def load_split(
     if split == "train":
         source, limit = data_args.train_source, data_args.max_train_samples
         folder, files, files_flag, hub_split = (
-            data_args.train_dir, data_args.data_files, "--data_files", data_args.train_split
+            data_args.train_dir,
+            data_args.data_files,
+            "--data_files",
+            data_args.train_split,
         )
     else:
         source, limit = data_args.eval_source, data_args.max_eval_samples
         folder, files, files_flag, hub_split = (
-            data_args.eval_dir, data_args.eval_data_files, "--eval_data_files", data_args.eval_split
+            data_args.eval_dir,
+            data_args.eval_data_files,
+            "--eval_data_files",
+            data_args.eval_split,
         )
 
     if source is None:
@@ -386,10 +396,7 @@ def _count_local_files(patterns: Sequence[str]) -> int | None:
 def _count_folder_images(folder: str) -> int:
     extensions = {ext.lower() for ext in Image.registered_extensions()}
     return sum(
-        1
-        for _, _, names in os.walk(folder)
-        for name in names
-        if os.path.splitext(name)[1].lower() in extensions
+        1 for _, _, names in os.walk(folder) for name in names if os.path.splitext(name)[1].lower() in extensions
     )
 
 
@@ -428,8 +435,11 @@ def steps_per_epoch(num_examples: int, world_size: int, per_device_batch: int, *
     ``drop_last=True`` leaves out the remainder that does not fill a global batch (``world_size x
     per_device_batch``); ``False`` rounds up and the ranks repeat a few examples to fill the last one.
     """
-    for name, value in (("num_examples", num_examples), ("world_size", world_size),
-                        ("per_device_batch", per_device_batch)):
+    for name, value in (
+        ("num_examples", num_examples),
+        ("world_size", world_size),
+        ("per_device_batch", per_device_batch),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     global_batch = world_size * per_device_batch
@@ -730,14 +740,14 @@ def train_transform(
     Returns a float tensor [3, image_size, image_size].
     """
     _check_transform_args(image_size, mean, std)
-    return v2.Compose([
-        v2.Lambda(to_rgb, Image.Image),
-        v2.RandomResizedCrop(
-            image_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True
-        ),
-        v2.RandomHorizontalFlip(),
-        *_to_normalised_tensor(mean, std),
-    ])
+    return v2.Compose(
+        [
+            v2.Lambda(to_rgb, Image.Image),
+            v2.RandomResizedCrop(image_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
 
 
 def eval_transform(
@@ -746,12 +756,14 @@ def eval_transform(
     """The evaluation view of DINO's protocol, scaled to ``image_size``: resize the short side to
     round(image_size x 256 / 224) (bicubic), centre-crop ``image_size``, normalise."""
     _check_transform_args(image_size, mean, std)
-    return v2.Compose([
-        v2.Lambda(to_rgb, Image.Image),
-        v2.Resize(round(image_size * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(image_size),
-        *_to_normalised_tensor(mean, std),
-    ])
+    return v2.Compose(
+        [
+            v2.Lambda(to_rgb, Image.Image),
+            v2.Resize(round(image_size * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -807,9 +819,7 @@ class ImageCollator:
         labels: list[int] = []
         for example in examples:
             if self.image_column not in example:
-                raise KeyError(
-                    f"Example has no image column {self.image_column!r}; its columns are {sorted(example)}"
-                )
+                raise KeyError(f"Example has no image column {self.image_column!r}; its columns are {sorted(example)}")
             image = decode_image(example[self.image_column])
             if image is None:
                 continue

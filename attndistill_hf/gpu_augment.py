@@ -82,9 +82,7 @@ class RawBytesCollator:
         labels: list[int] = []
         for example in examples:
             if self.image_column not in example:
-                raise KeyError(
-                    f"Example has no image column {self.image_column!r}; its columns are {sorted(example)}"
-                )
+                raise KeyError(f"Example has no image column {self.image_column!r}; its columns are {sorted(example)}")
             data = read_image_bytes(example[self.image_column])
             if data is None:
                 continue
@@ -156,11 +154,11 @@ def sample_crop_boxes(
     w = widths.to(torch.float64).reshape(-1, 1)
     n = h.shape[0]
     area = h * w
-    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=generator,
-                                                                     dtype=torch.float64))
+    target = area * (
+        scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=generator, dtype=torch.float64)
+    )
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, attempts, generator=generator,
-                                                               dtype=torch.float64))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, attempts, generator=generator, dtype=torch.float64))
     cw = torch.round(torch.sqrt(target * aspect))
     ch = torch.round(torch.sqrt(target / aspect))
     fits = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
@@ -243,7 +241,8 @@ class GpuAugment(torch.nn.Module):
         # (x / 255 - mean) / std as one multiply-add.
         self.register_buffer("_mul", (1.0 / (255.0 * std_t)).view(1, 3, 1, 1).to(self.device), persistent=False)
         self.register_buffer(
-            "_add", (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, 3, 1, 1).to(self.device),
+            "_add",
+            (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, 3, 1, 1).to(self.device),
             persistent=False,
         )
 
@@ -314,7 +313,7 @@ class GpuAugment(torch.nn.Module):
         # float one); CUDA has only the float kernel, which is fast there.
         on_cpu = self.device.type == "cpu"
         for k, (image, (top, left, height, width)) in enumerate(zip(images, boxes, strict=True)):
-            crop = image[:, top:top + height, left:left + width].unsqueeze(0)
+            crop = image[:, top : top + height, left : left + width].unsqueeze(0)
             crop = crop.contiguous(memory_format=torch.channels_last) if on_cpu else crop.to(torch.float32)
             out[k] = F.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0]
         if self.train_mode and self.flip_prob > 0:

@@ -39,19 +39,25 @@ from attndistill_hf.gpu_augment import GpuAugment, RawBytesCollator
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--num_images", type=int, default=256, help="JPEGs generated and read per pass")
     parser.add_argument("--width", type=int, default=500, help="width of the generated images in pixels")
     parser.add_argument("--height", type=int, default=375, help="height of the generated images in pixels")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated images")
     parser.add_argument("--image_size", type=int, default=224, help="crop size produced by both paths")
     parser.add_argument("--batch_size", type=int, default=64, help="images per batch")
-    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="DataLoader worker processes for both paths")
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="DataLoader worker processes for both paths",
+    )
     parser.add_argument("--paths", default="cpu,gpu", help="comma-separated pipelines to measure: cpu, gpu")
-    parser.add_argument("--device", default=None,
-                        help="device of the gpu path (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--device", default=None, help="device of the gpu path (default: cuda when available, else cpu)"
+    )
     parser.add_argument("--warmup_epochs", type=int, default=1, help="untimed passes before the timed ones")
     parser.add_argument("--epochs", type=int, default=1, help="timed passes over the images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated images")
@@ -109,8 +115,13 @@ def measure(
 ) -> tuple[int, float]:
     """Images delivered and seconds taken over the timed epochs (workers stay alive between epochs)."""
     loader = torch.utils.data.DataLoader(
-        examples, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers, collate_fn=collate,
-        persistent_workers=args.num_workers > 0, pin_memory=device.type == "cuda",
+        examples,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.num_workers,
+        collate_fn=collate,
+        persistent_workers=args.num_workers > 0,
+        pin_memory=device.type == "cuda",
     )
     images, seconds = 0, 0.0
     for epoch in range(args.warmup_epochs + args.epochs):
@@ -131,15 +142,20 @@ def measure(
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    gpu_device = torch.device(args.device) if args.device else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    gpu_device = (
+        torch.device(args.device)
+        if args.device
+        else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         start = time.perf_counter()
         examples = write_images(Path(tmp), args)
         sizes = [os.path.getsize(e["image"]["path"]) for e in examples]
-        print(f"generated {len(examples)} JPEGs of {args.width}x{args.height}, mean {np.mean(sizes) / 1e3:.0f} KB, "
-              f"in {time.perf_counter() - start:.1f}s")
+        print(
+            f"generated {len(examples)} JPEGs of {args.width}x{args.height}, mean {np.mean(sizes) / 1e3:.0f} KB, "
+            f"in {time.perf_counter() - start:.1f}s"
+        )
         for path in args.paths:
             if path == "cpu":
                 device = torch.device("cpu")
@@ -151,28 +167,33 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 augment = GpuAugment(args.image_size, IMAGENET_MEAN, IMAGENET_STD, device=device, seed=args.seed)
                 after = augment
             images, seconds = measure(examples, collate, after, device, args)
-            rows.append({
-                "path": path,
-                "workers": args.num_workers,
-                "device": device.type,
-                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                or platform.machine(),
-                "batch_size": args.batch_size,
-                "image_size": args.image_size,
-                "images": images,
-                "seconds": round(seconds, 4),
-                "img_per_s": round(images / seconds, 1) if seconds > 0 else float("inf"),
-                "mean_jpeg_kb": round(float(np.mean(sizes)) / 1e3, 1),
-                "cpu_count": os.cpu_count(),
-                "torch": torch.__version__,
-                "torchvision": torchvision.__version__,
-            })
+            rows.append(
+                {
+                    "path": path,
+                    "workers": args.num_workers,
+                    "device": device.type,
+                    "device_name": torch.cuda.get_device_name(device)
+                    if device.type == "cuda"
+                    else platform.processor() or platform.machine(),
+                    "batch_size": args.batch_size,
+                    "image_size": args.image_size,
+                    "images": images,
+                    "seconds": round(seconds, 4),
+                    "img_per_s": round(images / seconds, 1) if seconds > 0 else float("inf"),
+                    "mean_jpeg_kb": round(float(np.mean(sizes)) / 1e3, 1),
+                    "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__,
+                    "torchvision": torchvision.__version__,
+                }
+            )
     header = f"{'path':<5} {'workers':>7} {'device':<6} {'images':>7} {'seconds':>8} {'img/s':>9}"
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['path']:<5} {row['workers']:>7} {row['device']:<6} {row['images']:>7} "
-              f"{row['seconds']:>8.2f} {row['img_per_s']:>9.1f}")
+        print(
+            f"{row['path']:<5} {row['workers']:>7} {row['device']:<6} {row['images']:>7} "
+            f"{row['seconds']:>8.2f} {row['img_per_s']:>9.1f}"
+        )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -182,13 +182,19 @@ def test_decode_image_accepts_every_form_and_rejects_bad_data(tmp_path: Path) ->
     data = encode(image)
     path = tmp_path / "x.png"
     path.write_bytes(data)
-    for value in (data, bytearray(data), {"bytes": data, "path": None}, {"bytes": None, "path": str(path)},
-                  str(path), path, image):
+    for value in (
+        data,
+        bytearray(data),
+        {"bytes": data, "path": None},
+        {"bytes": None, "path": str(path)},
+        str(path),
+        path,
+        image,
+    ):
         decoded = decode_image(value)
         assert decoded is not None and decoded.mode == "RGB" and decoded.size == (6, 4)
         assert decoded.getpixel((5, 3)) == (1, 2, 3)
-    for bad in (b"", b"\x89PNG garbage", data[:40], {"bytes": None, "path": None}, str(tmp_path / "gone.png"),
-                None):
+    for bad in (b"", b"\x89PNG garbage", data[:40], {"bytes": None, "path": None}, str(tmp_path / "gone.png"), None):
         assert decode_image(bad) is None
     with pytest.raises(TypeError, match="image column must hold"):
         decode_image(12)
@@ -220,8 +226,12 @@ def test_image_folder_skips_and_counts_corrupt_files(image_folder: Path, tmp_pat
 
 def test_every_mode_becomes_a_three_channel_crop_of_the_right_colour(image_folder: Path) -> None:
     expected = {
-        "rgb.jpg": (200, 10, 10), "gray.png": (90, 90, 90), "rgba.png": (255, 255, 255),
-        "cmyk.jpg": (255, 0, 255), "deep.png": (60, 60, 60), "tiny.png": (10, 200, 10),
+        "rgb.jpg": (200, 10, 10),
+        "gray.png": (90, 90, 90),
+        "rgba.png": (255, 255, 255),
+        "cmyk.jpg": (255, 0, 255),
+        "deep.png": (60, 60, 60),
+        "tiny.png": (10, 200, 10),
         "palette.png": (255, 255, 255),
     }
     collate = ImageCollator(eval_transform(20, ZERO, ONE))
@@ -368,8 +378,9 @@ def test_workers_share_the_steps_and_epoch_reaches_them(parquet_shards: Path) ->
 
 
 def test_dataloader_workers_capped_by_shards(parquet_shards: Path, tmp_path: Path) -> None:
-    args = DataArguments(data_files=[str(parquet_shards / "even" / "*.parquet")], streaming=True,
-                         cache_dir=str(tmp_path))
+    args = DataArguments(
+        data_files=[str(parquet_shards / "even" / "*.parquet")], streaming=True, cache_dir=str(tmp_path)
+    )
     ds = load_split(args, "train")
     with pytest.warns(UserWarning, match="has 4 shard"):
         assert dataloader_workers(ds, 8) == 4
@@ -461,8 +472,10 @@ def test_train_crop_area_and_flip_statistics() -> None:
     fractions = np.array(fractions)
     assert fractions.min() > 0.2 * 0.9 and fractions.max() < 1.0 * 1.05
     # The same draw through torchvision's sampler gives the expected mean area.
-    reference = [np.prod(v2.RandomResizedCrop.get_params(torch.empty(1, 256, 256), [0.2, 1.0], [3 / 4, 4 / 3])[2:])
-                 / 256**2 for _ in range(4000)]
+    reference = [
+        np.prod(v2.RandomResizedCrop.get_params(torch.empty(1, 256, 256), [0.2, 1.0], [3 / 4, 4 / 3])[2:]) / 256**2
+        for _ in range(4000)
+    ]
     assert abs(fractions.mean() - np.mean(reference)) < 0.04
     assert (fractions < 0.3).any() and (fractions > 0.9).any()
     assert 0.4 * n < flips < 0.6 * n

@@ -46,8 +46,10 @@ def batch_of(*blobs: bytes | None, labels: list[int] | None = None) -> dict[str,
 def reference_mean_area(n: int = 4000) -> float:
     torch.manual_seed(1)
     image = torch.empty(1, 256, 256)
-    return float(np.mean([np.prod(v2.RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3])[2:])
-                          for _ in range(n)]) / 256**2)
+    return float(
+        np.mean([np.prod(v2.RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3])[2:]) for _ in range(n)])
+        / 256**2
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,8 +249,26 @@ def test_bench_data_smoke(tmp_path: Path) -> None:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "rows.json"
-    rows = bench.main(["--num_images", "8", "--width", "64", "--height", "48", "--image_size", "16",
-                       "--batch_size", "4", "--num_workers", "0", "--warmup_epochs", "0", "--json", str(out)])
+    rows = bench.main(
+        [
+            "--num_images",
+            "8",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--image_size",
+            "16",
+            "--batch_size",
+            "4",
+            "--num_workers",
+            "0",
+            "--warmup_epochs",
+            "0",
+            "--json",
+            str(out),
+        ]
+    )
     assert [r["path"] for r in rows] == ["cpu", "gpu"]
     assert all(r["images"] == 8 and r["img_per_s"] > 0 for r in rows)
     assert json.loads(out.read_text()) == rows
