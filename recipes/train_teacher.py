@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -57,12 +57,13 @@ from attndistill_hf.evaluation import run_knn_eval
 from attndistill_hf.fashion_mnist import CLASS_NAMES, HUB_DATASET_ID, INFO_FILENAME
 from attndistill_hf.hub import EvalRecord
 from attndistill_hf.models import sincos_2d_position_embeddings
+from attndistill_hf.trainer import exportable_student
 
 logger = logging.getLogger("attndistill_hf.train_teacher")
 
 RECIPE_FILENAME = "teacher_recipe.json"
 # Bump when the training code changes what a recipe produces, so cached teachers are retrained.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 KNN_KS: tuple[int, ...] = (10, 20, 100, 200)
 
 
@@ -207,10 +208,11 @@ def knn_loaders(
         max_eval_samples=max_test,
     )
     collator = ImageCollator(eval_transform(image_size, mean, std), "image", "label")
-    return tuple(  # type: ignore[return-value]
-        DataLoader(load_split(data_args, split, streaming=False), batch_size=batch_size, collate_fn=collator)
-        for split in ("train", "eval")
-    )
+
+    def loader(split: Literal["train", "eval"]) -> DataLoader:
+        return DataLoader(load_split(data_args, split, streaming=False), batch_size=batch_size, collate_fn=collator)
+
+    return loader("train"), loader("eval")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,9 +283,7 @@ def train_classifier(
             order, cursor = torch.randperm(len(labels), generator=generator), 0
         index = order[cursor : cursor + recipe.batch_size]
         cursor += recipe.batch_size
-        view = random_resized_crop_flip(
-            pixels[index], recipe.image_size, (recipe.crop_scale_min, 1.0), generator
-        )
+        view = random_resized_crop_flip(pixels[index], recipe.image_size, (recipe.crop_scale_min, 1.0), generator)
         view = ((view - mean) / std).expand(-1, 3, -1, -1)
         logits = model(pixel_values=view).logits
         loss = F.cross_entropy(logits, labels[index], label_smoothing=recipe.label_smoothing)
@@ -298,7 +298,7 @@ def train_classifier(
         momentum = 0.0 if step == 0 else 0.95
         running_loss = momentum * running_loss + (1 - momentum) * loss.item()
         running_acc = momentum * running_acc + (1 - momentum) * accuracy
-        bar.set_postfix(loss=f"{running_loss:.3f}", acc=f"{100 * running_acc:.1f}%")
+        bar.set_postfix(loss=f"{running_loss:.3f}", acc=f"{100 * running_acc:.1f}%", refresh=False)
     bar.close()
     model.eval()
     return model, {"train_loss_ema": running_loss, "train_accuracy_ema": 100 * running_acc}
@@ -348,9 +348,7 @@ def build_teacher_card(record: dict[str, Any]) -> ModelCard:
     knn = record["knn"]["knn"]
     data = record["data"]
     counts = data["num_examples"]
-    split_note = (
-        "class-balanced seeded subsets" if any(data["max_examples"].values()) else "the complete splits"
-    )
+    split_note = "class-balanced seeded subsets" if any(data["max_examples"].values()) else "the complete splits"
     records = [
         EvalRecord(
             f"k-NN top-1 (k={k})",
@@ -426,16 +424,20 @@ Final training-batch accuracy (moving average): {record["train_metrics"]["train_
 ## How to use
 
 ```python
+import torch
+from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 processor = AutoImageProcessor.from_pretrained("path/to/this/folder")
 model = AutoModel.from_pretrained("path/to/this/folder").eval()
-inputs = processor(images=image.convert("RGB"), return_tensors="pt")
-features = model(**inputs).last_hidden_state[:, 0]
+image = Image.open("example.png").convert("RGB")
+with torch.no_grad():
+    features = model(**processor(images=image, return_tensors="pt")).last_hidden_state[:, 0]
 ```
 
-The checkpoint has no pooler (nothing here uses one): `AutoModel` reports `pooler.*` as newly
-initialised, which does not affect `last_hidden_state`.
+The checkpoint carries the pooler that transformers' `ViTModel` builds by default, untrained: it is
+never used (the features are the CLS token of `last_hidden_state`) and is left out of the parameter
+count above.
 
 As an AttnDistill teacher: `python recipes/distill.py recipes/configs/demo.yaml`.
 
@@ -486,6 +488,7 @@ def train_teacher(recipe: TeacherRecipe, run: TeacherRunArguments) -> dict[str, 
     expected = recipe_hash(recipe, fingerprint)
     if not run.overwrite and (record := cached_record(out, expected)) is not None:
         logger.info("Reusing the teacher in %s (recipe hash %s)", out, expected)
+        build_teacher_card(record).save(out / "README.md")  # the card follows this code; the numbers, the record
         return {**record, "reused": True}
 
     started = time.time()
@@ -497,13 +500,19 @@ def train_teacher(recipe: TeacherRecipe, run: TeacherRunArguments) -> dict[str, 
     backbone: ViTModel = model.vit
     image_mean, image_std = [mean] * 3, [std] * 3
     knn = teacher_knn(
-        backbone, data_dir, recipe.image_size, image_mean, image_std, batch_size=run.eval_batch_size,
+        backbone,
+        data_dir,
+        recipe.image_size,
+        image_mean,
+        image_std,
+        batch_size=run.eval_batch_size,
         progress=run.progress,
     )
 
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILENAME).unlink(missing_ok=True)  # written last: its presence means "complete"
-    backbone.save_pretrained(out, safe_serialization=True)
+    # Saved as AutoModel builds a ViTModel (with its unused pooler), so loading it reports nothing missing.
+    exportable_student(backbone).save_pretrained(out, safe_serialization=True)
     ViTImageProcessor(
         do_resize=True,
         size={"height": recipe.image_size, "width": recipe.image_size},

@@ -142,14 +142,27 @@ def test_ablation_configs_cover_three_cases_times_three_losses() -> None:
 
 def test_ablation_report_states_mean_and_spread() -> None:
     ablation = load_recipe("ablation")
+
+    def knn(value: float) -> dict[str, float]:
+        return {"10": value, "20": value, "200": value}
+
+    # Three seeds per loss; the longer schedule scores 5 points more everywhere.
     runs = [
-        {"case": "same", "loss": loss, "seed": seed, "knn": {"10": value, "20": value, "200": value}}
+        {
+            "case": "same",
+            "loss": loss,
+            "seed": seed,
+            "max_steps": steps,
+            "knn": knn(value + shift),
+            "distill_time_s": 30.0,
+        }
+        for steps, shift in ((300, 0.0), (600, 5.0))
         for loss, values in (("proj", (70.0, 72.0, 74.0)), ("both", (75.0, 76.0, 77.0)))
         for seed, value in enumerate(values)
     ]
     state = {
         "runs": runs,
-        "untrained": [{"case": "same", "seed": s, "knn": {"10": 60.0, "20": 60.0, "200": 60.0}} for s in range(3)],
+        "untrained": [{"case": "same", "seed": s, "knn": knn(60.0)} for s in range(3)],
         "teacher": {
             "recipe_hash": "abc",
             "recipe": {"max_steps": 10, "batch_size": 8},
@@ -158,14 +171,17 @@ def test_ablation_report_states_mean_and_spread() -> None:
         "seeds": [0, 1, 2],
         "num_train": 100,
         "num_test": 50,
-        "settings": "10 steps",
+        "config_steps": 300,
+        "settings": {300: "300 steps", 600: "600 steps"},
         "hardware": "CPU",
         "date": "2025-01-01",
-        "distill_time_s": 60.0,
         "total_time_s": 120.0,
         "load_average": [None, None],
     }
     text = ablation.render_results(state)
+    # One table per schedule, each with mean ± sample standard deviation over the seeds.
+    assert "## 300 steps" in text and "## 600 steps" in text and "--max_steps 600" in text
     assert "| 72.00 ± 2.00 |" in text and "| 76.00 ± 1.00 |" in text and "| 60.00 ± 0.00 |" in text
+    assert "| 77.00 ± 2.00 |" in text and "| 81.00 ± 1.00 |" in text
     assert "adding the attention term to the projector term: +4.00" in text
     assert "2025-01-01" in text and "CPU" in text
