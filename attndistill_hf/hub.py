@@ -246,8 +246,8 @@ def build_model_card(
         f"# {_public_name(model_id_or_name)}",
         (
             f"A Vision Transformer student ({_architecture_line(student_config)}) distilled without labels "
-            f"from the self-supervised teacher `{teacher_public}` with **AttnDistill** on "
-            f"`{dataset_public}` (`{dataset_split}` split). It is a plain transformers `ViTModel`: the "
+            f"from the teacher `{teacher_public}` with **AttnDistill** on `{dataset_public}` images "
+            f"(evaluations use its `{dataset_split}` split). It is a plain transformers `ViTModel`: the "
             "features are the last layer's CLS token after the final LayerNorm. The projector used during "
             "training is not part of this model."
         ),
