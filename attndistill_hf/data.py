@@ -839,3 +839,35 @@ class ImageCollator:
             batch["labels"] = torch.tensor([labels[i] for i in sources], dtype=torch.long)
         batch["skipped_images"] = torch.tensor(skipped, dtype=torch.long)
         return batch
+
+
+def eval_view_loader(
+    data_args: DataArguments,
+    split: Literal["train", "eval"],
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    streaming: bool | None = None,
+    limit: int | None = None,
+) -> tuple[torch.utils.data.DataLoader, Any]:
+    """Labelled images of ``split`` with the evaluation view (resize + centre crop), in dataset order.
+
+    What every k-NN memory bank and test set is read with. ``limit`` keeps the first N examples of a
+    non-streamed split. Returns ``(loader, dataset)``.
+    """
+    dataset = load_split(data_args, split, streaming=streaming)
+    if limit is not None and hasattr(dataset, "__len__") and len(dataset) > limit:
+        dataset = dataset.select(range(limit))
+    collator = ImageCollator(
+        eval_transform(data_args.image_size, mean, std), data_args.image_column, data_args.label_column
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=dataloader_workers(dataset, num_workers),
+        collate_fn=collator,
+    )
+    return loader, dataset

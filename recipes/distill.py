@@ -32,6 +32,7 @@ from attndistill_hf.data import (
     count_examples,
     dataloader_workers,
     eval_transform,
+    eval_view_loader,
     image_stats,
     load_split,
     shard_stream,
@@ -153,17 +154,6 @@ def build_train_dataset(data_args: DataArguments, args: AttnDistillConfig) -> An
     return EqualStepsIterable(dataset, steps, args.per_device_train_batch_size)
 
 
-def eval_loader(data_args: DataArguments, split: str, limit: int | None, mean: Any, std: Any, batch: int) -> DataLoader:
-    """Labelled images with the evaluation view (resize + center crop), non-streamed, first ``limit``."""
-    dataset = load_split(data_args, split, streaming=False)
-    if limit is not None and len(dataset) > limit:
-        dataset = dataset.select(range(limit))
-    collator = ImageCollator(
-        eval_transform(data_args.image_size, mean, std), data_args.image_column, data_args.label_column
-    )
-    return DataLoader(dataset, batch_size=batch, collate_fn=collator, num_workers=0)
-
-
 def attention_figure(
     trainer: AttnDistillTrainer, loader: DataLoader, count: int, mean: Any, std: Any, path: Path
 ) -> str:
@@ -227,8 +217,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if has_eval and (run_args.knn_eval_steps or run_args.final_knn_eval):
         batch = args.per_device_eval_batch_size
         knn_loaders = (
-            eval_loader(data_args, "train", run_args.knn_train_samples, mean, std, batch),
-            eval_loader(data_args, "eval", data_args.max_eval_samples, mean, std, batch),
+            eval_view_loader(
+                data_args, "train", mean, std, batch_size=batch, streaming=False, limit=run_args.knn_train_samples
+            )[0],
+            eval_view_loader(data_args, "eval", mean, std, batch_size=batch, streaming=False)[0],
         )
         if run_args.knn_eval_steps:
             callbacks.append(

@@ -19,16 +19,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from torch.utils.data import DataLoader
-
 from attndistill_hf.cli import parse_config_and_flags
 from attndistill_hf.data import (
     DataArguments,
-    ImageCollator,
-    dataloader_workers,
-    eval_transform,
+    eval_view_loader,
     image_stats,
-    load_split,
 )
 from attndistill_hf.evaluation import DEFAULT_KNN_KS, EvalArguments, class_count, load_eval_model, run_knn_eval
 
@@ -43,21 +38,6 @@ class KNNArguments:
         default_factory=lambda: list(DEFAULT_KNN_KS), metadata={"help": "Numbers of neighbours to report."}
     )
     temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(similarity / temperature)."})
-
-
-def eval_view_loader(
-    data_args: DataArguments, split: str, mean: Any, std: Any, eval_args: EvalArguments
-) -> tuple[DataLoader, Any]:
-    """Labelled images of ``split`` with the evaluation view, in dataset order; returns (loader, dataset)."""
-    dataset = load_split(data_args, split)
-    collator = ImageCollator(
-        eval_transform(data_args.image_size, mean, std), data_args.image_column, data_args.label_column
-    )
-    workers = dataloader_workers(dataset, eval_args.num_workers)
-    loader = DataLoader(
-        dataset, batch_size=eval_args.batch_size, shuffle=False, num_workers=workers, collate_fn=collator
-    )
-    return loader, dataset
 
 
 def run_knn_eval_from_args(
@@ -81,8 +61,9 @@ def run_knn_eval_from_args(
             data_args.image_size,
         )
     mean, std = image_stats(processor)
-    train_loader, train_set = eval_view_loader(data_args, "train", mean, std, eval_args)
-    test_loader, _ = eval_view_loader(data_args, "eval", mean, std, eval_args)
+    views = {"batch_size": eval_args.batch_size, "num_workers": eval_args.num_workers}
+    train_loader, train_set = eval_view_loader(data_args, "train", mean, std, **views)
+    test_loader, _ = eval_view_loader(data_args, "eval", mean, std, **views)
     model = model.to(accelerator.device)
     train_loader, test_loader = accelerator.prepare(train_loader, test_loader)
     kind = eval_args.feature_kind or "cls"

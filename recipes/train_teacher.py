@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from attndistill_hf.cli import parse_config_and_flags
-from attndistill_hf.data import DataArguments, ImageCollator, eval_transform, load_split
+from attndistill_hf.data import DataArguments, eval_view_loader
 from attndistill_hf.evaluation import run_knn_eval
 from attndistill_hf.fashion_mnist import CLASS_NAMES, HUB_DATASET_ID, INFO_FILENAME
 from attndistill_hf.hub import EvalRecord
@@ -207,12 +207,9 @@ def knn_loaders(
         max_train_samples=max_train,
         max_eval_samples=max_test,
     )
-    collator = ImageCollator(eval_transform(image_size, mean, std), "image", "label")
-
-    def loader(split: Literal["train", "eval"]) -> DataLoader:
-        return DataLoader(load_split(data_args, split, streaming=False), batch_size=batch_size, collate_fn=collator)
-
-    return loader("train"), loader("eval")
+    train, _ = eval_view_loader(data_args, "train", mean, std, batch_size=batch_size, streaming=False)
+    test, _ = eval_view_loader(data_args, "eval", mean, std, batch_size=batch_size, streaming=False)
+    return train, test
 
 
 # --------------------------------------------------------------------------------------------------
