@@ -171,7 +171,11 @@ def drop_prefix_keys(attention: torch.Tensor, num_prefix: int) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def _call(model: nn.Module, pixel_values: torch.Tensor, extra: dict[str, Any]) -> ModelOutput:
+def run_model(model: nn.Module, pixel_values: torch.Tensor, **extra: Any) -> ModelOutput:
+    """``model(pixel_values)`` with its family's forward arguments (see ``models.forward_kwargs``).
+
+    ``model`` may be wrapped (DDP, ``torch.compile``); ``extra`` arguments win over the family's.
+    """
     plain = unwrap_model(model)
     kwargs = forward_kwargs(plain, pixel_values) if isinstance(plain, PreTrainedModel) else {}
     kwargs.update(extra)
@@ -191,7 +195,7 @@ def last_cls_attention(
     """
     capture = install_attention_capture(model)
     capture.outputs.clear()
-    output = _call(model, pixel_values, forward_kwargs)
+    output = run_model(model, pixel_values, **forward_kwargs)
     query, key = capture.outputs.pop("query", None), capture.outputs.pop("key", None)
     if query is None or key is None:
         raise RuntimeError(
@@ -219,7 +223,7 @@ def eager_last_cls_attention(
             "eager attention: load it with attn_implementation='eager' (or call "
             "model.set_attn_implementation('eager')), or use last_cls_attention, which works with any backend."
         )
-    output = _call(model, pixel_values, {"output_attentions": True, **forward_kwargs})
+    output = run_model(model, pixel_values, **{"output_attentions": True, **forward_kwargs})
     attentions = getattr(output, "attentions", None)
     if not attentions:
         raise RuntimeError(

@@ -47,7 +47,7 @@ from transformers import (
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
-from .models import forward_kwargs
+from .attention import run_model
 from .reference_vit import CHECKPOINT_FORMATS, LAYER_NORM_EPS, ReferenceViT
 
 logger = logging.getLogger(__name__)
@@ -584,7 +584,7 @@ def _verify(
     pixels = torch.randn(2, num_channels, image_size, image_size, generator=generator)
     with torch.no_grad():
         expected = reference(pixels)
-        output = reloaded(pixels, output_attentions=True, **forward_kwargs(reloaded, pixels))
+        output = run_model(reloaded, pixels, output_attentions=True)
     attentions = output.attentions
     if not attentions:
         raise ConversionVerificationError(

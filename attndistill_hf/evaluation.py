@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .models import forward_kwargs, num_prefix_tokens
+from .attention import run_model, unwrap_model
+from .models import num_prefix_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def compute_features(model: nn.Module, pixel_values: torch.Tensor, kind: Feature
     """
     _check_kind(kind)
     if kind == "last4_cls":
-        outputs = model(pixel_values=pixel_values, output_hidden_states=True, **forward_kwargs(model, pixel_values))
+        outputs = run_model(model, pixel_values, output_hidden_states=True)
         hidden_states = getattr(outputs, "hidden_states", None)
         num_layers = getattr(model.config, "num_hidden_layers", None)
         if not hidden_states:
@@ -133,7 +134,7 @@ def compute_features(model: nn.Module, pixel_values: torch.Tensor, kind: Feature
             )
         norm = _final_norm(model)
         return torch.cat([norm(state[:, 0]) for state in hidden_states[-4:]], dim=-1)
-    outputs = model(pixel_values=pixel_values, **forward_kwargs(model, pixel_values))
+    outputs = run_model(model, pixel_values)
     tokens = outputs.last_hidden_state
     cls = tokens[:, 0]
     if kind == "cls":
@@ -690,9 +691,8 @@ def train_linear_probe_on_images(
 
 
 def default_feature_model(model: nn.Module) -> nn.Module:
-    """The backbone to evaluate inside a training wrapper: unwraps DDP/``.module`` and a ``student`` attribute."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
+    """The backbone to evaluate inside a training wrapper: unwraps DDP / compile and a ``student`` attribute."""
+    model = unwrap_model(model)
     student = getattr(model, "student", None)
     if isinstance(student, nn.Module) and hasattr(student, "config"):
         return student
@@ -915,16 +915,10 @@ def load_eval_model(
     Loading goes through ``models.load_teacher`` (``AutoModel.from_pretrained``, MAE masking switched
     off), so any teacher or student checkpoint is evaluated the same way.
     """
-    from transformers import AutoImageProcessor
-
-    from .models import load_teacher
+    from .models import load_image_processor, load_teacher
 
     model = load_teacher(name_or_path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
-    try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError):  # no preprocessor_config.json: ImageNet statistics apply
-        processor = None
-    return model, processor
+    return model, load_image_processor(name_or_path, trust_remote_code=trust_remote_code)
 
 
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     PretrainedConfig,
     PreTrainedModel,
@@ -169,6 +170,14 @@ def load_teacher(
         )
     model.requires_grad_(False)
     return model.eval()
+
+
+def load_image_processor(name_or_path: str, *, trust_remote_code: bool = False) -> Any | None:
+    """The image processor saved with a model, or None when it has none (ImageNet statistics apply)."""
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):  # no preprocessor_config.json
+        return None
 
 
 def _configured_image_size(config: PretrainedConfig) -> tuple[int, int]:

@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .attention import find_last_attention, install_attention_capture, last_cls_attention, unwrap_model
+from .attention import find_last_attention, install_attention_capture, last_cls_attention, run_model, unwrap_model
 from .data import EqualStepsIterable, prepare_per_rank_dataloader
 from .losses import AttnDistillLoss
-from .models import cls_features, forward_kwargs, load_teacher, patch_grid
+from .models import cls_features, load_teacher, patch_grid
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class DistillationModule(nn.Module):
         if self.loss_fn.attn_weight:
             output, student_attn = self.capture(self.student, pixel_values)
         else:
-            output = self.student(pixel_values=pixel_values, **forward_kwargs(self.student, pixel_values))
+            output = run_model(self.student, pixel_values)
             student_attn = None
         terms = self.loss_fn(
             teacher_cls,
@@ -262,9 +262,7 @@ class AttnDistillTrainer(Trainer):
             if with_attention:
                 teacher_out, teacher_attn = last_cls_attention(self.teacher, pixel_values)
             else:
-                plain_teacher = unwrap_model(self.teacher)
-                teacher_out = self.teacher(pixel_values=pixel_values, **forward_kwargs(plain_teacher, pixel_values))
-                teacher_attn = None
+                teacher_out, teacher_attn = run_model(self.teacher, pixel_values), None
         teacher_grid = patch_grid(unwrap_model(self.teacher).config, tuple(pixel_values.shape[-2:]))
         loss, loss_proj, loss_attn = model(
             pixel_values=pixel_values,
@@ -358,9 +356,9 @@ class AttnDistillTrainer(Trainer):
                 "warmup_epochs needs the epoch length: stream with a known size (--num_train_examples) "
                 "or use warmup_steps."
             )
-        # Per-rank streams (EqualStepsIterable) hold this rank's examples only.
-        world = 1 if isinstance(self.train_dataset, EqualStepsIterable) else max(1, self.args.world_size)
-        batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * world
+        batch = self.args.total_train_batch_size
+        if isinstance(self.train_dataset, EqualStepsIterable):
+            batch //= max(1, self.args.world_size)  # a per-rank stream holds this rank's examples only
         return max(1, math.ceil(len(self.train_dataset) / batch))
 
     # ---- checkpoints ------------------------------------------------------------------------------

@@ -45,10 +45,10 @@ from attndistill_hf.attention import (
     eager_last_cls_attention,
     install_attention_capture,
     last_cls_attention,
-    unwrap_model,
+    run_model,
 )
 from attndistill_hf.losses import AttnDistillLoss
-from attndistill_hf.models import STUDENT_PRESETS, build_student, cls_features, forward_kwargs, patch_grid
+from attndistill_hf.models import STUDENT_PRESETS, build_student, cls_features, patch_grid
 from attndistill_hf.trainer import DistillationModule
 
 MODES = ("naive", "default", "floor", "default+compile")
@@ -152,9 +152,7 @@ class StepSetup:
             elif self.with_attention:
                 teacher_out, teacher_attn = last_cls_attention(self.teacher, pixel_values)
             else:
-                plain = unwrap_model(self.teacher)
-                teacher_out = self.teacher(pixel_values=pixel_values, **forward_kwargs(plain, pixel_values))
-                teacher_attn = None
+                teacher_out, teacher_attn = run_model(self.teacher, pixel_values), None
         loss, _, _ = self.module(
             pixel_values, cls_features(teacher_out.last_hidden_state), teacher_attn, self.teacher_grid, validate
         )

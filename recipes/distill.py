@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedModel, ViTImageProcessor, set_seed
+from transformers import AutoConfig, AutoModel, PreTrainedModel, ViTImageProcessor, set_seed
 from transformers.image_utils import PILImageResampling
 
 from attndistill_hf.attention import last_cls_attention, unwrap_model
@@ -43,7 +43,7 @@ from attndistill_hf.evaluation import KNNEvaluationCallback, run_knn_eval
 from attndistill_hf.figures import plot_attention_maps, plot_training_curves
 from attndistill_hf.gpu_augment import GpuAugment, RawBytesCollator
 from attndistill_hf.hub import EvalRecord, HubPushError, push_output_dir, write_model_card
-from attndistill_hf.models import STUDENT_PRESETS, build_student, load_teacher, patch_grid
+from attndistill_hf.models import STUDENT_PRESETS, build_student, load_image_processor, load_teacher, patch_grid
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
 
 logger = logging.getLogger("attndistill_hf.distill")
@@ -126,15 +126,6 @@ def load_student(model_args: DistillModelArguments, data_args: DataArguments, te
     )
 
 
-def teacher_image_stats(teacher_name_or_path: str) -> tuple[Any, Any]:
-    """Normalisation of the teacher's image processor (ImageNet's when it ships none)."""
-    try:
-        processor = AutoImageProcessor.from_pretrained(teacher_name_or_path)
-    except (OSError, ValueError):
-        processor = None
-    return image_stats(processor)
-
-
 def build_train_dataset(data_args: DataArguments, args: AttnDistillConfig) -> Any:
     """Map-style data as is; a stream sharded per rank, shuffled with the common seed, equal steps per rank."""
     dataset = load_split(data_args, "train")
@@ -185,7 +176,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed below with the model card, not mid-run
     teacher = load_teacher(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
-    mean, std = teacher_image_stats(model_args.teacher_name_or_path)
+    # The teacher's normalisation (ImageNet's when it ships no image processor).
+    mean, std = image_stats(
+        load_image_processor(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    )
     student = load_student(model_args, data_args, teacher)
     train_dataset = build_train_dataset(data_args, args)
     if isinstance(train_dataset, EqualStepsIterable):
