@@ -195,6 +195,8 @@ class AttnDistillTrainer(Trainer):
     exported student so that ``AutoImageProcessor.from_pretrained`` works on the output directory.
     ``batch_transform`` runs on each batch in the training process before the models see it, e.g.
     :class:`~attndistill_hf.gpu_augment.GpuAugment` decoding and augmenting JPEG bytes on the GPU.
+    ``image_size`` is the crop size of the data transform (default: the student's configured size);
+    a pair that cannot take it fails before the first step.
     """
 
     def __init__(
@@ -205,10 +207,11 @@ class AttnDistillTrainer(Trainer):
         *,
         image_processor: Any = None,
         batch_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        image_size: int | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         teacher_model = load_teacher(teacher)
-        check_pair(teacher_model, student, student.config.image_size)
+        check_pair(teacher_model, student, image_size or student.config.image_size)
         loss_fn = AttnDistillLoss(
             student.config.hidden_size,
             teacher_model.config.hidden_size,

@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_dataset=train_dataset,
         data_collator=collator,
         batch_transform=batch_transform,
+        image_size=data_args.image_size,
         callbacks=callbacks,
     )
     for callback in callbacks:

@@ -225,3 +225,10 @@ def test_checkpoints_appear_whole_or_not_at_all(tmp_path: Path) -> None:
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
     assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-6")
     assert (tmp_path / "checkpoint-6" / "optimizer.pt").is_file()
+
+
+def test_trainer_checks_the_data_crop_size(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="configured for 32 px but the data transform crops 48 px"):
+        AttnDistillTrainer(
+            tiny_student(), tiny_teacher(), config(tmp_path), train_dataset=PixelDataset(), image_size=48
+        )
