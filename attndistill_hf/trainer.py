@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTModel
@@ -237,8 +238,17 @@ class AttnDistillTrainer(Trainer):
         if args.torch_compile:
             install_attention_capture(teacher_model)
             self.teacher = torch.compile(self.teacher, backend=args.torch_compile_backend or "inductor")
+        scales_itself = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if args.fp16 and self.accelerator.scaler is None and not scales_itself:
+            # Accelerate only autocasts and scales fp16 on accelerators: on a CPU "fp16" would silently
+            # train in fp32, and fp16 without loss scaling underflows small gradients to zero.
+            raise ValueError(
+                f"fp16 needs a gradient scaler, which Accelerate only provides on an accelerator (device: "
+                f"{self.accelerator.device.type}). Use --bf16 true, or no mixed precision, on this device."
+            )
         self.batch_transform = batch_transform
         self._validated = False
+        self._window_had_skip = False
         self._consecutive_nonfinite = 0
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
@@ -287,8 +297,11 @@ class AttnDistillTrainer(Trainer):
         """Drop a batch whose loss is NaN/inf: a zero loss over every trainable parameter.
 
         Backpropagating ``0 * NaN`` would still poison the gradients; this surrogate gives exact zero
-        gradients and keeps DDP's reducer satisfied (every parameter receives one).
+        gradients and keeps DDP's reducer satisfied (every parameter receives one). The other
+        micro-batches of the accumulation window still count; a window with nothing left is not
+        applied at all (:meth:`_drop_empty_update`).
         """
+        self._window_had_skip = True
         self.nonfinite_steps += 1
         self._consecutive_nonfinite += 1
         logger.warning(
@@ -300,6 +313,33 @@ class AttnDistillTrainer(Trainer):
                 "Lower the learning rate, use bf16 instead of fp16, or resume from the last checkpoint."
             )
         return sum((p.sum() * 0.0 for p in model.parameters() if p.requires_grad), bad_loss.new_zeros(()))
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients and self._window_had_skip:
+            self._window_had_skip = False
+            self._drop_empty_update(model)
+        return loss
+
+    def _drop_empty_update(self, model: nn.Module) -> None:
+        """After the window's last backward: if every batch of it was skipped, apply no update at all.
+
+        Zero gradients are not a skipped step: AdamW would still move the weights by its momentum
+        and weight decay. Under DDP the gradients are already averaged here, so "all zero" (every
+        rank skipped everything) is the same decision on every rank without another collective.
+        """
+        params = [p for p in model.parameters() if p.grad is not None]
+        if any(bool(p.grad.any()) for p in params):
+            return
+        scaler = self.accelerator.scaler
+        for param in params:
+            if scaler is not None:
+                # The grad scaler must find a gradient to check: an inf makes it skip the step and
+                # hold the learning-rate schedule, as for an fp16 overflow.
+                param.grad.fill_(float("inf"))
+            else:
+                param.grad = None  # torch optimizers leave a parameter without a gradient untouched
+        logger.warning("Every batch of this update was skipped: no optimizer step at step %d.", self.state.global_step)
 
     def _accumulate(self, terms: dict[str, torch.Tensor]) -> None:
         for name, value in terms.items():

@@ -146,7 +146,7 @@ def test_teacher_is_frozen_and_not_wrapped(tmp_path: Path) -> None:
     assert not any(p is q for p in trainer.teacher.parameters() for q in trainer.model.parameters())
 
 
-def test_nonfinite_batch_is_skipped_with_zero_gradients(tmp_path: Path) -> None:
+def test_nonfinite_batch_is_skipped_and_stops_the_run_when_repeated(tmp_path: Path) -> None:
     trainer = AttnDistillTrainer(
         tiny_student(),
         tiny_teacher(),
@@ -159,10 +159,74 @@ def test_nonfinite_batch_is_skipped_with_zero_gradients(tmp_path: Path) -> None:
     trainer.current_gradient_accumulation_steps = 1
     loss = trainer.training_step(trainer.model, bad)
     assert loss.item() == 0.0 and trainer.nonfinite_steps == 1
-    grads = [p.grad for p in trainer.model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+    # The whole update was skipped: no gradient reaches the optimizer (zeros would still move AdamW).
+    assert all(p.grad is None for p in trainer.model.parameters())
     with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
         trainer.training_step(trainer.model, bad)
+
+
+class PoisonedWindow(PixelDataset):
+    """Images whose reads number ``first``..``last`` (counting from 0) are NaN: one whole update at batch 8."""
+
+    def __init__(self, first: int = 8, last: int = 15) -> None:
+        super().__init__()
+        self.reads, self.first, self.last = 0, first, last
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(index)
+        if self.first <= self.reads <= self.last:
+            item = {"pixel_values": torch.full_like(item["pixel_values"], float("nan"))}
+        self.reads += 1
+        return item
+
+
+class RecordWeights(TrainerCallback):
+    def __init__(self) -> None:
+        self.after_step: list[dict[str, torch.Tensor]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.after_step.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def run_with_poisoned_second_update(tmp_path: Path, scaler: torch.amp.GradScaler | None = None) -> RecordWeights:
+    record = RecordWeights()
+    trainer = AttnDistillTrainer(
+        tiny_student(),
+        tiny_teacher(),
+        config(tmp_path, max_steps=3, max_grad_norm=0.0),
+        train_dataset=PoisonedWindow(),
+        callbacks=[record],
+    )
+    if scaler is not None:
+        trainer.accelerator.scaler = scaler  # what Accelerate creates for fp16 on a GPU
+    trainer.train()
+    assert trainer.nonfinite_steps == 1
+    return record
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, atol=0, rtol=0)
+
+
+def test_an_update_with_only_nonfinite_batches_changes_nothing(tmp_path: Path) -> None:
+    # AdamW with weight decay after a real first step: zero gradients alone would still move every weight.
+    after = run_with_poisoned_second_update(tmp_path).after_step
+    assert_same(after[0], after[1])
+    assert any(not torch.equal(after[1][k], after[2][k]) for k in after[1])  # training goes on
+
+
+def test_fp16_grad_scaler_skips_the_poisoned_update_and_backs_off(tmp_path: Path) -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    after = run_with_poisoned_second_update(tmp_path, scaler).after_step
+    assert_same(after[0], after[1])
+    assert any(not torch.equal(after[1][k], after[2][k]) for k in after[1])
+    assert scaler.get_scale() == 2.0**9  # the skipped update counted as one overflow
+
+
+def test_fp16_without_a_grad_scaler_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fp16 needs a gradient scaler"):
+        AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path, fp16=True), train_dataset=PixelDataset())
 
 
 def test_first_step_validates_inputs(tmp_path: Path) -> None:
