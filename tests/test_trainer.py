@@ -188,12 +188,14 @@ class RecordWeights(TrainerCallback):
         self.after_step.append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
-def run_with_poisoned_second_update(tmp_path: Path, scaler: torch.amp.GradScaler | None = None) -> RecordWeights:
+def run_with_poisoned_second_update(
+    tmp_path: Path, scaler: torch.amp.GradScaler | None = None, **overrides
+) -> tuple[AttnDistillTrainer, RecordWeights]:
     record = RecordWeights()
     trainer = AttnDistillTrainer(
         tiny_student(),
         tiny_teacher(),
-        config(tmp_path, max_steps=3, max_grad_norm=0.0),
+        config(tmp_path, **{"max_steps": 3, "max_grad_norm": 0.0, **overrides}),
         train_dataset=PoisonedWindow(),
         callbacks=[record],
     )
@@ -201,7 +203,7 @@ def run_with_poisoned_second_update(tmp_path: Path, scaler: torch.amp.GradScaler
         trainer.accelerator.scaler = scaler  # what Accelerate creates for fp16 on a GPU
     trainer.train()
     assert trainer.nonfinite_steps == 1
-    return record
+    return trainer, record
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -211,22 +213,36 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 def test_an_update_with_only_nonfinite_batches_changes_nothing(tmp_path: Path) -> None:
     # AdamW with weight decay after a real first step: zero gradients alone would still move every weight.
-    after = run_with_poisoned_second_update(tmp_path).after_step
+    after = run_with_poisoned_second_update(tmp_path)[1].after_step
     assert_same(after[0], after[1])
     assert any(not torch.equal(after[1][k], after[2][k]) for k in after[1])  # training goes on
 
 
 def test_fp16_grad_scaler_skips_the_poisoned_update_and_backs_off(tmp_path: Path) -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
-    after = run_with_poisoned_second_update(tmp_path, scaler).after_step
+    after = run_with_poisoned_second_update(tmp_path, scaler)[1].after_step
     assert_same(after[0], after[1])
     assert any(not torch.equal(after[1][k], after[2][k]) for k in after[1])
     assert scaler.get_scale() == 2.0**9  # the skipped update counted as one overflow
 
 
-def test_fp16_without_a_grad_scaler_is_refused(tmp_path: Path) -> None:
+def test_fp16_without_a_grad_scaler_is_refused_and_bf16_needs_none(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fp16 needs a gradient scaler"):
         AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path, fp16=True), train_dataset=PixelDataset())
+    trainer = AttnDistillTrainer(
+        tiny_student(), tiny_teacher(), config(tmp_path, bf16=True), train_dataset=PixelDataset()
+    )
+    assert trainer.accelerator.mixed_precision == "bf16" and trainer.accelerator.scaler is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_on_cuda_scales_the_loss_and_skips_a_poisoned_update(tmp_path: Path) -> None:
+    trainer, record = run_with_poisoned_second_update(tmp_path, use_cpu=False, fp16=True)
+    scaler = trainer.accelerator.scaler
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
+    assert_same(record.after_step[0], record.after_step[1])
+    assert any(not torch.equal(record.after_step[1][k], record.after_step[2][k]) for k in record.after_step[1])
+    assert scaler.get_scale() < 2.0**16  # the poisoned update backed the default initial scale off
 
 
 def test_first_step_validates_inputs(tmp_path: Path) -> None:
