@@ -69,6 +69,14 @@ class ProbeArguments:
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the head initialisation, shuffling and label subset."})
+    eval_every: int = field(
+        default=1,
+        metadata={
+            "help": "Also score the heads on the test set every N epochs and report the best (epoch, lr) as "
+            "best_epoch, the number DINO's linear evaluation prints (chosen on the test set); 0: final epoch only. "
+            "The headline top1 is always the final epoch's."
+        },
+    )
     probe_device: str | None = field(
         default=None, metadata={"help": "Device of the linear heads (default: the model's device)."}
     )
@@ -126,6 +134,7 @@ def run_linear_eval_from_args(
         weight_decay=probe_args.weight_decay,
         label_fraction=probe_args.label_fraction,
         seed=probe_args.seed,
+        eval_every=probe_args.eval_every,
         device=probe_args.probe_device,
         progress=eval_args.progress,
     )
