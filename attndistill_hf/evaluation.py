@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .attention import run_model, unwrap_model
-from .models import num_prefix_tokens
+from .data import image_stats
+from .models import load_image_processor, load_teacher, num_prefix_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -949,18 +950,42 @@ def class_count(dataset: Any, label_column: str) -> int | None:
     return getattr(feature, "num_classes", None)
 
 
-def load_eval_model(
-    name_or_path: str, *, attn_implementation: str = "sdpa", trust_remote_code: bool = False
-) -> tuple[nn.Module, Any | None]:
-    """A frozen backbone in eval mode and its image processor (None when the checkpoint has none).
+@dataclass
+class EvalSetup:
+    """What both evaluation recipes start from: the frozen model, its normalisation, the results' metadata."""
+
+    model: nn.Module
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    metadata: dict[str, Any]
+
+
+def load_eval_setup(eval_args: EvalArguments, data_args: Any) -> EvalSetup:
+    """Load ``eval_args.model_name_or_path`` frozen in eval mode, with the normalisation it was trained with.
 
     Loading goes through ``models.load_teacher`` (``AutoModel.from_pretrained``, MAE masking switched
-    off), so any teacher or student checkpoint is evaluated the same way.
+    off), so any teacher or student checkpoint is evaluated the same way. ``metadata`` (model, data
+    source, normalisation) heads every results JSON.
     """
-    from .models import load_image_processor, load_teacher
-
-    model = load_teacher(name_or_path, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
-    return model, load_image_processor(name_or_path, trust_remote_code=trust_remote_code)
+    name = eval_args.model_name_or_path
+    trust = eval_args.trust_remote_code
+    model = load_teacher(name, attn_implementation=eval_args.attn_implementation, trust_remote_code=trust)
+    configured = getattr(model.config, "image_size", None)
+    if isinstance(configured, int) and configured != data_args.image_size:
+        logger.warning(
+            "The model was configured for %d px images and is evaluated at --image_size %d "
+            "(position embeddings are interpolated).",
+            configured,
+            data_args.image_size,
+        )
+    mean, std = image_stats(load_image_processor(name, trust_remote_code=trust))
+    metadata = {
+        "model": name,
+        "data": {key: value for key, value in asdict(data_args).items() if value is not None},
+        "image_mean": list(mean),
+        "image_std": list(std),
+    }
+    return EvalSetup(model, mean, std, metadata)
 
 
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

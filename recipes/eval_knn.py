@@ -16,18 +16,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from attndistill_hf.cli import parse_config_and_flags
-from attndistill_hf.data import (
-    DataArguments,
-    eval_view_loader,
-    image_stats,
-)
-from attndistill_hf.evaluation import DEFAULT_KNN_KS, EvalArguments, class_count, load_eval_model, run_knn_eval
-
-logger = logging.getLogger(__name__)
+from attndistill_hf.data import DataArguments, eval_view_loader
+from attndistill_hf.evaluation import DEFAULT_KNN_KS, EvalArguments, class_count, load_eval_setup, run_knn_eval
 
 
 @dataclass
@@ -47,32 +41,13 @@ def run_knn_eval_from_args(
     from accelerate import Accelerator
 
     accelerator = Accelerator()
-    model, processor = load_eval_model(
-        eval_args.model_name_or_path,
-        attn_implementation=eval_args.attn_implementation,
-        trust_remote_code=eval_args.trust_remote_code,
-    )
-    configured = getattr(model.config, "image_size", None)
-    if isinstance(configured, int) and configured != data_args.image_size:
-        logger.warning(
-            "The model was configured for %d px images and is evaluated at --image_size %d "
-            "(position embeddings are interpolated).",
-            configured,
-            data_args.image_size,
-        )
-    mean, std = image_stats(processor)
+    setup = load_eval_setup(eval_args, data_args)
     views = {"batch_size": eval_args.batch_size, "num_workers": eval_args.num_workers}
-    train_loader, train_set = eval_view_loader(data_args, "train", mean, std, **views)
-    test_loader, _ = eval_view_loader(data_args, "eval", mean, std, **views)
-    model = model.to(accelerator.device)
+    train_loader, train_set = eval_view_loader(data_args, "train", setup.mean, setup.std, **views)
+    test_loader, _ = eval_view_loader(data_args, "eval", setup.mean, setup.std, **views)
+    model = setup.model.to(accelerator.device)
     train_loader, test_loader = accelerator.prepare(train_loader, test_loader)
     kind = eval_args.feature_kind or "cls"
-    extra = {
-        "model": eval_args.model_name_or_path,
-        "data": {key: value for key, value in asdict(data_args).items() if value is not None},
-        "image_mean": list(mean),
-        "image_std": list(std),
-    }
     return run_knn_eval(
         model,
         train_loader,
@@ -86,7 +61,7 @@ def run_knn_eval_from_args(
         output_json=eval_args.output_json,
         dtype=eval_args.dtype,
         progress=eval_args.progress,
-        extra=extra,
+        extra=setup.metadata,
     )
 
 

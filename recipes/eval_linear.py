@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +29,6 @@ from attndistill_hf.data import (
     ImageCollator,
     dataloader_workers,
     eval_transform,
-    image_stats,
     load_split,
     train_transform,
 )
@@ -37,11 +36,9 @@ from attndistill_hf.evaluation import (
     EvalArguments,
     LinearProbeConfig,
     class_count,
-    load_eval_model,
+    load_eval_setup,
     run_linear_eval,
 )
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,13 +83,9 @@ def run_linear_eval_from_args(
     eval_args: EvalArguments, probe_args: ProbeArguments, data_args: DataArguments
 ) -> dict[str, Any]:
     """Load the model and both splits, train and score the probe, print the table, write the JSON."""
-    model, processor = load_eval_model(
-        eval_args.model_name_or_path,
-        attn_implementation=eval_args.attn_implementation,
-        trust_remote_code=eval_args.trust_remote_code,
-    )
-    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-    mean, std = image_stats(processor)
+    setup = load_eval_setup(eval_args, data_args)
+    model = setup.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    mean, std = setup.mean, setup.std
     train_set = load_split(data_args, "train")
     test_set = load_split(data_args, "eval")
     streamed = not hasattr(train_set, "__len__")
@@ -138,12 +131,6 @@ def run_linear_eval_from_args(
         device=probe_args.probe_device,
         progress=eval_args.progress,
     )
-    extra = {
-        "model": eval_args.model_name_or_path,
-        "data": {key: value for key, value in asdict(data_args).items() if value is not None},
-        "image_mean": list(mean),
-        "image_std": list(std),
-    }
     return run_linear_eval(
         model,
         train_loader,
@@ -156,7 +143,7 @@ def run_linear_eval_from_args(
         cache_dir=eval_args.feature_cache_dir,
         output_json=eval_args.output_json,
         dtype=eval_args.dtype,
-        extra=extra,
+        extra=setup.metadata,
     )
 
 
