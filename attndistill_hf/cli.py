@@ -8,6 +8,7 @@ Every field is a dataclass field with a ``help`` text, so ``--help`` explains al
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
+
+from .hub import redact
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -71,25 +74,14 @@ def parse_config_and_flags(
 
 
 def recipe_text(argv: Sequence[str] | None = None) -> str:
-    """The experiment as it was run: the config file verbatim, then any command-line overrides."""
+    """The experiment as it was run: the config file verbatim, then any command-line overrides.
+
+    Secrets (Hub tokens in the file or among the flags) are redacted: the text goes into model cards.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     text = ""
     if args and args[0].endswith(CONFIG_SUFFIXES) and Path(args[0]).is_file():
         text = Path(args.pop(0)).read_text().rstrip() + "\n"
-    shown: list[str] = []
-    hide_next = False
-    for arg in args:
-        if hide_next:
-            shown.append("<redacted>")
-            hide_next = False
-            continue
-        # Hub tokens never reach a model card or a log.
-        if "token" in arg.split("=", 1)[0]:
-            if "=" in arg:
-                arg = arg.split("=", 1)[0] + "=<redacted>"
-            else:
-                hide_next = True
-        shown.append(arg)
-    if shown:
-        text += "# command-line overrides\n" + " ".join(shown) + "\n"
-    return text
+    if args:
+        text += "# command-line overrides\n" + shlex.join(args) + "\n"
+    return redact(text)

@@ -59,6 +59,11 @@ _SECRET_KEY_PATTERN = re.compile(
     r"""["']?\s*[:=]\s*)(?P<value>[^\s,#}]+)""",
     re.IGNORECASE,
 )
+# The same credentials as command-line flags: `--hub_token VALUE` or `--hub_token=VALUE`.
+_SECRET_FLAG_PATTERN = re.compile(
+    r"(?P<key>--(?:[\w-]*_)?(?:token|[\w-]*(?:secret|password)[\w-]*)(?:=|\s+))(?P<value>(?!--)[^\s]+)",
+    re.IGNORECASE,
+)
 
 _SUMMARY_LABELS: dict[str, str] = {
     "steps": "Optimizer steps",
@@ -121,10 +126,12 @@ class EvalRecord:
 
 
 def redact(text: str, token: str | None = None) -> str:
-    """``text`` with ``token``, any Hub-token-shaped string and any ``*token*: value`` setting masked.
+    """``text`` with ``token``, any Hub-token-shaped string, any ``*token*: value`` setting and any
+    ``--*token* VALUE`` flag masked.
 
-    Used on everything that may be shown or written (exception messages, cards, inlined configs), so
-    that a token given on the command line or stored in a config never leaves the process.
+    Used on everything that may be shown or written (exception messages, cards, inlined configs and
+    command lines), so that a token given on the command line or stored in a config never leaves the
+    process.
     """
     if token:
         text = text.replace(token, REDACTED)
@@ -136,7 +143,7 @@ def redact(text: str, token: str | None = None) -> str:
             return match.group(0)
         return match.group("key") + REDACTED
 
-    return _SECRET_KEY_PATTERN.sub(mask, text)
+    return _SECRET_FLAG_PATTERN.sub(mask, _SECRET_KEY_PATTERN.sub(mask, text))
 
 
 def _looks_like_hub_id(name: str) -> bool:

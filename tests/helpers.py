@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+import importlib.util
+import io
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
+from attndistill_hf.fashion_mnist import DEBIAN_FASHION_MNIST_DIR
 from attndistill_hf.models import build_student
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Real Fashion-MNIST, where the Debian package dataset-fashion-mnist is installed.
+HAVE_REAL = (Path(DEBIAN_FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").is_file()
+NO_REAL_REASON = "Debian package dataset-fashion-mnist is not installed"
+needs_real = pytest.mark.skipif(not HAVE_REAL, reason=NO_REAL_REASON)
+
+
+def skip_without_real() -> None:
+    """For fixtures, which marks do not reach: skip when real Fashion-MNIST is not installed."""
+    if not HAVE_REAL:
+        pytest.skip(NO_REAL_REASON)
+
+
+def load_recipe(name: str) -> ModuleType:
+    """Execute ``recipes/<name>.py`` as module ``recipe_<name>``."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the recipe is being executed
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_teacher(path: Path | None = None, *, heads: int = 4, patch: int = 4, image_size: int = 32) -> ViTModel:
@@ -70,3 +99,17 @@ def write_image_folder(root: Path, per_class: int = 6, classes: int = 3, size: i
     if corrupt:
         (root / "class0" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n-not-an-image")
     return root
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    """The file bytes of ``image`` saved as ``fmt`` (PNG, JPEG, ...) with PIL's save options."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def coordinate_image(size: int = 256) -> Image.Image:
+    """R = x, G = y: the colours of any crop tell where it came from."""
+    y, x = np.mgrid[0:size, 0:size]
+    array = np.stack([x, y, np.full_like(x, 128)], axis=-1).astype(np.uint8)
+    return Image.fromarray(array, mode="RGB")

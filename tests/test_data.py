@@ -40,6 +40,8 @@ from attndistill_hf.data import (
     train_transform,
 )
 
+from helpers import coordinate_image, encode
+
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
 
@@ -50,19 +52,6 @@ def no_arrow_shutdown_pause(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets.config
 
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def coordinate_image(size: int = 256) -> Image.Image:
-    """R = x, G = y: the colours of any crop tell where it came from."""
-    y, x = np.mgrid[0:size, 0:size]
-    array = np.stack([x, y, np.full_like(x, 128)], axis=-1).astype(np.uint8)
-    return Image.fromarray(array, mode="RGB")
 
 
 # 7 decodable images of every awkward kind, 2 that are not.
@@ -96,7 +85,7 @@ def parquet_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("parquet")
     (root / "even").mkdir()
     (root / "uneven").mkdir()
-    image = encode(Image.new("RGB", (10, 10), (50, 60, 70)))
+    image = encode(Image.new("RGB", (10, 10), (50, 60, 70)), "PNG")
     for shard in range(4):
         ids = list(range(5 * shard, 5 * shard + 5))
         ds = Dataset.from_dict({"image": [{"bytes": image, "path": None}] * 5, "label": ids})
@@ -179,7 +168,7 @@ def test_to_rgb_converts_every_mode_to_expected_colours() -> None:
 
 def test_decode_image_accepts_every_form_and_rejects_bad_data(tmp_path: Path) -> None:
     image = Image.new("RGB", (6, 4), (1, 2, 3))
-    data = encode(image)
+    data = encode(image, "PNG")
     path = tmp_path / "x.png"
     path.write_bytes(data)
     for value in (
@@ -493,7 +482,7 @@ def test_tiny_image_is_upsampled_to_the_crop() -> None:
 
 def test_collator_whole_batch_failing_and_fill_option() -> None:
     bad = {"image": {"bytes": b"junk", "path": None}, "label": 1}
-    good = {"image": {"bytes": encode(Image.new("RGB", (9, 9))), "path": None}, "label": 4}
+    good = {"image": {"bytes": encode(Image.new("RGB", (9, 9)), "PNG"), "path": None}, "label": 4}
     collate = ImageCollator(train_transform(16), "image", "label")
     empty = collate([bad, bad, bad])
     assert empty["pixel_values"].shape == (0, 3, 16, 16) and empty["labels"].shape == (0,)

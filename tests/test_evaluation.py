@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -11,6 +10,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,8 +39,7 @@ from attndistill_hf.fashion_mnist import (
     read_fashion_mnist_split,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-HAVE_REAL = (Path(DEBIAN_FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").is_file()
+from helpers import REPO, load_recipe, skip_without_real
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,8 +53,10 @@ def _one_thread_and_clean_accelerate():
     reset_accelerate_state()
 
 
-def tiny_vit(layers: int = 4, hidden: int = 32, channels: int = 1, image: int = 28, patch: int = 7) -> ViTModel:
-    config = ViTConfig(
+def tiny_vit_config(
+    layers: int = 4, hidden: int = 32, channels: int = 1, image: int = 28, patch: int = 7, **extra: Any
+) -> ViTConfig:
+    return ViTConfig(
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
@@ -64,8 +65,12 @@ def tiny_vit(layers: int = 4, hidden: int = 32, channels: int = 1, image: int = 
         patch_size=patch,
         num_channels=channels,
         layer_norm_eps=1e-6,
+        **extra,
     )
-    return ViTModel(config, add_pooling_layer=False).eval()
+
+
+def tiny_vit(layers: int = 4, hidden: int = 32, channels: int = 1, image: int = 28, patch: int = 7) -> ViTModel:
+    return ViTModel(tiny_vit_config(layers, hidden, channels, image, patch), add_pooling_layer=False).eval()
 
 
 def clustered_features(n: int, classes: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,8 +157,7 @@ MEAN, STD = 0.286, 0.353
 @pytest.fixture(scope="module")
 def fmnist() -> dict[str, torch.Tensor]:
     """2000 train / 500 test images (class-balanced), normalised, [N, 1, 28, 28]."""
-    if not HAVE_REAL:
-        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    skip_without_real()
     data = {}
     for split, count, seed in (("train", 2000, 0), ("test", 500, 1)):
         images, labels = read_fashion_mnist_split(DEBIAN_FASHION_MNIST_DIR, split)
@@ -431,8 +435,12 @@ def test_linear_probe_separable_reaches_100_percent() -> None:
     assert report["num_train"] == 1000 and report["feature_dim"] == 24 and report["num_classes"] == 10
 
 
-def reference_probe(train_x, train_y, test_x, test_y, lr, epochs, batch, seed, classes):
-    """DINO's probe from its description: N(0, 0.01) init, SGD momentum 0.9, cosine per epoch, reshuffle each epoch."""
+def reference_probe(train_x, train_y, test_x, test_y, lr, epochs, batch, seed, classes) -> list[float]:
+    """DINO's probe from its description: N(0, 0.01) init, SGD momentum 0.9, cosine per epoch, reshuffle each epoch.
+
+    Returns the test top-1 after every epoch.
+    """
+    accuracies = []
     init = torch.Generator().manual_seed(seed)
     weight = (torch.randn(classes, train_x.shape[1], generator=init) * 0.01).requires_grad_()
     bias = torch.zeros(classes, requires_grad=True)
@@ -449,9 +457,10 @@ def reference_probe(train_x, train_y, test_x, test_y, lr, epochs, batch, seed, c
                 for param, grad, vel in zip((weight, bias), grads, velocity, strict=True):
                     vel.mul_(0.9).add_(grad)
                     param.sub_(epoch_lr * vel)
-    with torch.no_grad():
-        predictions = (test_x @ weight.T + bias).argmax(1)
-    return 100.0 * float((predictions == test_y).float().mean())
+        with torch.no_grad():
+            predictions = (test_x @ weight.T + bias).argmax(1)
+        accuracies.append(100.0 * float((predictions == test_y).float().mean()))
+    return accuracies
 
 
 def test_linear_probe_matches_reference_and_sweep_heads_are_independent() -> None:
@@ -459,14 +468,42 @@ def test_linear_probe_matches_reference_and_sweep_heads_are_independent() -> Non
     test_x, test_y = clustered_features(300, 6, 12, spread=2.0, seed=8)
     single = LinearProbeConfig(epochs=8, batch_size=32, base_lr=0.5, seed=5, progress=False)
     report = train_linear_probe(train_x, train_y, test_x, test_y, single)
-    expected = reference_probe(train_x, train_y, test_x, test_y, 0.5 * 32 / 256, 8, 32, 5, 6)
+    per_epoch = reference_probe(train_x, train_y, test_x, test_y, 0.5 * 32 / 256, 8, 32, 5, 6)
+    expected = per_epoch[-1]
     assert 40 < expected < 98  # not saturated, so the comparison is informative
     assert report["top1"] == pytest.approx(expected, abs=100 / 300 + 1e-9)  # at most one borderline sample
+    # DINO's number: the best epoch, scored on the test set after every epoch (eval_every=1).
+    assert report["best_epoch"]["top1"] == pytest.approx(max(per_epoch), abs=100 / 300 + 1e-9)
+    assert report["best_epoch"]["lr"] == report["lr"] and 1 <= report["best_epoch"]["epoch"] <= 8
 
     # In a sweep, the first head sees the same init and batches as a single run: identical result.
     sweep = LinearProbeConfig(epochs=8, batch_size=32, lr_sweep=(0.5, 0.01), seed=5, progress=False)
     swept = train_linear_probe(train_x, train_y, test_x, test_y, sweep)
     assert swept["per_lr"][f"{0.5 * 32 / 256:g}"] == {"top1": report["top1"], "top5": report["top5"]}
+
+
+def test_linear_probe_best_epoch_only_counts_the_scored_epochs() -> None:
+    train_x, train_y = clustered_features(600, 6, 12, spread=2.0, seed=7)
+    test_x, test_y = clustered_features(300, 6, 12, spread=2.0, seed=8)
+    per_epoch = reference_probe(train_x, train_y, test_x, test_y, 0.5 * 32 / 256, 8, 32, 5, 6)
+
+    def probe(eval_every: int) -> dict:
+        config = LinearProbeConfig(epochs=8, batch_size=32, base_lr=0.5, seed=5, eval_every=eval_every, progress=False)
+        return train_linear_probe(train_x, train_y, test_x, test_y, config)
+
+    final_only = probe(0)
+    assert final_only["best_epoch"] == {
+        "top1": final_only["top1"],
+        "top5": final_only["top5"],
+        "lr": 0.0625,
+        "epoch": 8,
+    }
+    every_third = probe(3)["best_epoch"]  # scored after epochs 3, 6 and 8
+    assert every_third["epoch"] in (3, 6, 8)
+    scored = [per_epoch[2], per_epoch[5], per_epoch[7]]
+    assert every_third["top1"] == pytest.approx(max(scored), abs=100 / 300 + 1e-9)
+    with pytest.raises(ValueError, match="eval_every"):
+        LinearProbeConfig(eval_every=-1)
 
 
 def test_linear_probe_semi_supervised_and_config_checks() -> None:
@@ -545,17 +582,7 @@ def test_knn_callback_logs_during_training(fmnist: dict[str, torch.Tensor], tmp_
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=28,
-        patch_size=7,
-        num_channels=1,
-        num_labels=10,
-    )
-    model = ViTForImageClassification(config)
+    model = ViTForImageClassification(tiny_vit_config(layers=2, num_labels=10))
     knn_train = DataLoader(TensorDataset(fmnist["train_x"][:400], fmnist["train_y"][:400]), batch_size=200)
     knn_test = DataLoader(TensorDataset(fmnist["test_x"][:200], fmnist["test_y"][:200]), batch_size=200)
     callback = KNNEvaluationCallback(knn_train, knn_test, every_n_steps=4, feature_model=lambda m: m.vit)
@@ -709,19 +736,10 @@ def test_run_linear_eval_fast_path(
     assert results["top1"] > 65.0 and results["lr"] == direct["lr"]
 
 
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the recipe is being executed
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def recipe_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Fashion-MNIST shards (300 train / 100 test) and a saved tiny RGB ViT at 32 px with its image processor."""
-    if not HAVE_REAL:
-        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    skip_without_real()
     from transformers import ViTImageProcessor
 
     from attndistill_hf.fashion_mnist import prepare_fashion_mnist

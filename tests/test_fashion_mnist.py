@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +20,7 @@ from attndistill_hf.fashion_mnist import (
     read_idx,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-HAVE_REAL = (Path(DEBIAN_FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").is_file()
-needs_real = pytest.mark.skipif(not HAVE_REAL, reason="Debian package dataset-fashion-mnist is not installed")
+from helpers import load_recipe, needs_real, skip_without_real
 
 
 def write_idx(path: Path, array: np.ndarray, type_code: int, *, compress: bool = True) -> Path:
@@ -124,8 +120,7 @@ def test_balanced_subset_indices() -> None:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    if not HAVE_REAL:
-        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    skip_without_real()
     out = tmp_path_factory.mktemp("fmnist")
     return prepare_fashion_mnist(
         out, max_train=300, max_test=100, num_train_shards=3, num_test_shards=2, progress=False
@@ -224,14 +219,6 @@ def test_prepare_from_hub_writes_the_same_layout(tmp_path: Path, monkeypatch: py
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the recipe is being executed
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_prepare_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:

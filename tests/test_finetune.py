@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,36 +12,19 @@ from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import EvalPrediction, ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel
+from transformers import EvalPrediction, ViTForImageClassification, ViTImageProcessor, ViTModel
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_recipe, tiny_student
+
 NUM_CLASSES = 10
 CLASS_NAMES = [f"shade-{i}" for i in range(NUM_CLASSES)]
 
 
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune = _load_recipe()
+finetune = load_recipe("finetune")
 
 
 def save_student(folder: Path) -> ViTModel:
-    config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        layer_norm_eps=1e-6,
-    )
-    student = ViTModel(config, add_pooling_layer=False)
+    student = tiny_student()
     student.save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(
         folder

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +20,9 @@ from attndistill_hf.gpu_augment import (
     sample_crop_boxes,
 )
 
+from helpers import coordinate_image, encode
+
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-
-
-def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def coordinate_image(size: int = 256) -> Image.Image:
-    y, x = np.mgrid[0:size, 0:size]
-    return Image.fromarray(np.stack([x, y, np.full_like(x, 128)], axis=-1).astype(np.uint8), mode="RGB")
 
 
 def batch_of(*blobs: bytes | None, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
@@ -82,13 +72,13 @@ def test_raw_bytes_collator_packs_bytes_and_counts_unreadable(tmp_path: Path) ->
 
 
 def test_jpeg_components_reads_the_frame_header() -> None:
-    assert jpeg_components(encode(Image.new("L", (8, 8)))) == 1
-    assert jpeg_components(encode(Image.new("RGB", (8, 8)))) == 3
-    assert jpeg_components(encode(Image.new("RGB", (8, 8)), progressive=True)) == 3
-    assert jpeg_components(encode(Image.new("CMYK", (8, 8)))) == 4
+    assert jpeg_components(encode(Image.new("L", (8, 8)), "JPEG")) == 1
+    assert jpeg_components(encode(Image.new("RGB", (8, 8)), "JPEG")) == 3
+    assert jpeg_components(encode(Image.new("RGB", (8, 8)), "JPEG", progressive=True)) == 3
+    assert jpeg_components(encode(Image.new("CMYK", (8, 8)), "JPEG")) == 4
     exif = Image.Exif()
     exif[0x010E] = "x" * 5000  # a long APP1 segment before the frame header
-    with_exif = encode(Image.new("RGB", (8, 8)), exif=exif)
+    with_exif = encode(Image.new("RGB", (8, 8)), "JPEG", exif=exif)
     assert jpeg_components(np.frombuffer(with_exif, dtype=np.uint8)) == 3
     assert jpeg_components(encode(Image.new("RGB", (8, 8)), "PNG")) is None
     assert jpeg_components(b"\xff\xd8\xff\xe0\x00") is None
@@ -149,7 +139,7 @@ def test_default_device_and_argument_checks() -> None:
 def test_constant_colour_maps_to_the_normalised_constant() -> None:
     colour = np.array([200, 100, 50])
     augment = GpuAugment(16, device="cpu", seed=0)
-    out = augment(batch_of(encode(Image.new("RGB", (50, 37), tuple(colour)), quality=95)))
+    out = augment(batch_of(encode(Image.new("RGB", (50, 37), tuple(colour)), "JPEG", quality=95)))
     pixels = out["pixel_values"]
     assert pixels.shape == (1, 3, 16, 16) and pixels.dtype == torch.float32
     expected = (colour / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
@@ -159,12 +149,12 @@ def test_constant_colour_maps_to_the_normalised_constant() -> None:
 
 
 def test_modes_formats_and_failures_in_one_batch() -> None:
-    good = encode(Image.new("RGB", (40, 30), (10, 20, 30)))
-    truncated = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    good = encode(Image.new("RGB", (40, 30), (10, 20, 30)), "JPEG")
+    truncated = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
     blobs = [
         good,
-        encode(Image.new("L", (20, 30), 77)),  # grayscale JPEG
-        encode(Image.new("CMYK", (20, 20), (0, 255, 0, 0))),  # CMYK JPEG: decoded by PIL
+        encode(Image.new("L", (20, 30), 77), "JPEG"),  # grayscale JPEG
+        encode(Image.new("CMYK", (20, 20), (0, 255, 0, 0)), "JPEG"),  # CMYK JPEG: decoded by PIL
         encode(Image.new("RGBA", (20, 20), (0, 0, 255, 0)), "PNG"),  # transparent PNG: white
         truncated[: len(truncated) // 2],  # fails the batched decode, found one by one
         b"not an image",
@@ -190,7 +180,7 @@ def test_all_images_failing_gives_an_empty_batch() -> None:
 
 
 def test_crop_area_and_flip_statistics_on_decoded_jpegs() -> None:
-    blob = encode(coordinate_image(256), quality=100)
+    blob = encode(coordinate_image(256), "JPEG", quality=100)
     n, size = 240, 32
     augment = GpuAugment(size, ZERO, ONE, device="cpu", seed=1)
     pixels = torch.cat([augment(batch_of(*[blob] * 40))["pixel_values"] for _ in range(n // 40)]) * 255
@@ -223,7 +213,7 @@ def test_normalisation_statistics_and_agreement_with_the_cpu_path() -> None:
 
 
 def test_seed_makes_crops_reproducible() -> None:
-    blob = encode(coordinate_image(64), quality=90)
+    blob = encode(coordinate_image(64), "JPEG", quality=90)
     first = GpuAugment(16, device="cpu", seed=5)(batch_of(blob, blob, blob))["pixel_values"]
     again = GpuAugment(16, device="cpu", seed=5)(batch_of(blob, blob, blob))["pixel_values"]
     other = GpuAugment(16, device="cpu", seed=6)(batch_of(blob, blob, blob))["pixel_values"]
@@ -232,7 +222,7 @@ def test_seed_makes_crops_reproducible() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_decode_matches_the_cpu_fallback() -> None:
-    blobs = [encode(coordinate_image(128), quality=95), encode(Image.new("L", (50, 70), 99))]
+    blobs = [encode(coordinate_image(128), "JPEG", quality=95), encode(Image.new("L", (50, 70), 99), "JPEG")]
     on_gpu = GpuAugment(32, device="cuda", train=False)(batch_of(*blobs))["pixel_values"]
     on_cpu = GpuAugment(32, device="cpu", train=False)(batch_of(*blobs))["pixel_values"]
     assert on_gpu.is_cuda

@@ -11,7 +11,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import filter_repo_objects
-from transformers import AutoImageProcessor, AutoModel, ViTConfig, ViTImageProcessor, ViTModel
+from transformers import AutoImageProcessor, AutoModel, ViTImageProcessor, ViTModel
 
 from attndistill_hf import hub
 from attndistill_hf.figures import plot_attention_maps, plot_training_curves
@@ -25,6 +25,8 @@ from attndistill_hf.hub import (
     redact,
     write_model_card,
 )
+
+from helpers import tiny_student
 
 FAKE_TOKEN = "hf_" + "Zq8" * 12  # token-shaped, never valid
 TEACHER = "facebook/dino-vits16"
@@ -50,19 +52,6 @@ def measured_records() -> list[EvalRecord]:
         )
         for k in (10, 20)
     ]
-
-
-def tiny_student(image_size: int = 32) -> ViTModel:
-    config = ViTConfig(
-        image_size=image_size,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        layer_norm_eps=1e-6,
-    )
-    return ViTModel(config, add_pooling_layer=False)
 
 
 def card_kwargs(records: list[EvalRecord], figures: dict[str, str], **overrides: Any) -> dict[str, Any]:

@@ -115,10 +115,14 @@ def test_hub_token_is_never_written_to_disk(tmp_path: Path) -> None:
 
 def test_recipe_text_redacts_tokens(tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
-    config.write_text("max_steps: 3\n")
-    text = recipe_text([str(config), "--hub_token", "hf_secret", "--max_steps", "4", "--hub_token=hf_other"])
-    assert "hf_secret" not in text and "hf_other" not in text
-    assert text.startswith("max_steps: 3\n") and "--max_steps 4" in text
+    config.write_text("max_steps: 3\nhub_token: in-the-file\n")
+    argv = [str(config), "--hub_token", "s3cret", "--max_steps", "4", "--hub_token=0ther", "--api_token", "x1"]
+    text = recipe_text([*argv, "--num_prefix_tokens", "1", "--hub_token"])
+    for secret in ("in-the-file", "s3cret", "0ther", "x1"):
+        assert secret not in text
+    assert text.startswith("max_steps: 3\nhub_token: <redacted>\n")
+    assert "--hub_token <redacted> --max_steps 4 --hub_token=<redacted>" in text
+    assert "--num_prefix_tokens 1 --hub_token\n" in text  # look-alike flags and a flag without value stay
 
 
 def test_no_code_path_enables_remote_code() -> None:
