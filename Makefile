@@ -23,6 +23,7 @@ data: $(FASHION_MNIST_DIR)
 
 lint: setup
 	$(VENV)/bin/ruff check attndistill_hf recipes tests bench
+	$(VENV)/bin/ruff format --check attndistill_hf recipes tests bench
 
 test: setup data lint
 	$(VENV)/bin/python -m pytest -q tests

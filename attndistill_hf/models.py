@@ -48,6 +48,12 @@ STUDENT_PRESETS: dict[str, dict[str, int]] = {
         "patch_size": 16,
     },
     "vit-base-patch16": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "patch_size": 16},
+    # Not paper architectures: the students of the CPU demo and the small-scale ablation (32 px
+    # Fashion-MNIST, recipes/demo.py and recipes/ablation.py), small enough to train in minutes.
+    "vit-mini-patch4": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "patch_size": 4},
+    "vit-mini-2heads-patch4": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2, "patch_size": 4},
+    "vit-mini-patch8": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "patch_size": 8},
+    "vit-mini-2heads-patch8": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2, "patch_size": 8},
 }
 
 

@@ -4,12 +4,13 @@
     python recipes/ablation.py --seeds 0 1 2 3 --max_steps 300
 
 The demo teacher (``recipes/train_teacher.py``: supervised ViT, 4 layers, width 96, 4 heads, patch 4,
-on Fashion-MNIST) is distilled into students of width 64 and 4 layers that differ from it as the
-method's three cases do:
+on Fashion-MNIST) is distilled into students of width 64 and 4 layers (the ``vit-mini-*`` presets) that
+differ from it as the method's three cases do:
 
-- ``same``:  4 heads, patch 4: head-to-head KL on the same 8x8 grid (case a);
-- ``heads``: 2 heads, patch 4: the heads of both sides fused into one map (case c);
-- ``patch``: 4 heads, patch 8: the teacher's 8x8 maps resized to the student's 4x4 grid (case b);
+- ``same``:  ``vit-mini-patch4``, 4 heads, patch 4: head-to-head KL on the same 8x8 grid (case a);
+- ``heads``: ``vit-mini-2heads-patch4``, 2 heads, patch 4: the heads of both sides fused into one map (case c);
+- ``patch``: ``vit-mini-patch8``, 4 heads, patch 8: the teacher's 8x8 maps resized to the student's 4x4 grid
+  (case b);
 
 each with the projector term only (``attn_loss_weight 0``), the attention term only
 (``proj_loss_weight 0``) and both (the published 1.0 / 0.1): the nine ``recipes/configs/ablation_*.yaml``.
@@ -40,7 +41,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel
+from transformers import AutoModel
 
 RECIPES = Path(__file__).resolve().parent
 if str(RECIPES) not in sys.path:  # the demo's stages live next to this file
@@ -53,18 +54,17 @@ from train_teacher import TeacherRunArguments, hardware_description, knn_loaders
 from attndistill_hf.cli import read_config_file  # noqa: E402
 from attndistill_hf.evaluation import run_knn_eval  # noqa: E402
 from attndistill_hf.fashion_mnist import prepare_fashion_mnist  # noqa: E402
-from attndistill_hf.models import build_student, student_config  # noqa: E402
+from attndistill_hf.models import build_student  # noqa: E402
 
 logger = logging.getLogger("attndistill_hf.ablation")
 
 KS: tuple[int, ...] = (10, 20, 200)
 MAIN_K = "20"
-STUDENT_WIDTH: dict[str, int] = {"hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 256}
-# Student config directory name -> (case key, heads, patch, description).
-CASES: dict[str, tuple[str, int, int, str]] = {
-    "same-heads-same-patch": ("same", 4, 4, "(a) same heads and patch: 4 heads, patch 4"),
-    "fewer-heads": ("heads", 2, 4, "(c) fewer heads: 2 heads, patch 4"),
-    "larger-patch": ("patch", 4, 8, "(b) larger patch: 4 heads, patch 8"),
+# Student preset -> (case key, description).
+CASES: dict[str, tuple[str, str]] = {
+    "vit-mini-patch4": ("same", "(a) same heads and patch: 4 heads, patch 4"),
+    "vit-mini-2heads-patch4": ("heads", "(c) fewer heads: 2 heads, patch 4"),
+    "vit-mini-patch8": ("patch", "(b) larger patch: 4 heads, patch 8"),
 }
 CASE_ORDER: tuple[str, ...] = ("same", "heads", "patch")
 LOSSES: dict[str, str] = {
@@ -92,11 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def case_of(config: dict[str, Any]) -> str:
-    """The case key of a config, from the name of its student config directory."""
-    name = Path(str(config["student_name_or_path"])).name
-    if name not in CASES:
-        raise ValueError(f"Student {name!r} is not one of the ablation students {sorted(CASES)}.")
-    return CASES[name][0]
+    """The case key of a config, from its student preset."""
+    preset = config.get("student_preset")
+    if preset not in CASES:
+        raise ValueError(f"Student preset {preset!r} is not one of the ablation students {sorted(CASES)}.")
+    return CASES[preset][0]
 
 
 def loss_of(config: dict[str, Any]) -> str:
@@ -105,19 +105,6 @@ def loss_of(config: dict[str, Any]) -> str:
     if proj and attn:
         return "both"
     return "proj" if proj else "attn"
-
-
-def write_student_configs(root: Path, image_size: int) -> dict[str, Path]:
-    """The three students' config directories under ``root``; returns case key -> directory."""
-    paths: dict[str, Path] = {}
-    for name, (case, heads, patch, _) in CASES.items():
-        path = root / name
-        config = student_config(
-            "vit-tiny-patch16", image_size=image_size, patch_size=patch, num_attention_heads=heads, **STUDENT_WIDTH
-        )
-        config.save_pretrained(path)
-        paths[case] = path
-    return paths
 
 
 def cached_batches(loader: Any, desc: str, progress: bool) -> list[dict[str, torch.Tensor]]:
@@ -163,7 +150,7 @@ def _settings(config: dict[str, Any], steps: int, num_train: int) -> str:
 
 
 def _case_label(case: str) -> tuple[str, str]:
-    description = next(d for c, _, _, d in CASES.values() if c == case)
+    description = next(d for c, d in CASES.values() if c == case)
     label, student = description.split(": ", 1)
     return label, student
 
@@ -241,7 +228,7 @@ def render_results(state: dict[str, Any]) -> str:
         f"{teacher['recipe']['max_steps']} steps of {teacher['recipe']['batch_size']} images. The published "
         "teachers are self-supervised; here a supervised one fits the CPU budget. Distillation uses no labels.",
         "- **Students**: 4 layers, width 64, trained from scratch, one per attention case: "
-        + "; ".join(description for _, _, _, description in CASES.values())
+        + "; ".join(description for _, description in CASES.values())
         + ". The untrained rows are the same architectures at initialisation (one per seed).",
         "- **Losses**: projector only = `attn_loss_weight: 0`; attention only = `proj_loss_weight: 0`; "
         "projector + attention = the published 1.0 / 0.1 (`recipes/configs/ablation_<case>_<loss>.yaml`).",
@@ -289,7 +276,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prepare_fashion_mnist(data_dir, max_train=FULL.max_train, max_test=FULL.max_test, progress=progress)
     teacher_dir = root / "demo-teacher"
     teacher = train_teacher(FULL.teacher, TeacherRunArguments(str(data_dir), str(teacher_dir), progress=progress))
-    students = write_student_configs(root / "ablation-students", FULL.teacher.image_size)
     mean, std = teacher["image_mean"], teacher["image_std"]
     bank_loader, test_loader = knn_loaders(data_dir, FULL.teacher.image_size, mean, std)
     bank = cached_batches(bank_loader, "decoding the k-NN memory bank", progress)
@@ -300,7 +286,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             config,
             {
                 "teacher_name_or_path": str(teacher_dir),
-                "student_name_or_path": str(students[case_of(config)]),
                 "data_files": [str(data_dir / "train-*.parquet")],
                 "eval_data_files": [str(data_dir / "test-*.parquet")],
             },
@@ -359,10 +344,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if record["key"] == key_for(path, record_steps, record["seed"]):
             selected.append({"max_steps": record_steps, "date": today, **record})
 
+    # Each case's student at initialisation: its preset built with each seed, as distill.py builds it.
+    presets = {case: preset for preset, (case, _) in CASES.items()}
     untrained = []
     for case in CASE_ORDER:
         for seed in args.seeds:
-            model = build_student(config=AutoConfig.from_pretrained(students[case]), seed=seed).eval()
+            model = build_student(presets[case], image_size=FULL.teacher.image_size, seed=seed).eval()
             untrained.append({"case": case, "seed": seed, "knn": knn_top1(model, bank, test)})
 
     reference = configs[config_paths[0]]

@@ -3,18 +3,18 @@
     make demo                      # = python recipes/demo.py
     python recipes/demo.py --quick --output_root /tmp/demo   # a small slice (the test suite runs this)
 
-Five stages, each with a progress bar, all offline:
+Four stages, each with a progress bar, all offline:
 
 1. **Data**: Fashion-MNIST written as parquet shards (``recipes/prepare_fashion_mnist.py``), a
    class-balanced subset of the train split and a held-out subset of the test split.
 2. **Teacher**: a small supervised ViT (patch 4, 4 heads) trained by ``recipes/train_teacher.py``, or
    reused when ``<output_root>/demo-teacher`` already holds one made with the same recipe and data.
-3. **Student**: the config of a smaller ViT with 2 heads and patch 8, so the attention guidance needs
-   both of its shape adaptations (the teacher's 8x8 maps resized to the student's 4x4 grid, and the
-   heads of both sides fused into one map).
-4. **Distillation**: ``accelerate launch --num_processes 1 --cpu recipes/distill.py
+3. **Distillation**: ``accelerate launch --num_processes 1 --cpu recipes/distill.py
    recipes/configs/demo.yaml`` (plain ``python`` when the ``accelerate`` command is missing). No labels.
-5. **Evaluation**: weighted k-NN (k = 10, 20, 100, 200) of the teacher, the distilled student and an
+   The student is the config's preset ``vit-mini-2heads-patch8``: a smaller ViT with 2 heads and patch 8,
+   so the attention guidance needs both of its shape adaptations (the teacher's 8x8 maps resized to the
+   student's 4x4 grid, and the heads of both sides fused into one map).
+4. **Evaluation**: weighted k-NN (k = 10, 20, 100, 200) of the teacher, the distilled student and an
    untrained student of the same architecture, on the held-out test images; a summary table, printed
    and added to the student's model card, and ``demo_results.json``.
 
@@ -56,20 +56,11 @@ from train_teacher import (  # noqa: E402
 from attndistill_hf.cli import read_config_file  # noqa: E402
 from attndistill_hf.evaluation import run_knn_eval  # noqa: E402
 from attndistill_hf.fashion_mnist import prepare_fashion_mnist  # noqa: E402
-from attndistill_hf.models import build_student, student_config  # noqa: E402
+from attndistill_hf.models import build_student  # noqa: E402
 
 logger = logging.getLogger("attndistill_hf.demo")
 
 DEFAULT_CONFIG = RECIPES / "configs" / "demo.yaml"
-
-# The demo student: narrower and with fewer heads than the teacher, and a coarser patch grid.
-DEMO_STUDENT: dict[str, int] = {
-    "hidden_size": 64,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 2,
-    "intermediate_size": 256,
-    "patch_size": 8,
-}
 
 
 @dataclass(frozen=True)
@@ -107,9 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="A tiny slice of data and few steps (for tests).")
-    parser.add_argument(
-        "--output_root", default="outputs", help="Folder for demo-teacher/, demo-student/ and the student config."
-    )
+    parser.add_argument("--output_root", default="outputs", help="Folder for demo-teacher/ and demo-student/.")
     parser.add_argument(
         "--data_dir",
         default=None,
@@ -134,17 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stage(index: int, title: str) -> float:
-    print(f"\n[{index}/5] {title}", flush=True)
+    print(f"\n[{index}/4] {title}", flush=True)
     return time.time()
-
-
-def write_student_config(path: Path, image_size: int) -> Path:
-    """Save the demo student's ``ViTConfig`` as a config directory (distill.py builds a fresh student from it)."""
-    fields = dict(DEMO_STUDENT)
-    patch = fields.pop("patch_size")
-    config = student_config("vit-tiny-patch16", image_size=image_size, patch_size=patch, **fields)
-    config.save_pretrained(path)
-    return path
 
 
 def distill_command(launcher: str) -> list[str]:
@@ -236,6 +216,21 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def check_student_preset(config: dict[str, Any], config_path: str) -> None:
+    """Refuse, before any work, a config whose student is not a preset (the baseline is built from it)."""
+    if not config.get("student_preset") or config.get("student_name_or_path"):
+        raise ValueError(
+            f"{config_path}: the demo compares the distilled student with the same preset untrained; "
+            "name the student by student_preset (and give no student_name_or_path)."
+        )
+
+
+def untrained_student(config: dict[str, Any], image_size: int, seed: int) -> torch.nn.Module:
+    """distill.py's student at initialisation: the config's preset and patch size, built with the same seed."""
+    preset, patch_size = config["student_preset"], config.get("patch_size")
+    return build_student(preset, image_size=image_size, patch_size=patch_size, seed=seed).eval()
+
+
 def add_to_card(readme: Path, table: str, details: str) -> None:
     """Insert the comparison into the student's model card, before its Limitations section."""
     section = f"## Demo comparison\n\n{details}\n\n{table}\n\n"
@@ -251,7 +246,7 @@ def add_to_card(readme: Path, table: str, details: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the five stages; returns what ``demo_results.json`` holds."""
+    """Run the four stages; returns what ``demo_results.json`` holds."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     os.environ.setdefault("MPLBACKEND", "Agg")
@@ -260,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     root = Path(args.output_root)
     data_dir = Path(args.data_dir) if args.data_dir else (root / "data" if args.quick else Path("data/fashion_mnist"))
     teacher_dir, student_dir = root / "demo-teacher", root / "demo-student"
-    student_config_dir = root / "demo-student-config"
     config = read_config_file(args.config)
+    check_student_preset(config, args.config)
     image_size = int(config.get("image_size", 32))
     times: dict[str, float] = {}
     started = time.time()
@@ -281,11 +276,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"teacher {verb}: k-NN top-1 (k=20) {teacher_record['knn']['knn']['20']['top1']:.2f}%")
     times["teacher_s"] = time.time() - t0
 
-    t0 = _stage(3, f"Student config -> {student_config_dir}")
-    write_student_config(student_config_dir, image_size)
-    times["student_config_s"] = time.time() - t0
-
-    t0 = _stage(4, f"Distillation -> {student_dir}")
+    t0 = _stage(3, f"Distillation -> {student_dir}")
     # distill.py runs where the output root and the data meet (the repository for a default run), and is
     # given paths relative to it: the card it writes quotes its command line.
     workdir = Path(os.path.commonpath([root.resolve(), data_dir.resolve()]))
@@ -293,7 +284,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config,
         {
             "teacher_name_or_path": _path_arg(teacher_dir, workdir),
-            "student_name_or_path": _path_arg(student_config_dir, workdir),
             "output_dir": _path_arg(student_dir, workdir),
             "data_files": [_path_arg(data_dir / "train-*.parquet", workdir)],
             "eval_data_files": [_path_arg(data_dir / "test-*.parquet", workdir)],
@@ -306,12 +296,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config_path = str(Path(args.config).resolve())
     times["distill_s"] = run_distillation(distill_command(args.launcher), config_path, overrides, workdir)
 
-    t0 = _stage(5, "k-NN on the held-out test images: teacher, distilled student, untrained student")
+    t0 = _stage(4, "k-NN on the held-out test images: teacher, distilled student, untrained student")
     mean, std = teacher_record["image_mean"], teacher_record["image_std"]
     loaders = knn_loaders(data_dir, image_size, mean, std)
     distilled = AutoModel.from_pretrained(student_dir).eval()
     seed = int(config.get("seed", 0))
-    untrained = build_student(config=AutoConfig.from_pretrained(student_config_dir), seed=seed).eval()
+    untrained = untrained_student(config, image_size, seed)
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
     rows = [
         {

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from attndistill_hf.attention import eager_last_cls_attention, find_last_attention, last_cls_attention
-from attndistill_hf.models import forward_kwargs
+from attndistill_hf.models import build_student, forward_kwargs
 
 TINY = {
     "hidden_size": 32,
@@ -159,3 +159,30 @@ def test_hooks_are_not_part_of_the_state_dict() -> None:
     last_cls_attention(fast, torch.randn(1, 3, 32, 32))
     assert set(fast.state_dict()) == keys
     assert find_last_attention(fast).query is fast.layers[-1].attention.q_proj
+
+
+# The CPU demo and ablation students: preset -> (heads, patch), all 4 layers of width 64.
+MINI_PRESETS = {
+    "vit-mini-patch4": (4, 4),
+    "vit-mini-2heads-patch4": (2, 4),
+    "vit-mini-patch8": (4, 8),
+    "vit-mini-2heads-patch8": (2, 8),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(MINI_PRESETS))
+def test_mini_presets_build_the_demo_students(preset: str) -> None:
+    heads, patch = MINI_PRESETS[preset]
+    tokens = 1 + (32 // patch) ** 2
+    student = build_student(preset, image_size=32, seed=0)
+    config = student.config
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (64, 4, 256)
+    assert (config.num_attention_heads, config.patch_size, config.image_size) == (heads, patch, 32)
+    assert len(student.layers) == 4
+    assert student.embeddings.patch_embeddings.projection.weight.shape == (64, 3, patch, patch)
+    assert student.embeddings.position_embeddings.shape == (1, tokens, 64)
+
+    output, cls_attention = last_cls_attention(student, torch.randn(2, 3, 32, 32))
+    assert output.last_hidden_state.shape == (2, tokens, 64)
+    assert cls_attention.shape == (2, heads, tokens)
+    torch.testing.assert_close(cls_attention.sum(-1), torch.ones(2, heads))

@@ -10,9 +10,12 @@ from types import ModuleType
 
 import pytest
 import torch
+from transformers import set_seed
 
 from attndistill_hf.cli import read_config_file
+from attndistill_hf.data import DataArguments
 from attndistill_hf.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, SOURCE_FILES
+from attndistill_hf.models import STUDENT_PRESETS, build_student
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "configs"
@@ -117,7 +120,8 @@ def test_demo_config_matches_the_demo() -> None:
     demo = load_recipe("demo")
     assert config["knn_train_samples"] == demo.FULL.max_train
     assert config["teacher_name_or_path"] == "outputs/demo-teacher"
-    assert config["student_name_or_path"] == "outputs/demo-student-config"
+    # The student is a named preset: the file alone says what is trained, nothing is generated for it.
+    assert config["student_preset"] == "vit-mini-2heads-patch8" and "student_name_or_path" not in config
     # A default run passes no path override, so the student's card shows exactly this file.
     wanted = {
         "teacher_name_or_path": "outputs/demo-teacher",
@@ -126,7 +130,34 @@ def test_demo_config_matches_the_demo() -> None:
     }
     assert demo.path_overrides(config, wanted) == []
     assert demo.path_overrides(config, {"output_dir": "elsewhere"}) == ["--output_dir", "elsewhere"]
-    assert demo.DEMO_STUDENT["num_attention_heads"] != 4 and demo.DEMO_STUDENT["patch_size"] != 4
+    # Both shape adaptations are exercised: fewer heads and a larger patch than the teacher.
+    student, teacher = STUDENT_PRESETS[config["student_preset"]], demo.FULL.teacher
+    assert student["num_attention_heads"] < teacher.num_attention_heads
+    assert student["patch_size"] > teacher.patch_size
+
+
+def test_demo_untrained_baseline_is_the_distilled_student_at_initialisation() -> None:
+    demo, distill = load_recipe("demo"), load_recipe("distill")
+    config = read_config_file(CONFIGS / "demo.yaml")
+    image_size, seed = int(config["image_size"]), int(config["seed"])
+    teacher = build_student("vit-mini-patch4", image_size=image_size)
+    # distill.py seeds, loads the teacher (drawing no random numbers), then builds the student from the preset.
+    set_seed(seed)
+    model_args = distill.DistillModelArguments(teacher_name_or_path="unused", student_preset=config["student_preset"])
+    initial = distill.load_student(model_args, DataArguments(image_size=image_size), teacher)
+    baseline = demo.untrained_student(config, image_size, seed)
+    assert not baseline.training
+    assert initial.state_dict().keys() == baseline.state_dict().keys()
+    for name, tensor in initial.state_dict().items():
+        assert torch.equal(tensor, baseline.state_dict()[name]), name
+
+
+def test_demo_refuses_a_student_that_is_not_a_preset() -> None:
+    demo = load_recipe("demo")
+    demo.check_student_preset({"student_preset": "vit-mini-2heads-patch8"}, "demo.yaml")
+    for config in ({"student_name_or_path": "some/dir"}, {"student_preset": "x", "student_name_or_path": "some/dir"}):
+        with pytest.raises(ValueError, match="student_preset"):
+            demo.check_student_preset(config, "demo.yaml")
 
 
 def test_ablation_configs_cover_three_cases_times_three_losses() -> None:
@@ -137,6 +168,12 @@ def test_ablation_configs_cover_three_cases_times_three_losses() -> None:
         case, loss = ablation.case_of(config), ablation.loss_of(config)
         assert path.stem == f"ablation_{case}_{loss}"
         cells.add((case, loss))
+        # Each case's preset differs from the teacher exactly as the case says.
+        student, teacher = STUDENT_PRESETS[config["student_preset"]], load_recipe("demo").FULL.teacher
+        heads, patch = student["num_attention_heads"], student["patch_size"]
+        assert (heads < teacher.num_attention_heads) == (case == "heads")
+        assert (patch > teacher.patch_size) == (case == "patch")
+        assert heads <= teacher.num_attention_heads and patch >= teacher.patch_size
     assert cells == {(case, loss) for case in ablation.CASE_ORDER for loss in ablation.LOSSES}
 
 
