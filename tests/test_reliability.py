@@ -143,3 +143,72 @@ def test_unreadable_teacher_is_named(tmp_path: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:300])  # truncated download
     with pytest.raises(TeacherLoadError, match=r"(?s)Cannot load the teacher '.*teacher'.*convert_teacher"):
         load_teacher(str(tmp_path / "teacher"))
+
+
+# Two DDP ranks (gloo): at update 2 only rank 0's batch is NaN, at update 3 both ranks' batches are.
+NONFINITE_WORKER = """
+import sys
+import torch
+from transformers import TrainerCallback
+from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+from helpers import PixelDataset, tiny_student, tiny_teacher
+
+class Poisoned(PixelDataset):
+    def __init__(self, rank):
+        super().__init__()
+        self.reads, self.rank = 0, rank
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        update = self.reads // 4 + 1  # 4 images per rank and update
+        self.reads += 1
+        if update == 3 or (update == 2 and self.rank == 0):
+            item = {"pixel_values": torch.full_like(item["pixel_values"], float("nan"))}
+        return item
+
+class Record(TrainerCallback):
+    def __init__(self):
+        self.after = []
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.after.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+args = AttnDistillConfig(output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
+                         report_to="none", use_cpu=True, save_strategy="no", dataloader_num_workers=0,
+                         disable_tqdm=True, seed=0, max_grad_norm=0.0)
+record = Record()
+trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=Poisoned(args.process_index),
+                             callbacks=[record])
+trainer.train()
+torch.save({"after": record.after, "nonfinite": trainer.nonfinite_steps}, f"{sys.argv[1]}/rank{args.process_index}.pt")
+"""
+
+
+def test_nonfinite_skips_agree_across_ranks(tmp_path: Path) -> None:
+    """One rank's NaN batch still lets the update happen (on both ranks); NaN on every rank skips it everywhere."""
+    script = tmp_path / "worker.py"
+    script.write_text(NONFINITE_WORKER)
+    env = {
+        **os.environ,
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    process = subprocess.Popen(
+        [*command, str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("the two-process run did not finish in 180 s")
+    assert process.returncode == 0, output.decode()[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [r["nonfinite"] for r in ranks] == [2, 1]
+    for step in range(3):  # the ranks never diverge
+        for name, value in ranks[0]["after"][step].items():
+            torch.testing.assert_close(ranks[1]["after"][step][name], value, atol=0, rtol=0)
+    after = ranks[0]["after"]
+    assert any(not torch.equal(after[0][k], after[1][k]) for k in after[0])  # rank 1's batch still counted
+    for name, value in after[1].items():  # nothing left to learn from: no update at all
+        torch.testing.assert_close(after[2][name], value, atol=0, rtol=0)
