@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -113,3 +116,30 @@ def coordinate_image(size: int = 256) -> Image.Image:
     y, x = np.mgrid[0:size, 0:size]
     array = np.stack([x, y, np.full_like(x, 128)], axis=-1).astype(np.uint8)
     return Image.fromarray(array, mode="RGB")
+
+
+def run_two_processes(script_text: str, folder: Path, timeout: float = 180) -> None:
+    """Run ``script_text`` as 2 DDP ranks (torchrun, gloo on CPU) with ``folder`` as its argument.
+
+    The script can import the library and these helpers. On a timeout, torchrun and both workers are
+    killed, so nothing is left behind.
+    """
+    script = folder / "worker.py"
+    script.write_text(script_text)
+    env = {
+        **os.environ,
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    process = subprocess.Popen(
+        [*command, str(folder)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"the two-process run did not finish in {timeout:g} s")
+    assert process.returncode == 0, output.decode()[-3000:]

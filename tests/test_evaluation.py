@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,7 +35,7 @@ from attndistill_hf.fashion_mnist import (
     read_fashion_mnist_split,
 )
 
-from helpers import REPO, load_recipe, skip_without_real
+from helpers import load_recipe, run_two_processes, skip_without_real
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -374,20 +370,7 @@ torch.save({"features": features, "labels": labels, "reference": reference},
 @pytest.mark.slow
 def test_extract_gathers_across_processes_in_dataset_order(tmp_path: Path) -> None:
     """Two CPU processes (gloo) launched by torchrun: every rank gets all features, in order, no duplicates."""
-    script = tmp_path / "worker.py"
-    script.write_text(GATHER_WORKER)
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    process = subprocess.Popen(
-        [*command, str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers: nothing is left behind
-        process.communicate()
-        pytest.fail("two-process feature extraction did not finish in 150 s")
-    assert process.returncode == 0, output.decode()[-3000:]
+    run_two_processes(GATHER_WORKER, tmp_path, timeout=150)
     for rank in (0, 1):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["labels"].tolist() == list(range(11))

@@ -17,7 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from attndistill_hf.cli import recipe_text
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
 
-from helpers import PixelDataset, tiny_student, tiny_teacher, write_image_folder
+from helpers import PixelDataset, run_two_processes, tiny_student, tiny_teacher, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,25 +184,7 @@ torch.save({"after": record.after, "nonfinite": trainer.nonfinite_steps}, f"{sys
 
 def test_nonfinite_skips_agree_across_ranks(tmp_path: Path) -> None:
     """One rank's NaN batch still lets the update happen (on both ranks); NaN on every rank skips it everywhere."""
-    script = tmp_path / "worker.py"
-    script.write_text(NONFINITE_WORKER)
-    env = {
-        **os.environ,
-        "GLOO_SOCKET_IFNAME": "lo",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-    }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    process = subprocess.Popen(
-        [*command, str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail("the two-process run did not finish in 180 s")
-    assert process.returncode == 0, output.decode()[-3000:]
+    run_two_processes(NONFINITE_WORKER, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     assert [r["nonfinite"] for r in ranks] == [2, 1]
     for step in range(3):  # the ranks never diverge
