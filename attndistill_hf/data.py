@@ -34,6 +34,7 @@ import tarfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -204,6 +205,18 @@ class DataArguments:
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+
+    @property
+    def source_name(self) -> str:
+        """The training data's name for model cards: the Hub id, else the name of its local folder."""
+        if self.dataset_name:
+            return self.dataset_name
+        if self.train_dir:
+            folder = Path(self.train_dir).resolve()
+            return folder.parent.name if folder.name.lower() in ("train", "training") else folder.name
+        if self.data_files:
+            return Path(self.data_files[0]).parent.name or "data"
+        return "data"
 
     @property
     def train_source(self) -> Literal["hub", "folder", "shards"] | None:

@@ -36,6 +36,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .attention import run_model, unwrap_model
 from .data import image_stats
+from .hub import add_eval_records, records_from_results
 from .models import load_image_processor, load_teacher, num_prefix_tokens
 
 logger = logging.getLogger(__name__)
@@ -922,10 +923,22 @@ class EvalArguments:
         metadata={"help": "Number of classes; read from the label column's ClassLabel feature or the labels if unset."},
     )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    add_to_card: bool = field(
+        default=False,
+        metadata={
+            "help": "Add the results to the model card (README.md) of --model_name_or_path, a local folder written "
+            "by recipes/distill.py; an earlier result of the same evaluation is replaced."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.model_name_or_path:
             raise ValueError("--model_name_or_path is required: the model directory or Hub id to evaluate.")
+        if self.add_to_card and not (Path(self.model_name_or_path) / "README.md").is_file():
+            raise ValueError(
+                f"--add_to_card needs a local model folder with a model card; {self.model_name_or_path!r} has no "
+                "README.md. Evaluate the output folder of recipes/distill.py, or drop --add_to_card."
+            )
         if self.feature_kind is not None:
             _check_kind(self.feature_kind)
         if self.precision not in PRECISIONS:
@@ -986,6 +999,14 @@ def load_eval_setup(eval_args: EvalArguments, data_args: Any) -> EvalSetup:
         "image_std": list(std),
     }
     return EvalSetup(model, mean, std, metadata)
+
+
+def add_results_to_card(eval_args: EvalArguments, data_args: Any, results: Mapping[str, Any]) -> None:
+    """With ``--add_to_card``: the results become records of the evaluated folder's model card."""
+    if eval_args.add_to_card:
+        records = records_from_results(results, data_args.source_name, data_args.eval_split or "test")
+        path = add_eval_records(eval_args.model_name_or_path, records)
+        logger.info("Added %d result(s) to %s", len(records), path)
 
 
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -115,14 +115,56 @@ class EvalRecord:
         return EvalResult(
             task_type=self.task_type,
             task_name=self.task_type.replace("-", " ").capitalize(),
-            dataset_type=self.dataset_type or self.dataset_name,
-            dataset_name=self.dataset_name,
+            # A local data folder is published by its name only, never by its path.
+            dataset_type=_public_name(self.dataset_type or self.dataset_name),
+            dataset_name=_public_name(self.dataset_name),
             dataset_config=self.dataset_config,
             dataset_split=self.dataset_split,
             metric_type=self.metric_type,
             metric_name=self.metric_name,
             metric_value=float(self.value),
         )
+
+    @classmethod
+    def from_eval_result(cls, result: EvalResult) -> EvalRecord:
+        """The record of a ``model-index`` entry read back from a card (inverse of :meth:`to_eval_result`)."""
+        return cls(
+            metric_name=result.metric_name or result.metric_type,
+            value=float(result.metric_value),
+            dataset_name=result.dataset_name,
+            dataset_split=result.dataset_split or "",
+            metric_type=result.metric_type,
+            task_type=result.task_type,
+            # to_eval_result fills dataset_type with the dataset name when it was not given.
+            dataset_type=None if result.dataset_type == result.dataset_name else result.dataset_type,
+            dataset_config=result.dataset_config,
+        )
+
+
+def records_from_results(results: Mapping[str, Any], dataset_name: str, dataset_split: str) -> list[EvalRecord]:
+    """Card records of a results dict of ``run_knn_eval`` or ``run_linear_eval`` (their JSON output).
+
+    k-NN gives one top-1 record per k. A linear (or semi-supervised) probe gives the final epoch's
+    top-1 and, when the heads were scored during training, DINO's best-over-epochs top-1 as a second,
+    explicitly named record (it is chosen on the evaluation split itself).
+    """
+    protocol = results.get("protocol")
+    if protocol == "knn":
+        return [
+            EvalRecord(f"k-NN top-1 (k={k})", score["top1"], dataset_name, dataset_split)
+            for k, score in results["knn"].items()
+        ]
+    if protocol not in ("linear", "semi-supervised"):
+        raise ValueError(f"Unknown evaluation protocol {protocol!r}: expected 'knn', 'linear' or 'semi-supervised'.")
+    detail = results["kind"]
+    if protocol == "semi-supervised":
+        detail += f", {100 * results['label_fraction']:g}% labels"
+    records = [EvalRecord(f"Linear probe top-1 ({detail})", results["top1"], dataset_name, dataset_split)]
+    best = results.get("best_epoch")
+    if best and best.get("epoch") != results.get("epochs"):
+        name = f"Linear probe top-1 ({detail}, best of the scored epochs)"
+        records.append(EvalRecord(name, best["top1"], dataset_name, dataset_split))
+    return records
 
 
 def redact(text: str, token: str | None = None) -> str:
@@ -366,6 +408,49 @@ def write_model_card(output_dir: str | Path, **card_kwargs: Any) -> Path:
     path = out / "README.md"
     card.save(path)
     return path
+
+
+def add_eval_records(model_dir: str | Path, records: Sequence[EvalRecord]) -> Path:
+    """Add evaluation results to the model card of a local model folder (``model_dir/README.md``).
+
+    Each record goes into ``model-index`` and the card's results table; a record with the same
+    evaluation, dataset and split as one already there replaces it in place, so re-running an
+    evaluation updates the card instead of listing the result twice.
+    """
+    path = Path(model_dir) / "README.md"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No model card at {path}: only a folder written by recipes/distill.py (with --model_card true) "
+            "has a card to add results to."
+        )
+    card = ModelCard.load(path)
+    before = [EvalRecord.from_eval_result(result) for result in card.data.eval_results or []]
+
+    def key(record: EvalRecord) -> tuple[str, str, str]:
+        return record.metric_name, record.dataset_name, record.dataset_split
+
+    new = {key(record): record for record in records}
+    merged = [new.pop(key(record), record) for record in before]  # re-measured results keep their place
+    merged += list(new.values())
+    card.data.eval_results = [record.to_eval_result() for record in merged] or None
+    text = _replace_section(card.text, "Results", _results_table(merged))
+    dataset = (card.data.datasets or ["its training data"])[0]
+    if merged and not before:  # the card said no evaluation was run
+        text = text.replace(_limitations_text(None, dataset, []), _limitations_text(None, dataset, merged))
+    card.text = text
+    ModelCard(redact(card.content)).save(path)
+    return path
+
+
+def _replace_section(text: str, title: str, body: str) -> str:
+    """``text`` with the body of its ``## title`` section replaced (the section is appended when missing)."""
+    heading = f"## {title}\n"
+    start = text.find(heading)
+    if start < 0:
+        return f"{text.rstrip()}\n\n{heading}\n{body}\n"
+    end = text.find("\n## ", start + len(heading))
+    rest = text[end:] if end >= 0 else "\n"
+    return f"{text[:start]}{heading}\n{body}\n{rest}"
 
 
 def _retry_hint(local_dir: Path, repo_id: str, private: bool, ignore_patterns: Sequence[str]) -> str:

@@ -42,7 +42,7 @@ from attndistill_hf.data import (
 from attndistill_hf.evaluation import KNNEvaluationCallback, run_knn_eval
 from attndistill_hf.figures import plot_attention_maps, plot_training_curves
 from attndistill_hf.gpu_augment import GpuAugment, RawBytesCollator
-from attndistill_hf.hub import EvalRecord, HubPushError, push_output_dir, write_model_card
+from attndistill_hf.hub import EvalRecord, HubPushError, push_output_dir, records_from_results, write_model_card
 from attndistill_hf.models import STUDENT_PRESETS, build_student, load_image_processor, load_teacher, patch_grid
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
 
@@ -242,16 +242,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures: dict[str, str] = {}
     output_dir = Path(args.output_dir)
     if trainer.is_world_process_zero():
-        dataset_name = (
-            data_args.dataset_name or Path(data_args.train_dir or (data_args.data_files or ["data"])[0]).parent.name
-        )
+        dataset_name = data_args.source_name
         if knn_loaders is not None and run_args.final_knn_eval:
             result = run_knn_eval(trainer.student, *knn_loaders, output_json=output_dir / "knn_results.json")
             summary["knn"] = result["knn"]
-            records = [
-                EvalRecord(f"k-NN top-1 (k={k})", score["top1"], dataset_name, data_args.eval_split or "test")
-                for k, score in result["knn"].items()
-            ]
+            records = records_from_results(result, dataset_name, data_args.eval_split or "test")
         if any("loss" in entry for entry in trainer.state.log_history):
             figures["Training curves"] = plot_training_curves(
                 trainer.state.log_history, output_dir / "training_curves.png"

@@ -21,7 +21,14 @@ from typing import Any
 
 from attndistill_hf.cli import parse_config_and_flags
 from attndistill_hf.data import DataArguments, eval_view_loader
-from attndistill_hf.evaluation import DEFAULT_KNN_KS, EvalArguments, class_count, load_eval_setup, run_knn_eval
+from attndistill_hf.evaluation import (
+    DEFAULT_KNN_KS,
+    EvalArguments,
+    add_results_to_card,
+    class_count,
+    load_eval_setup,
+    run_knn_eval,
+)
 
 
 @dataclass
@@ -48,7 +55,7 @@ def run_knn_eval_from_args(
     model = setup.model.to(accelerator.device)
     train_loader, test_loader = accelerator.prepare(train_loader, test_loader)
     kind = eval_args.feature_kind or "cls"
-    return run_knn_eval(
+    results = run_knn_eval(
         model,
         train_loader,
         test_loader,
@@ -63,6 +70,9 @@ def run_knn_eval_from_args(
         progress=eval_args.progress,
         extra=setup.metadata,
     )
+    if accelerator.is_main_process:
+        add_results_to_card(eval_args, data_args, results)
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from attndistill_hf.data import (
 from attndistill_hf.evaluation import (
     EvalArguments,
     LinearProbeConfig,
+    add_results_to_card,
     class_count,
     load_eval_setup,
     run_linear_eval,
@@ -131,7 +132,7 @@ def run_linear_eval_from_args(
         device=probe_args.probe_device,
         progress=eval_args.progress,
     )
-    return run_linear_eval(
+    results = run_linear_eval(
         model,
         train_loader,
         test_loader,
@@ -145,6 +146,8 @@ def run_linear_eval_from_args(
         dtype=eval_args.dtype,
         extra=setup.metadata,
     )
+    add_results_to_card(eval_args, data_args, results)
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -829,6 +829,43 @@ def test_eval_linear_recipe_fast_and_semi_supervised(recipe_setup: dict[str, Pat
     assert semi["num_train"] == 30 and semi["feature_dim"] == 32  # 10% of 300, 3 per class
 
 
+def test_eval_recipes_add_their_results_to_the_model_card(recipe_setup: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from attndistill_hf.hub import write_model_card
+
+    folder = tmp_path / "student"
+    shutil.copytree(recipe_setup["model"], folder)
+    card_fields = {"teacher": "teacher", "dataset_name": "data", "dataset_split": "test", "recipe_text": ""}
+    write_model_card(
+        folder,
+        model_id_or_name="student",
+        student_config=ViTModel.from_pretrained(folder).config.to_dict(),
+        eval_results=[],
+        training_summary={},
+        figures={},
+        **card_fields,
+    )
+    common = ["--model_name_or_path", str(folder), "--dataset_name", str(recipe_setup["data"]), "--image_size", "32"]
+    common += ["--num_workers", "0", "--batch_size", "50", "--no_progress", "--add_to_card"]
+    linear = load_recipe("eval_linear").main([*common, "--no_augment", "--epochs", "3", "--lr", "0.5"])
+    reset_accelerate_state()
+    try:
+        knn = load_recipe("eval_knn").main([*common, "--ks", "20"])
+    finally:
+        reset_accelerate_state()
+    results = {r.metric_name: r for r in ModelCard.load(folder / "README.md").data.eval_results}
+    assert results["Linear probe top-1 (last4_cls)"].metric_value == pytest.approx(linear["top1"])
+    assert results["k-NN top-1 (k=20)"].metric_value == pytest.approx(knn["knn"]["20"]["top1"])
+    assert {(r.dataset_name, r.dataset_split) for r in results.values()} == {("data", "test")}
+
+    # A folder without a card is refused before any evaluation runs.
+    with pytest.raises(ValueError, match="--add_to_card needs a local model folder with a model card"):
+        load_recipe("eval_linear").main([*common[:1], str(recipe_setup["model"]), *common[2:]])
+
+
 def test_eval_recipes_help_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     for name, fields in (
         (

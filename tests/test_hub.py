@@ -14,14 +14,17 @@ from huggingface_hub.utils import filter_repo_objects
 from transformers import AutoImageProcessor, AutoModel, ViTImageProcessor, ViTModel
 
 from attndistill_hf import hub
+from attndistill_hf.evaluation import LinearProbeConfig, train_linear_probe
 from attndistill_hf.figures import plot_attention_maps, plot_training_curves
 from attndistill_hf.hub import (
     CARD_TAGS,
     DEFAULT_IGNORE_PATTERNS,
     EvalRecord,
     HubPushError,
+    add_eval_records,
     build_model_card,
     push_output_dir,
+    records_from_results,
     redact,
     write_model_card,
 )
@@ -151,6 +154,74 @@ def test_card_without_evaluations_or_hub_teacher_stays_truthful(tmp_path: Path) 
     assert "No evaluation was run" in loaded.text
     assert "my-mugs-vits16" in loaded.text
     assert str(tmp_path) not in str(loaded)  # no local path is published
+
+
+def linear_results(epochs: int = 6) -> dict[str, Any]:
+    """A real probe's report on noisy class-structured features, shaped like run_linear_eval's JSON."""
+    centres = torch.randn(4, 12)
+    train_y, test_y = torch.randint(0, 4, (160,)), torch.randint(0, 4, (80,))
+    train_x, test_x = centres[train_y] + 2.0 * torch.randn(160, 12), centres[test_y] + 2.0 * torch.randn(80, 12)
+    config = LinearProbeConfig(epochs=epochs, batch_size=32, base_lr=2.0, progress=False)
+    report = train_linear_probe(train_x, train_y, test_x, test_y, config)
+    return {"protocol": "linear", "kind": "last4_cls", **report}
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The rows of the card's results table, as cells."""
+    section = text.split("## Results\n", 1)[1].split("\n## ", 1)[0]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()[3:] if line]
+
+
+def test_results_become_card_records() -> None:
+    knn = {"protocol": "knn", "knn": {"10": {"top1": 61.25, "top5": 90.0}, "20": {"top1": 62.5, "top5": 91.0}}}
+    assert [(r.metric_name, r.value) for r in records_from_results(knn, "data", "test")] == [
+        ("k-NN top-1 (k=10)", 61.25),
+        ("k-NN top-1 (k=20)", 62.5),
+    ]
+    linear = linear_results()
+    at_epoch_3 = {**linear, "best_epoch": {**linear["best_epoch"], "epoch": 3, "top1": linear["top1"] + 2.5}}
+    assert [(r.metric_name, r.value) for r in records_from_results(at_epoch_3, "data", "test")] == [
+        ("Linear probe top-1 (last4_cls)", linear["top1"]),
+        ("Linear probe top-1 (last4_cls, best of the scored epochs)", linear["top1"] + 2.5),
+    ]
+    at_the_end = {**linear, "best_epoch": {**linear["best_epoch"], "epoch": linear["epochs"]}}
+    assert len(records_from_results(at_the_end, "data", "test")) == 1  # the best epoch is the final one
+    semi = {**linear, "protocol": "semi-supervised", "label_fraction": 0.01, "best_epoch": {"epoch": 6, "top1": 1.0}}
+    assert [r.metric_name for r in records_from_results(semi, "data", "test")] == [
+        "Linear probe top-1 (last4_cls, 1% labels)"
+    ]
+    with pytest.raises(ValueError, match="protocol"):
+        records_from_results({"protocol": "finetune"}, "data", "test")
+
+
+def test_added_results_reach_model_index_and_table_once(tmp_path: Path) -> None:
+    knn_records = measured_records()
+    write_model_card(tmp_path, **card_kwargs(knn_records, make_figures(tmp_path)))
+    linear = records_from_results(linear_results(), "ILSVRC/imagenet-1k", "validation")
+    add_eval_records(tmp_path, linear)
+    # Re-running an evaluation replaces its record: k=20 measured again, the linear probe added again.
+    remeasured = EvalRecord("k-NN top-1 (k=20)", knn_records[1].value + 1.5, "ILSVRC/imagenet-1k", "validation")
+    add_eval_records(tmp_path, [remeasured, *linear])
+
+    card = ModelCard.load(tmp_path / "README.md")
+    expected = [knn_records[0], remeasured, *linear]  # a re-measured result keeps its place
+    assert [EvalRecord.from_eval_result(r) for r in card.data.eval_results] == expected
+    assert table_rows(card.text) == [
+        [r.metric_name, "ILSVRC/imagenet-1k", "validation", "accuracy", f"{r.value:.2f}"] for r in expected
+    ]
+    assert "## Limitations" in card.text and card.text.count("## Results") == 1
+    assert FAKE_TOKEN not in card.content  # the recipe's token stays redacted after the rewrite
+
+
+def test_results_added_to_a_card_without_evaluations_update_its_limitations(tmp_path: Path) -> None:
+    write_model_card(tmp_path, **card_kwargs([], {}))
+    add_eval_records(tmp_path, records_from_results(linear_results(), "ILSVRC/imagenet-1k", "validation"))
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "No evaluation was run" not in card.text
+    assert "measurements of frozen features" in card.text
+    assert f"{card.data.eval_results[0].metric_value:.2f}" == table_rows(card.text)[0][-1]
+    with pytest.raises(FileNotFoundError, match="No model card"):
+        add_eval_records(tmp_path / "elsewhere", [])
 
 
 def test_card_refuses_missing_or_escaping_figures(tmp_path: Path) -> None:
