@@ -15,6 +15,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTModel
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, seed_worker
 
 from .attention import find_last_attention, install_attention_capture, last_cls_attention, run_model, unwrap_model
 from .data import EqualStepsIterable, prepare_per_rank_dataloader
@@ -377,6 +378,9 @@ class AttnDistillTrainer(Trainer):
             pin_memory=self.args.dataloader_pin_memory,
             persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
             prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None,
+            # Every rank's main process has the same seed, so its workers would draw the same augmentations
+            # as the other ranks' workers; the Trainer's worker seeding adds the rank.
+            worker_init_fn=partial(seed_worker, num_workers=workers, rank=self.args.process_index) if workers else None,
         )
         return prepare_per_rank_dataloader(self.accelerator, loader)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModel, TrainerCallback
 
+from attndistill_hf.data import EqualStepsIterable
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer, NonFiniteLossError, check_pair
 
 from helpers import PixelDataset, tiny_student, tiny_teacher
@@ -312,3 +313,29 @@ def test_trainer_checks_the_data_crop_size(tmp_path: Path) -> None:
         AttnDistillTrainer(
             tiny_student(), tiny_teacher(), config(tmp_path), train_dataset=PixelDataset(), image_size=48
         )
+
+
+class RandomStream(torch.utils.data.IterableDataset):
+    """Images drawn from the loading process's RNG, like random augmentations in DataLoader workers."""
+
+    def __iter__(self):
+        for _ in range(8):
+            yield {"pixel_values": torch.rand(3, 32, 32)}
+
+
+def first_stream_batch(tmp_path: Path, rank: int, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    monkeypatch.setattr(AttnDistillConfig, "process_index", property(lambda self: rank))
+    args = config(tmp_path, per_device_train_batch_size=4, dataloader_num_workers=1)
+    trainer = AttnDistillTrainer(
+        tiny_student(), tiny_teacher(), args, train_dataset=EqualStepsIterable(RandomStream(), 2, 4)
+    )
+    torch.manual_seed(0)  # every rank's main process is seeded alike
+    return next(iter(trainer.get_train_dataloader()))["pixel_values"]
+
+
+def test_stream_workers_draw_different_augmentations_on_each_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rank0 = first_stream_batch(tmp_path, 0, monkeypatch)
+    torch.testing.assert_close(first_stream_batch(tmp_path, 0, monkeypatch), rank0)  # reproducible per rank
+    assert not torch.allclose(first_stream_batch(tmp_path, 1, monkeypatch), rank0)
