@@ -804,15 +804,16 @@ class KNNEvaluationCallback(TrainerCallback):
     def evaluate(self, model: nn.Module) -> float:
         """k-NN top-1 (percent) of ``model`` (unwrapped with ``feature_model``) on the held-out loaders."""
         backbone = self.feature_model(model)
-        with eval_mode(backbone):
-            kwargs = {
-                "kind": self.kind,
-                "accelerator": self.accelerator,
-                "dtype": self.dtype,
-                "progress": self.progress,
-            }
-            train_features, train_labels = extract_features(backbone, self.train_loader, desc="k-NN train", **kwargs)
-            test_features, test_labels = extract_features(backbone, self.test_loader, desc="k-NN test", **kwargs)
+        (train_features, train_labels), (test_features, test_labels) = _train_test_features(
+            backbone,
+            self.train_loader,
+            self.test_loader,
+            self.kind,
+            None,  # the model changes between evaluations: nothing to cache
+            accelerator=self.accelerator,
+            dtype=self.dtype,
+            progress=self.progress,
+        )
         if self.train_labels is not None:
             train_labels = torch.as_tensor(self.train_labels)
         if self.test_labels is not None:

@@ -309,7 +309,7 @@ def build_model_card(
         ),
         "## Training recipe",
         "The exact configuration of this run:",
-        _code_block(redact(recipe_text), "yaml"),
+        _code_block(recipe_text, "yaml"),  # redacted with the whole card below
         "## Training summary",
         _summary_table(training_summary),
     ]
