@@ -50,9 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64, help="images per batch")
     parser.add_argument(
         "--num_workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="DataLoader worker processes for both paths",
+        default=str(min(4, os.cpu_count() or 1)),
+        help="DataLoader worker processes; a comma-separated list (e.g. 1,4,16) measures each path at each "
+        "count, which shows how the CPU path scales with its workers",
     )
     parser.add_argument("--paths", default="cpu,gpu", help="comma-separated pipelines to measure: cpu, gpu")
     parser.add_argument(
@@ -66,8 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("num_images", "width", "height", "image_size", "batch_size", "epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive")
-    if args.num_workers < 0 or args.warmup_epochs < 0:
-        parser.error("--num_workers and --warmup_epochs cannot be negative")
+    try:
+        args.num_workers = [int(n) for n in str(args.num_workers).split(",") if n.strip()]
+    except ValueError:
+        parser.error(f"--num_workers takes comma-separated integers, got {args.num_workers!r}")
+    if not args.num_workers or min(args.num_workers) < 0 or args.warmup_epochs < 0:
+        parser.error("--num_workers needs at least one count; counts and --warmup_epochs cannot be negative")
     if not 1 <= args.quality <= 100:
         parser.error("--quality must be in 1..100")
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
@@ -111,6 +115,7 @@ def measure(
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
     after: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None,
     device: torch.device,
+    num_workers: int,
     args: argparse.Namespace,
 ) -> tuple[int, float]:
     """Images delivered and seconds taken over the timed epochs (workers stay alive between epochs)."""
@@ -118,9 +123,9 @@ def measure(
         examples,
         batch_size=args.batch_size,
         shuffle=True,
-        num_workers=args.num_workers,
+        num_workers=num_workers,
         collate_fn=collate,
-        persistent_workers=args.num_workers > 0,
+        persistent_workers=num_workers > 0,
         pin_memory=device.type == "cuda",
     )
     images, seconds = 0, 0.0
@@ -164,28 +169,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             else:
                 device = gpu_device
                 collate = RawBytesCollator()
-                augment = GpuAugment(args.image_size, IMAGENET_MEAN, IMAGENET_STD, device=device, seed=args.seed)
-                after = augment
-            images, seconds = measure(examples, collate, after, device, args)
-            rows.append(
-                {
-                    "path": path,
-                    "workers": args.num_workers,
-                    "device": device.type,
-                    "device_name": torch.cuda.get_device_name(device)
-                    if device.type == "cuda"
-                    else platform.processor() or platform.machine(),
-                    "batch_size": args.batch_size,
-                    "image_size": args.image_size,
-                    "images": images,
-                    "seconds": round(seconds, 4),
-                    "img_per_s": round(images / seconds, 1) if seconds > 0 else float("inf"),
-                    "mean_jpeg_kb": round(float(np.mean(sizes)) / 1e3, 1),
-                    "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__,
-                    "torchvision": torchvision.__version__,
-                }
-            )
+                after = GpuAugment(args.image_size, IMAGENET_MEAN, IMAGENET_STD, device=device, seed=args.seed)
+            for workers in args.num_workers:
+                images, seconds = measure(examples, collate, after, device, workers, args)
+                rows.append(
+                    {
+                        "path": path,
+                        "workers": workers,
+                        "device": device.type,
+                        "device_name": torch.cuda.get_device_name(device)
+                        if device.type == "cuda"
+                        else platform.processor() or platform.machine(),
+                        "batch_size": args.batch_size,
+                        "image_size": args.image_size,
+                        "images": images,
+                        "seconds": round(seconds, 4),
+                        "img_per_s": round(images / seconds, 1) if seconds > 0 else float("inf"),
+                        "mean_jpeg_kb": round(float(np.mean(sizes)) / 1e3, 1),
+                        "cpu_count": os.cpu_count(),
+                        "torch": torch.__version__,
+                        "torchvision": torchvision.__version__,
+                    }
+                )
+                print(f"  {path} path, {workers} workers: {rows[-1]['img_per_s']:,.1f} img/s", flush=True)
     header = f"{'path':<5} {'workers':>7} {'device':<6} {'images':>7} {'seconds':>8} {'img/s':>9}"
     print(header)
     print("-" * len(header))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -118,3 +120,107 @@ def test_bad_arguments_are_refused(bench: ModuleType) -> None:
         bench.main([*TINY, "--modes", "fastest"])
     with pytest.raises(SystemExit):
         bench.main([*TINY, "--image_size", "40"])
+
+
+def load_report(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCH_PATH.parent))  # report.py imports bench_step as a sibling script
+    spec = importlib.util.spec_from_file_location("attndistill_bench_report", BENCH_PATH.parent / "report.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses resolve their module while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def step_row(pair_key: str, mode: str, img_per_s: float, peak: float, backend: str | None = None) -> dict:
+    return {
+        "pair": f"pair {pair_key}",
+        "pair_key": pair_key,
+        "mode": mode,
+        "img_per_s": img_per_s,
+        "peak_gib": peak,
+        "peak_kind": "cuda_max_allocated",
+        "compile_backend": backend,
+    }
+
+
+def data_row(path: str, workers: int, img_per_s: float) -> dict:
+    return {"path": path, "workers": workers, "device": "cuda", "device_name": "GPU", "img_per_s": img_per_s}
+
+
+def test_report_checks_every_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    report = load_report(monkeypatch)
+    # Speeds chosen around each threshold: s16-t16 meets all, s8-s16 misses the floor (0.96x) and memory
+    # (0.40x), b16-s16 misses the naive speed-up (1.59x); compile just misses 7,000; decoding meets 6,000
+    # but not the compiled step's rate; 16 CPU workers reach 80% of linear.
+    steps = [
+        step_row("s16-t16", "naive", 3000, 8.0),
+        step_row("s16-t16", "default", 4850, 5.0),
+        step_row("s16-t16", "floor", 5000, 5.0),
+        step_row("s16-t16", "default+compile", 6999, 6.0, "inductor"),
+        step_row("s8-s16", "naive", 800, 30.0),
+        step_row("s8-s16", "default", 2400, 12.0),
+        step_row("s8-s16", "floor", 2500, 11.0),
+        step_row("b16-s16", "naive", 1000, 18.0),
+        step_row("b16-s16", "default", 1590, 12.0),
+        step_row("b16-s16", "floor", 1600, 12.0),
+    ]
+    data = [data_row("cpu", 1, 300), data_row("cpu", 16, 3840), data_row("gpu", 16, 6500)]
+    verdicts = {t.name: (t.measured, t.passed) for t in report.check_targets(steps, data)}
+    assert verdicts == {
+        "pair s16-t16: default vs floor": ("0.97x", True),
+        "pair s16-t16: default vs naive": ("1.62x", True),
+        "pair s8-s16: default vs floor": ("0.96x", False),
+        "pair s8-s16: default vs naive": ("3.00x", True),
+        "pair b16-s16: default vs floor": ("0.99x", True),
+        "pair b16-s16: default vs naive": ("1.59x", False),
+        "pair s8-s16: peak memory, default vs naive": ("0.40x", False),
+        "pair s16-t16: default+compile (inductor)": ("6,999 img/s", False),
+        "GPU decoding + augmentation": ("6,500 img/s", True),
+        "GPU input pipeline vs the fastest pair s16-t16 step": ("0.93x (6,999 img/s step)", False),
+        "CPU path: worker scaling": ("80% (16 workers: 3,840 img/s; 1 worker: 300)", True),
+    }
+
+
+def test_report_says_what_was_not_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    report = load_report(monkeypatch)
+    # A CPU run: resident-set peaks, an aot_eager compile, decoding on the CPU, one worker count only.
+    steps = [
+        {**step_row("s8-s16", mode, 100, 1.0), "peak_kind": "process_peak_rss"} for mode in ("naive", "default")
+    ] + [step_row("s16-t16", "default+compile", 9000, 1.0, "aot_eager")]
+    data = [{**data_row("gpu", 2, 9000), "device": "cpu"}, data_row("cpu", 2, 100)]
+    targets = report.check_targets(steps, data)
+    measured = {t.name for t in targets if t.passed is not None}
+    assert measured == {"pair s8-s16: default vs naive"}
+    assert len(targets) == 11 and all(t.measured == "-" for t in targets if t.passed is None)
+
+
+def test_gpu_script_rehearsal_on_cpu(tmp_path: Path) -> None:
+    """bench/run_gpu.sh runs every stage (REHEARSAL=1: CPU, tiny models) and writes its JSON and report."""
+    script = BENCH_PATH.parent / "run_gpu.sh"
+    env = {**os.environ, "REHEARSAL": "1", "PYTHON": sys.executable, "WORKERS": "2"}
+    done = subprocess.run(["bash", str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (logs,) = tmp_path.glob("logs-*")
+    tag = logs.name.removeprefix("logs-")
+    steps = json.loads((tmp_path / f"{tag}.json").read_text())
+    assert len(steps) == 9 and {row["mode"] for row in steps} == {"naive", "default", "floor"}
+    (compiled,) = json.loads((tmp_path / f"{tag}-compile.json").read_text())
+    assert (compiled["mode"], compiled["compile_backend"]) == ("default+compile", "aot_eager")
+    data = json.loads((tmp_path / f"{tag}-data.json").read_text())
+    assert [(row["path"], row["workers"]) for row in data] == [("cpu", 1), ("cpu", 2), ("gpu", 1), ("gpu", 2)]
+    report = (logs / "report.md").read_text()
+    assert report.count("| ViT-S/16 -> ViT-T/16 (case c) | default") == 2  # default and default+compile rows
+    assert "| CPU path: worker scaling |" in report and "| GPU decoding + augmentation | - |" in report
+    assert "float32 parity" in (logs / "step.txt").read_text()
+    assert "mode default+compile" in (logs / "profile-default-compile.txt").read_text()
+    stages = (logs / "stages.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in stages] == [
+        "== CUDA-only tests",
+        "== loss parity + naive/default/floor",
+        "== default+compile",
+        "== profile default",
+        "== profile default+compile",
+        "== input pipeline",
+        "== report",
+    ]
