@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .models import forward_kwargs, num_prefix_tokens
+from .models import final_norm, forward_kwargs, num_prefix_tokens
 
 # Projection names used by transformers' ViT-family attention modules, newest layout first.
 _PROJECTION_NAMES = (("q_proj", "k_proj"), ("query", "key"))
@@ -43,11 +43,13 @@ class AttentionSite:
 
 @dataclass
 class _Capture:
-    """Forward hooks on the last block's q/k projections; outputs are kept until read once."""
+    """Forward hooks on the last block's q/k projections (and, on request, the final norm's input);
+    outputs are kept until read once."""
 
     site: AttentionSite
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
+    slots: set[str] = field(default_factory=lambda: {"query", "key"})
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -112,6 +114,20 @@ def _make_site(module: nn.Module, query: nn.Linear, key: nn.Linear, model: nn.Mo
     return AttentionSite(module, query, key, int(num_heads), head_dim, scaling)
 
 
+def _keep_output(capture: _Capture, slot: str) -> Any:
+    def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        capture.outputs[slot] = output
+
+    return hook
+
+
+def _keep_input(capture: _Capture, slot: str) -> Any:
+    def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        capture.outputs[slot] = inputs[0]
+
+    return hook
+
+
 def install_attention_capture(model: nn.Module) -> _Capture:
     """Install the q/k hooks once per model; they stay for later calls.
 
@@ -122,29 +138,45 @@ def install_attention_capture(model: nn.Module) -> _Capture:
     capture = plain.__dict__.get(_CAPTURE_ATTRIBUTE)
     if capture is None:
         capture = _Capture(find_last_attention(plain))
-
-        def keep(slot: str):
-            def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-                capture.outputs[slot] = output
-
-            return hook
-
         capture.handles = [
-            capture.site.query.register_forward_hook(keep("query")),
-            capture.site.key.register_forward_hook(keep("key")),
+            capture.site.query.register_forward_hook(_keep_output(capture, "query")),
+            capture.site.key.register_forward_hook(_keep_output(capture, "key")),
         ]
         # Plain attribute, not a submodule: it must not appear in state dicts or parameter lists.
         plain.__dict__[_CAPTURE_ATTRIBUTE] = capture
     return capture
 
 
-def remove_attention_capture(model: nn.Module) -> None:
-    """Remove the hooks installed by :func:`last_cls_attention` (they are harmless if left)."""
-    plain = unwrap_model(model)
-    capture = plain.__dict__.pop(_CAPTURE_ATTRIBUTE, None)
+def install_last_block_capture(model: nn.Module) -> _Capture:
+    """Also keep the last block's output tokens: the input of the final norm (a forward pre-hook).
+
+    transformers' own ``output_hidden_states`` would give them too, but its recording enters a lock,
+    which breaks a ``torch.compile`` graph. Like :func:`install_attention_capture`, call it before
+    compiling; :func:`last_block_tokens` reads the tokens after a forward pass.
+    """
+    capture = install_attention_capture(model)
+    if "tokens" not in capture.slots:
+        plain = unwrap_model(model)
+        capture.handles.append(final_norm(plain).register_forward_pre_hook(_keep_input(capture, "tokens")))
+        capture.slots.add("tokens")
+    return capture
+
+
+def last_block_tokens(model: nn.Module) -> torch.Tensor:
+    """The last block's output tokens ``[B, T, D]`` (before the final norm) of the model's latest forward pass.
+
+    Also releases what else that pass captured (q/k outputs not read by :func:`last_cls_attention`).
+    """
+    capture = unwrap_model(model).__dict__.get(_CAPTURE_ATTRIBUTE)
+    tokens = capture.outputs.pop("tokens", None) if capture is not None else None
     if capture is not None:
-        for handle in capture.handles:
-            handle.remove()
+        capture.outputs.clear()
+    if tokens is None:
+        raise RuntimeError(
+            f"No last-block tokens were captured for {type(unwrap_model(model)).__name__}: call "
+            "install_last_block_capture(model) before its forward pass."
+        )
+    return tokens
 
 
 def cls_attention_from_qk(

@@ -8,8 +8,9 @@ independent of how data is loaded; the recipes in ``recipes/`` wire it to the da
   mixed precision on GPU, gathered across processes in dataset order, optionally cached (safetensors).
 - ``knn_accuracy``: DINO's weighted k-NN (cosine similarity, votes exp(sim / T)), chunked over the test set.
 - ``train_linear_probe`` (cached features, no augmentation) and ``train_linear_probe_on_images`` (frozen
-  backbone, augmentation from the loader) share one SGD + cosine training loop with an optional lr sweep
-  trained as parallel heads; ``balanced_label_subset`` gives the 1% / 10% semi-supervised label splits.
+  backbone, augmentation from the loader: ``probe_train_transform``) share one SGD + cosine training loop
+  with an optional lr sweep trained as parallel heads; ``probe_feature_kind`` picks DINO's probe feature
+  for a model; ``balanced_label_subset`` gives the 1% / 10% semi-supervised label splits.
 - ``KNNEvaluationCallback``: k-NN top-1 during ``Trainer`` training, logged as ``eval_knn_top1``.
 - ``run_knn_eval`` / ``run_linear_eval``: the complete evaluations the recipes (and the demo) run.
 """
@@ -25,24 +26,30 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from torchvision.transforms import v2
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .attention import run_model, unwrap_model
-from .data import image_stats
+from .data import IMAGENET_MEAN, IMAGENET_STD, _check_transform_args, _to_normalised_tensor, image_stats, to_rgb
 from .hub import add_eval_records, records_from_results
-from .models import load_image_processor, load_teacher, num_prefix_tokens
+from .models import final_norm, load_image_processor, load_teacher, num_prefix_tokens
 
 logger = logging.getLogger(__name__)
 
 FeatureKind = Literal["cls", "last4_cls", "cls+avgpool"]
 FEATURE_KINDS: tuple[str, ...] = ("cls", "last4_cls", "cls+avgpool")
+# "auto": the linear-probe feature DINO uses for the model's width (see probe_feature_kind).
+ProbeFeatureKind = Literal["auto", "cls", "last4_cls", "cls+avgpool"]
+# DINO's linear probe: CLS + average-pooled patch tokens from ViT-B's width on, the last 4 CLS below.
+_AVGPOOL_MIN_HIDDEN_SIZE = 768
 DEFAULT_KNN_KS: tuple[int, ...] = (10, 20, 100, 200)
 # Elements of one [chunk, num_train] similarity block when chunk_size is automatic: 2**27 float32 values
 # (512 MiB), i.e. about 100 test images per chunk against ImageNet's 1.28M train features, as DINO does.
@@ -58,18 +65,6 @@ _CACHE_FORMAT = "attndistill_hf.features.v1"
 def _check_kind(kind: str) -> None:
     if kind not in FEATURE_KINDS:
         raise ValueError(f"Unknown feature kind {kind!r}; choose one of {FEATURE_KINDS}.")
-
-
-def _final_norm(model: nn.Module) -> nn.Module:
-    """The model's final LayerNorm (``layernorm`` in ViT / DeiT / ViTMAE / DINOv2; ``norm`` elsewhere)."""
-    for name in ("layernorm", "norm", "post_layernorm"):
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise ValueError(
-        f"{type(model).__name__} has no final norm attribute (layernorm / norm / post_layernorm); "
-        "'last4_cls' features need it to normalise intermediate blocks as DINO does."
-    )
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -134,7 +129,7 @@ def compute_features(model: nn.Module, pixel_values: torch.Tensor, kind: Feature
                 f"'last4_cls' needs at least 4 transformer blocks; {type(model).__name__} has "
                 f"{num_layers if num_layers is not None else len(hidden_states)}."
             )
-        norm = _final_norm(model)
+        norm = final_norm(model)
         return torch.cat([norm(state[:, 0]) for state in hidden_states[-4:]], dim=-1)
     outputs = run_model(model, pixel_values)
     tokens = outputs.last_hidden_state
@@ -336,8 +331,11 @@ def knn_accuracy(
     """DINO's weighted k-NN: ``{k: {"top1": %, "top5": %}}`` for each k.
 
     Features are L2-normalised; each test feature's k most cosine-similar train features vote for their
-    class with weight ``exp(sim / temperature)``; classes are ranked by summed votes. Top-5 counts a hit
-    in the first ``min(5, k)`` ranked classes, as DINO does. A k larger than the train set is clipped
+    class with weight ``exp(sim / temperature)``; all classes are ranked by summed votes (DINO sorts the
+    whole vote vector, so when fewer than 5 classes got votes, classes without votes fill the remaining
+    ranks). Top-1 is the first ranked class, top-5 counts a hit in the first ``min(5, k)``, as DINO does.
+    DINO leaves the order of equal votes to an unstable sort; here it is the class index (a stable sort),
+    so results do not depend on the device. A k larger than the train set is clipped
     (with a warning); results stay keyed by the requested k. Test features are processed in chunks of
     ``chunk_size`` rows (automatic: about 512 MiB of similarities) so ImageNet-size sets fit in memory;
     computation happens on ``train_features``' device.
@@ -388,10 +386,8 @@ def knn_accuracy(
         for k, k_eff in effective.items():
             votes = torch.zeros(queries.shape[0], num_classes, device=device, dtype=weights.dtype)
             votes.scatter_add_(1, neighbour_labels[:, :k_eff], weights[:, :k_eff])
-            ranked_votes, ranked = votes.topk(min(5, k_eff, num_classes), dim=1)
-            # A class no neighbour voted for is no prediction: it never counts as a top-5 hit, whatever
-            # order the zero-vote classes come out in (DINO leaves that order to the sort).
-            hits = (ranked == targets[:, None]) & (ranked_votes > 0)
+            ranked = votes.sort(dim=1, descending=True, stable=True).indices[:, : min(5, k_eff)]
+            hits = ranked == targets[:, None]
             top1[k] += int(hits[:, 0].sum())
             top5[k] += int(hits.any(dim=1).sum())
     return {k: {"top1": 100.0 * top1[k] / num_test, "top5": 100.0 * top5[k] / num_test} for k in effective}
@@ -427,6 +423,46 @@ def balanced_label_subset(labels: torch.Tensor | Sequence[int], fraction: float,
 # --------------------------------------------------------------------------------------------------
 # Linear probe
 # --------------------------------------------------------------------------------------------------
+
+
+def probe_train_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> v2.Compose:
+    """The training view of DINO's linear evaluation: RandomResizedCrop(image_size) at torchvision's defaults
+    (scale (0.08, 1), bilinear) + horizontal flip + normalise.
+
+    Not the distillation view (``data.train_transform``: scale (0.2, 1), bicubic). The probe is scored
+    on ``data.eval_transform`` (resize 256/224 bicubic, centre crop). Returns a float tensor
+    [3, image_size, image_size] for a PIL image of any mode.
+    """
+    _check_transform_args(image_size, mean, std)
+    return v2.Compose(
+        [
+            v2.Lambda(to_rgb, Image.Image),
+            v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BILINEAR),
+            v2.RandomHorizontalFlip(),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
+
+
+def probe_feature_kind(kind: str, config: Any) -> FeatureKind:
+    """The linear-probe feature: ``kind`` itself, or for "auto" DINO's choice for the model's width.
+
+    DINO probes ViT-S/T on the CLS tokens of the last 4 blocks ("last4_cls") and ViT-B on the last
+    block's CLS + average-pooled patch tokens ("cls+avgpool"); "auto" gives "cls+avgpool" when
+    ``config.hidden_size`` >= 768 and "last4_cls" below.
+    """
+    if kind != "auto":
+        _check_kind(kind)
+        return cast(FeatureKind, kind)
+    hidden_size = getattr(config, "hidden_size", None)
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int):
+        raise ValueError(
+            f"Cannot choose the probe feature automatically: the model config has no integer hidden_size "
+            f"(got {hidden_size!r}). Pick one of {FEATURE_KINDS} explicitly (--feature_kind)."
+        )
+    return "cls+avgpool" if hidden_size >= _AVGPOOL_MIN_HIDDEN_SIZE else "last4_cls"
 
 
 @dataclass
@@ -681,7 +717,7 @@ def train_linear_probe_on_images(
 ) -> dict[str, Any]:
     """Linear probe through a frozen backbone (the faithful path): features are recomputed every epoch.
 
-    Augmentation (RandomResizedCrop + flip) is whatever ``train_loader``'s transform does; the backbone
+    Augmentation is whatever ``train_loader``'s transform does (DINO's: ``probe_train_transform``); the backbone
     runs in eval mode without gradients, as in DINO's linear evaluation. ``test_loader`` should use the
     eval preprocessing. With ``config.label_fraction`` the loader's dataset is subset per class; its
     labels come from ``train_labels`` (one per dataset item). Single process.
@@ -896,7 +932,8 @@ class EvalArguments:
         metadata={
             "help": "Features: 'cls' (final CLS, DINO's k-NN), 'last4_cls' (CLS of the last 4 blocks, each through "
             "the final norm: DINO's ViT-S/T probe) or 'cls+avgpool' (CLS + mean patch token: ViT-B probe). "
-            "Default: 'cls' for k-NN, 'last4_cls' for the linear probe."
+            "Unset: 'cls' for k-NN; for the linear probe DINO's choice for the model ('auto'): 'cls+avgpool' "
+            "when its hidden_size is 768 or more (ViT-B), else 'last4_cls'. The results record the kind used."
         },
     )
     batch_size: int = field(default=256, metadata={"help": "Images per forward pass (and per probe SGD step)."})
@@ -1103,7 +1140,7 @@ def run_linear_eval(
     train_loader: DataLoader,
     test_loader: Iterable[Any],
     *,
-    kind: FeatureKind = "last4_cls",
+    kind: ProbeFeatureKind = "auto",
     config: LinearProbeConfig | None = None,
     augment: bool = True,
     train_labels: torch.Tensor | Sequence[int] | None = None,
@@ -1116,17 +1153,21 @@ def run_linear_eval(
 ) -> dict[str, Any]:
     """The full linear (or semi-supervised) evaluation, as a table and JSON.
 
-    ``augment=True`` is the faithful path (``train_loader`` applies RandomResizedCrop + flip and the
+    ``augment=True`` is the faithful path (``train_loader`` applies ``probe_train_transform`` and the
     frozen backbone runs every epoch); ``augment=False`` extracts ``train_loader``'s features once
-    (cacheable in ``cache_dir``; give it eval preprocessing) and trains on them.
+    (cacheable in ``cache_dir``; give it eval preprocessing) and trains on them. ``kind="auto"`` resolves
+    with ``probe_feature_kind`` from the model's config; the results' ``"kind"`` is the feature used.
     """
     config = config or LinearProbeConfig()
+    feature_kind = probe_feature_kind(kind, getattr(model, "config", None))
+    how = "DINO's choice for this model's width" if kind == "auto" else "as requested"
+    logger.info("Linear-probe features: %s (%s)", feature_kind, how)
     if augment:
         report = train_linear_probe_on_images(
             model,
             train_loader,
             test_loader,
-            kind,
+            feature_kind,
             config,
             train_labels=train_labels,
             num_classes=num_classes,
@@ -1134,13 +1175,13 @@ def run_linear_eval(
         )
     else:
         train, test = _train_test_features(
-            model, train_loader, test_loader, kind, cache_dir, dtype=dtype, progress=config.progress
+            model, train_loader, test_loader, feature_kind, cache_dir, dtype=dtype, progress=config.progress
         )
         report = train_linear_probe(*train, *test, config, num_classes=num_classes)
     results: dict[str, Any] = {
         **(extra or {}),
         "protocol": "semi-supervised" if config.label_fraction is not None else "linear",
-        "kind": kind,
+        "kind": feature_kind,
         "augment": augment,
         **report,
         "config": {key: value for key, value in asdict(config).items() if key != "progress"},
@@ -1148,7 +1189,8 @@ def run_linear_eval(
     if print_table:
         rows = [(lr, score["top1"], score["top5"]) for lr, score in report["per_lr"].items()]
         print(format_table(rows, ("lr", "top-1 (%)", "top-5 (%)")))
-        print(f"best: lr {report['lr']:g}, top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}%")
+        best = f"lr {report['lr']:g}, top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}%"
+        print(f"best ({feature_kind} features): {best}")
         best_epoch = report["best_epoch"]
         print(
             f"best over the scored epochs (DINO's number, chosen on the test set): epoch {best_epoch['epoch']}, "

@@ -25,6 +25,8 @@ Grid = tuple[int, int]
 DEFAULT_CLAMP = (1e-5, 0.996)
 # Floor against log(0) in the head fusion; far below any float32 softmax output a ViT produces.
 LOG_FLOOR = 1e-30
+# LayerNorm eps of the published projector (and of the students).
+LAYER_NORM_EPS = 1e-6
 
 
 def clamp_and_renormalise(attention: torch.Tensor, clamp: tuple[float, float] = DEFAULT_CLAMP) -> torch.Tensor:
@@ -165,8 +167,9 @@ def projector_hidden_dims(student_dim: int, depth: int) -> list[int]:
 class AttnDistillProjector(nn.Module):
     """LayerNorm(d) -> [Linear -> GELU] x (depth-1) -> Linear(., D_teacher) -> LayerNorm(D_teacher).
 
-    With depth 4 this is the published head: d -> 2d -> d -> 2d -> D_teacher, no BatchNorm. It is a
-    training-time head only; the exported student does not contain it.
+    With depth 4 this is the published head: d -> 2d -> d -> 2d -> D_teacher, no BatchNorm, LayerNorm
+    eps 1e-6, Linear weights from a truncated normal (std 0.02) with zero biases. It is a training-time
+    head only; the exported student does not contain it.
     """
 
     def __init__(
@@ -174,11 +177,15 @@ class AttnDistillProjector(nn.Module):
     ) -> None:
         super().__init__()
         widths = [student_dim, *(hidden_dims if hidden_dims is not None else projector_hidden_dims(student_dim, depth))]
-        layers: list[nn.Module] = [nn.LayerNorm(student_dim)]
+        layers: list[nn.Module] = [nn.LayerNorm(student_dim, eps=LAYER_NORM_EPS)]
         for width_in, width_out in itertools.pairwise(widths):
             layers += [nn.Linear(width_in, width_out), nn.GELU()]
-        layers += [nn.Linear(widths[-1], teacher_dim), nn.LayerNorm(teacher_dim)]
+        layers += [nn.Linear(widths[-1], teacher_dim), nn.LayerNorm(teacher_dim, eps=LAYER_NORM_EPS)]
         self.layers = nn.Sequential(*layers)
+        for layer in self.layers:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, student_tokens: torch.Tensor) -> torch.Tensor:
         return self.layers(student_tokens)
@@ -213,13 +220,16 @@ class AttnDistillLoss(nn.Module):
         attn_weight: float = 0.1,
         fusion_temperature: float = 10.0,
         projector_depth: int = 4,
+        projector_hidden_dims: Sequence[int] | None = None,
         projector_loss: str = "mse",
         clamp: tuple[float, float] = DEFAULT_CLAMP,
     ) -> None:
         super().__init__()
         if projector_loss not in {"mse", "cosine"}:
             raise ValueError(f"Unknown projector loss {projector_loss!r}; use 'mse' or 'cosine'.")
-        self.projector = AttnDistillProjector(student_dim, teacher_dim, depth=projector_depth)
+        self.projector = AttnDistillProjector(
+            student_dim, teacher_dim, depth=projector_depth, hidden_dims=projector_hidden_dims
+        )
         self.proj_weight = proj_weight
         self.attn_weight = attn_weight
         self.fusion_temperature = fusion_temperature

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -245,8 +246,18 @@ def patch_grid(config: PretrainedConfig, image_size: tuple[int, int] | int | Non
 
 
 def cls_features(last_hidden_state: torch.Tensor) -> torch.Tensor:
-    """The CLS token after the model's final LayerNorm (what DINO evaluates and AttnDistill aligns)."""
+    """The CLS token of ``last_hidden_state``: after the final LayerNorm, what DINO evaluates (and the
+    teacher's side of the projector alignment)."""
     return last_hidden_state[:, 0]
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The model's final LayerNorm (``layernorm`` in ViT / DeiT / ViTMAE / DINOv2; ``norm`` elsewhere)."""
+    for name in ("layernorm", "norm", "post_layernorm"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"{type(model).__name__} has no final norm attribute (layernorm / norm / post_layernorm).")
 
 
 def square_side(num_tokens: int) -> int:

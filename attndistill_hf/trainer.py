@@ -25,10 +25,18 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, seed_worker
 
-from .attention import find_last_attention, install_attention_capture, last_cls_attention, run_model, unwrap_model
+from .attention import (
+    find_last_attention,
+    install_attention_capture,
+    install_last_block_capture,
+    last_block_tokens,
+    last_cls_attention,
+    run_model,
+    unwrap_model,
+)
 from .data import EqualStepsIterable, prepare_per_rank_dataloader
 from .losses import AttnDistillLoss
-from .models import cls_features, load_teacher, patch_grid
+from .models import cls_features, final_norm, load_teacher, patch_grid
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +47,14 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class AttnDistillConfig(TrainingArguments):
-    """TrainingArguments plus the AttnDistill fields; defaults follow the published recipe."""
+    """TrainingArguments plus the AttnDistill fields.
+
+    Defaults follow the published recipe (AdamW betas (0.9, 0.95), weight decay 0.05, base learning rate
+    1.5e-4 per 256 images, half-cosine schedule, no gradient clipping, loss weights 1.0 / 0.1, T = 10),
+    except the run's length and warm-up (published: 40 warm-up epochs), which belong to each experiment's
+    config. ``effective_batch_size`` sets the gradient accumulation from the number of processes, as the
+    published code fills its batch of 4096.
+    """
 
     proj_loss_weight: float = field(default=1.0, metadata={"help": "Weight w_proj of the projector alignment term."})
     attn_loss_weight: float = field(
@@ -51,6 +66,21 @@ class AttnDistillConfig(TrainingArguments):
     )
     projector_depth: int = field(
         default=4, metadata={"help": "Linear layers in the projector (4 = the published d-2d-d-2d-D head)."}
+    )
+    projector_hidden_dims: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Widths of the projector's hidden layers (e.g. 768 384 768); overrides projector_depth. "
+            "Default: the published widths 2d, d, 2d, ... for projector_depth layers (d = student width)."
+        },
+    )
+    effective_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Images per optimizer step over all processes (published: 4096). When set, "
+            "gradient_accumulation_steps = effective_batch_size // (per_device_train_batch_size x processes), "
+            "so the same config gives the same batch on any number of GPUs."
+        },
     )
     projector_loss: str = field(
         default="mse", metadata={"help": "Projector distance: 'mse' (published) or 'cosine' (2 - 2 cos)."}
@@ -66,7 +96,13 @@ class AttnDistillConfig(TrainingArguments):
     )
     warmup_epochs: float = field(
         default=0.0,
-        metadata={"help": "Linear warm-up length in epochs (converted to steps); overrides warmup_steps when > 0."},
+        metadata={
+            "help": "Linear warm-up length in epochs (converted to steps); overrides warmup_steps when > 0. "
+            "The published recipe warms up for 40 epochs (the paper's configs set it)."
+        },
+    )
+    max_grad_norm: float = field(
+        default=0.0, metadata={"help": "Gradient clipping norm; 0 disables clipping (published: no clipping)."}
     )
     max_consecutive_nonfinite_steps: int = field(
         default=20, metadata={"help": "Stop with an error after this many NaN/inf losses in a row."}
@@ -98,8 +134,31 @@ class AttnDistillConfig(TrainingArguments):
         elif isinstance(self.accelerator_config, dict):
             self.accelerator_config.setdefault("dispatch_batches", False)
         super().__post_init__()
+        if self.effective_batch_size is not None:
+            self._fill_effective_batch()
         if not lr_given:
             self.learning_rate = self.base_learning_rate * self.total_train_batch_size / 256
+
+    def _fill_effective_batch(self) -> None:
+        per_step = self.per_device_train_batch_size * max(1, self.world_size)
+        steps = self.effective_batch_size // per_step
+        if steps < 1:
+            raise ValueError(
+                f"effective_batch_size {self.effective_batch_size} is smaller than one step of "
+                f"{self.per_device_train_batch_size} images x {max(1, self.world_size)} processes = {per_step}."
+            )
+        if steps * per_step != self.effective_batch_size:
+            logger.warning(
+                "effective_batch_size %d is not a multiple of %d images per step (%d per device x %d processes): "
+                "using %d accumulation steps, %d images per update.",
+                self.effective_batch_size,
+                per_step,
+                self.per_device_train_batch_size,
+                max(1, self.world_size),
+                steps,
+                steps * per_step,
+            )
+        self.gradient_accumulation_steps = steps
 
     @property
     def total_train_batch_size(self) -> int:
@@ -113,6 +172,12 @@ class DistillationModule(nn.Module):
     The forward pass takes the teacher's CLS token and attention map, computed outside under
     ``no_grad``, so that DDP wraps only trainable parameters. ``capture`` computes the student's map
     (the fast hooked path; the benchmark passes the eager reference to time the naive step).
+
+    As in the published code, the projector takes the student's last-block tokens *before* its final
+    LayerNorm (the projector opens with its own LayerNorm). The final norm is then outside the loss:
+    it is frozen, so that it keeps its initial affine (1, 0), as it does in the published code, and DDP
+    finds no parameter without a gradient. The exported student's ``last_hidden_state`` is therefore
+    the last block's tokens through a plain (identity-affine) LayerNorm, the published evaluation feature.
     """
 
     def __init__(
@@ -125,8 +190,9 @@ class DistillationModule(nn.Module):
         self.student = student
         self.loss_fn = loss_fn
         self.capture = capture
-        if capture is last_cls_attention and loss_fn.attn_weight:
-            install_attention_capture(student)  # before any torch.compile of this module
+        final_norm(student).requires_grad_(False)
+        # Hooks before any torch.compile of this module (q/k for the map, the final norm's input).
+        install_last_block_capture(student)
 
     def forward(
         self,
@@ -137,14 +203,14 @@ class DistillationModule(nn.Module):
         validate: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.loss_fn.attn_weight:
-            output, student_attn = self.capture(self.student, pixel_values)
+            _, student_attn = self.capture(self.student, pixel_values)
         else:
-            output = run_model(self.student, pixel_values)
+            run_model(self.student, pixel_values)
             student_attn = None
         terms = self.loss_fn(
             teacher_cls,
             teacher_attn,
-            output,
+            cls_features(last_block_tokens(self.student)),  # before the final norm
             student_attn,
             teacher_grid=teacher_grid,
             student_grid=patch_grid(self.student.config, tuple(pixel_values.shape[-2:])),
@@ -221,6 +287,7 @@ class AttnDistillTrainer(Trainer):
             attn_weight=args.attn_loss_weight,
             fusion_temperature=args.fusion_temperature,
             projector_depth=args.projector_depth,
+            projector_hidden_dims=args.projector_hidden_dims,
             projector_loss=args.projector_loss,
             clamp=(args.attn_clamp_min, args.attn_clamp_max),
         )

@@ -6,10 +6,13 @@
         --image_size 32 --no_augment --epochs 20 --lr_sweep 0.1 1 10 # fast: cached features, lr sweep
     python recipes/eval_linear.py ... --label_fraction 0.01       # semi-supervised: 1% of the labels per class
 
-A frozen backbone; a linear layer on the chosen features ('last4_cls' by default: DINO's ViT-S/T probe)
-trained with SGD (momentum 0.9, no weight decay, lr 1e-3 x batch / 256, cosine). With augmentation
-(default) the training images get RandomResizedCrop + flip and pass through the backbone every epoch;
-``--no_augment`` extracts their features once with the evaluation view and trains on those (cacheable).
+A frozen backbone; a linear layer on the chosen features (by default DINO's choice for the model: the CLS
+of the last 4 blocks, 'last4_cls', below hidden size 768 (ViT-S/T); last CLS + mean patch token,
+'cls+avgpool', from 768 on (ViT-B); the results record which) trained with SGD (momentum 0.9, no weight
+decay, lr 1e-3 x batch / 256, cosine). With augmentation (default) the training images get DINO's probe view
+(RandomResizedCrop at torchvision's defaults: scale 0.08-1, bilinear; + flip) and pass through the backbone
+every epoch; ``--no_augment`` extracts their features once with the evaluation view (resize 256/224
+bicubic, centre crop) and trains on those (cacheable). The test set always gets the evaluation view.
 Single process. Prints a table and writes JSON. Importable: ``run_linear_eval_from_args(...)``.
 """
 
@@ -24,20 +27,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from attndistill_hf.cli import parse_config_and_flags
-from attndistill_hf.data import (
-    DataArguments,
-    ImageCollator,
-    dataloader_workers,
-    eval_transform,
-    load_split,
-    train_transform,
-)
+from attndistill_hf.data import DataArguments, ImageCollator, dataloader_workers, eval_transform, load_split
 from attndistill_hf.evaluation import (
     EvalArguments,
     LinearProbeConfig,
     add_results_to_card,
     class_count,
     load_eval_setup,
+    probe_train_transform,
     run_linear_eval,
 )
 
@@ -62,8 +59,9 @@ class ProbeArguments:
     augment: bool = field(
         default=True,
         metadata={
-            "help": "Train on augmented images (RandomResizedCrop + flip) through the frozen backbone every epoch; "
-            "--no_augment trains on features extracted once with the evaluation view (fast path)."
+            "help": "Train on augmented images (DINO's probe view: RandomResizedCrop, scale 0.08-1, bilinear, + flip) "
+            "through the frozen backbone every epoch; --no_augment trains on features extracted once with the "
+            "evaluation view (fast path)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the head initialisation, shuffling and label subset."})
@@ -95,7 +93,7 @@ def run_linear_eval_from_args(
 
     view = eval_transform(data_args.image_size, mean, std)
     if probe_args.augment:
-        view_train = train_transform(data_args.image_size, mean, std)
+        view_train = probe_train_transform(data_args.image_size, mean, std)
         if streamed:
             train_set = train_set.shuffle(seed=probe_args.seed, buffer_size=data_args.shuffle_buffer_size)
     else:
@@ -136,7 +134,7 @@ def run_linear_eval_from_args(
         model,
         train_loader,
         test_loader,
-        kind=eval_args.feature_kind or "last4_cls",
+        kind=eval_args.feature_kind or "auto",
         config=config,
         augment=probe_args.augment,
         train_labels=train_labels,

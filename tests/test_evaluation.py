@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -24,6 +25,8 @@ from attndistill_hf.evaluation import (
     default_feature_model,
     extract_features,
     knn_accuracy,
+    probe_feature_kind,
+    probe_train_transform,
     run_knn_eval,
     run_linear_eval,
     train_linear_probe,
@@ -91,7 +94,8 @@ def reference_knn(train_x, train_y, test_x, test_y, k, temperature, num_classes)
         votes = [0.0] * num_classes
         for j in neighbours:
             votes[train_y[j]] += math.exp(sims[j] / temperature)
-        ranking = [c for c in sorted(range(num_classes), key=lambda c: -votes[c]) if votes[c] > 0]
+        # DINO sorts the whole vote vector: classes without votes rank too (equal votes by class index).
+        ranking = sorted(range(num_classes), key=lambda c: -votes[c])
         top1 += ranking[0] == target
         top5 += target in ranking[: min(5, k)]
     n = len(test_y)
@@ -102,7 +106,7 @@ def reference_knn(train_x, train_y, test_x, test_y, k, temperature, num_classes)
 def test_knn_matches_reference(temperature: float) -> None:
     train_x, train_y = clustered_features(300, 10, 16, spread=1.6, seed=0)
     test_x, test_y = clustered_features(120, 10, 16, spread=1.6, seed=1)
-    ks = (1, 3, 10, 20, 50)
+    ks = (1, 2, 3, 10, 20, 50)
     result = knn_accuracy(train_x, train_y, test_x, test_y, ks=ks, temperature=temperature)
     assert sorted(result) == list(ks)
     for k in ks:
@@ -111,6 +115,25 @@ def test_knn_matches_reference(temperature: float) -> None:
         assert result[k]["top5"] == pytest.approx(top5, abs=1e-9), k
     # The data is neither trivial nor hopeless, so the comparison means something.
     assert 30 < result[20]["top1"] < 95
+
+
+def test_knn_top5_ranks_classes_without_votes_as_dino() -> None:
+    """Fewer voted classes than top-5 slots: DINO's sorted vote vector fills them with zero-vote classes."""
+    train_x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    train_y = torch.tensor([2, 2, 1])
+    test_x = torch.tensor([[1.0, 0.05]] * 3)  # both nearest neighbours are class 2
+    # k=2 ranks class 2 (votes), then class 0 (no votes, lowest index): top-2 holds {2, 0}, not 1.
+    result = knn_accuracy(train_x, train_y, test_x, torch.tensor([2, 0, 1]), ks=(1, 2, 3), num_classes=3)
+    assert result[1] == pytest.approx({"top1": 100 / 3, "top5": 100 / 3})  # top-5 of k=1 is its top-1
+    assert result[2] == pytest.approx({"top1": 100 / 3, "top5": 200 / 3})
+    assert result[3]["top5"] == 100.0  # 3 classes, 3 slots
+    # The same on random data with many classes and small k, against the plain reference.
+    train_x, train_y = clustered_features(200, 40, 8, spread=0.8, seed=6)
+    test_x, test_y = clustered_features(150, 40, 8, spread=0.8, seed=7)
+    result = knn_accuracy(train_x, train_y, test_x, test_y, ks=(2, 3, 4), num_classes=40)
+    for k in (2, 3, 4):
+        top1, top5 = reference_knn(train_x, train_y, test_x, test_y, k, 0.07, 40)
+        assert result[k] == {"top1": pytest.approx(top1, abs=1e-9), "top5": pytest.approx(top5, abs=1e-9)}, k
 
 
 def test_knn_chunked_equals_unchunked() -> None:
@@ -503,6 +526,74 @@ def test_linear_probe_semi_supervised_and_config_checks() -> None:
         LinearProbeConfig(label_fraction=2.0)
     with pytest.raises(ValueError, match="epochs"):
         LinearProbeConfig(epochs=0)
+
+
+def test_probe_train_transform_is_dinos_eval_linear_view() -> None:
+    """Seed for seed, the same tensors as DINO's eval_linear.py training transform (torchvision v1 defaults)."""
+    from PIL import Image
+    from torchvision import transforms as v1
+
+    from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, train_transform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (180, 240, 3), dtype=np.uint8))
+    for size in (224, 32):
+        dino = v1.Compose(
+            [
+                v1.RandomResizedCrop(size),
+                v1.RandomHorizontalFlip(),
+                v1.ToTensor(),
+                v1.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+        ours = probe_train_transform(size)
+        for seed in range(6):
+            torch.manual_seed(seed)
+            expected = dino(image)
+            torch.manual_seed(seed)
+            got = ours(image)
+            assert got.shape == (3, size, size) and got.dtype == torch.float32
+            torch.testing.assert_close(got, expected)
+    # The distillation view (scale 0.2-1, bicubic) draws other crops: it is not the probe's view.
+    torch.manual_seed(0)
+    distill_view = train_transform(224)(image)
+    torch.manual_seed(0)
+    assert not torch.allclose(distill_view, probe_train_transform(224)(image), atol=1e-3)
+    # Any PIL mode becomes normalised RGB with the given statistics: a constant grey image stays constant.
+    grey = probe_train_transform(16, (0.5, 0.25, 0.0), (0.5, 0.25, 1.0))(Image.new("L", (40, 30), 255))
+    torch.testing.assert_close(grey, torch.tensor([1.0, 3.0, 1.0])[:, None, None].expand(3, 16, 16))
+    with pytest.raises(ValueError, match="std must be positive"):
+        probe_train_transform(16, (0.5,) * 3, (0.0,) * 3)
+
+
+def test_probe_feature_kind_auto_follows_dinos_per_model_choice() -> None:
+    for hidden, expected in ((64, "last4_cls"), (192, "last4_cls"), (384, "last4_cls"), (768, "cls+avgpool")):
+        config = ViTConfig(hidden_size=hidden, num_attention_heads=hidden // 64)
+        assert probe_feature_kind("auto", config) == expected, hidden
+    assert probe_feature_kind("auto", ViTConfig(hidden_size=1024, num_attention_heads=16)) == "cls+avgpool"
+    # Explicit choices win, whatever the model.
+    base = ViTConfig(hidden_size=768)
+    assert [probe_feature_kind(kind, base) for kind in ("cls", "last4_cls")] == ["cls", "last4_cls"]
+    assert probe_feature_kind("cls+avgpool", None) == "cls+avgpool"
+    with pytest.raises(ValueError, match="Unknown feature kind"):
+        probe_feature_kind("pooled", base)
+    with pytest.raises(ValueError, match="no integer hidden_size"):
+        probe_feature_kind("auto", None)
+
+
+def test_run_linear_eval_resolves_and_records_auto_kind(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    pixels, labels = torch.randn(20, 1, 28, 28), torch.arange(20) % 4
+    loader = DataLoader(TensorDataset(pixels, labels), batch_size=10)
+    config = LinearProbeConfig(epochs=1, batch_size=10, eval_every=0, progress=False)
+    wide = ViTModel(tiny_vit_config(layers=1, hidden=768), add_pooling_layer=False).eval()
+    cases = ((tiny_vit(layers=4), {}, "last4_cls", 4 * 32), (wide, {}, "cls+avgpool", 2 * 768))
+    cases += ((tiny_vit(layers=4), {"kind": "cls"}, "cls", 32),)
+    for model, kwargs, expected, dim in cases:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="attndistill_hf.evaluation"):
+            results = run_linear_eval(model, loader, loader, config=config, augment=False, print_table=False, **kwargs)
+        assert results["kind"] == expected and results["feature_dim"] == dim
+        assert f"Linear-probe features: {expected}" in caplog.text
 
 
 class FlipDataset(Dataset):

@@ -177,6 +177,26 @@ def test_projector_has_the_published_layout() -> None:
     assert [(m.in_features, m.out_features) for m in linears] == [(192, 384), (384, 192), (192, 384), (384, 384)]
     assert layers[0].normalized_shape == (192,) and layers[-1].normalized_shape == (384,)
     assert len([m for m in AttnDistillProjector(8, 4, depth=2).layers if isinstance(m, torch.nn.Linear)]) == 2
+    widths = AttnDistillLoss(8, 12, projector_hidden_dims=[32, 16]).projector.layers
+    assert [(m.in_features, m.out_features) for m in widths if isinstance(m, torch.nn.Linear)] == [
+        (8, 32),
+        (32, 16),
+        (16, 12),
+    ]
+
+
+def test_projector_starts_like_the_published_one() -> None:
+    # Published: LayerNorm eps 1e-6 (weight 1, bias 0), Linear weights trunc_normal(std=0.02) on [-2, 2]
+    # (so, at this std, a plain N(0, 0.02)), biases 0. PyTorch's default init would give U(+-1/sqrt(fan_in)):
+    # std 0.029 for fan_in 384 and non-zero biases.
+    torch.manual_seed(0)
+    layers = list(AttnDistillProjector(384, 768).layers)
+    for norm in (layers[0], layers[-1]):
+        assert norm.eps == 1e-6 and bool((norm.weight == 1).all()) and bool((norm.bias == 0).all())
+    for linear in (m for m in layers if isinstance(m, torch.nn.Linear)):
+        assert bool((linear.bias == 0).all())
+        assert linear.weight.std().item() == pytest.approx(0.02, rel=0.03)
+        assert linear.weight.mean().abs().item() < 1e-3
 
 
 def test_attndistill_loss_combines_terms_with_weights() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModel, TrainerCallback
 
+from attndistill_hf.attention import last_cls_attention
 from attndistill_hf.data import EqualStepsIterable
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer, NonFiniteLossError, check_pair
 
@@ -47,6 +48,59 @@ def test_learning_rate_follows_the_base_rate_rule(tmp_path: Path) -> None:
     assert args.learning_rate == pytest.approx(1.5e-4 * 128 / 256)
     assert (args.adam_beta2, args.weight_decay, args.lr_scheduler_type) == (0.95, 0.05, "cosine")
     assert args.accelerator_config.dispatch_batches is False
+
+
+def test_published_defaults_no_clipping_and_the_effective_batch(tmp_path: Path, caplog) -> None:
+    args = AttnDistillConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=64)
+    assert args.max_grad_norm == 0.0  # the published recipe clips nothing (TrainingArguments: 1.0)
+    filled = AttnDistillConfig(
+        output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=64, effective_batch_size=4096
+    )
+    assert filled.gradient_accumulation_steps == 64 and filled.total_train_batch_size == 4096
+    assert filled.learning_rate == pytest.approx(1.5e-4 * 4096 / 256)
+    with caplog.at_level("WARNING"):
+        rounded = AttnDistillConfig(
+            output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=48, effective_batch_size=100
+        )
+    assert rounded.gradient_accumulation_steps == 2 and "not a multiple of 48" in caplog.text
+    with pytest.raises(ValueError, match="smaller than one step"):
+        AttnDistillConfig(
+            output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=64, effective_batch_size=32
+        )
+
+
+def test_projector_reads_the_last_block_before_the_final_norm(tmp_path: Path) -> None:
+    """The published student projects its last block's tokens; its final norm stays out of the loss, untrained."""
+    trainer = AttnDistillTrainer(
+        tiny_student(), tiny_teacher(), config(tmp_path, max_steps=3), train_dataset=PixelDataset()
+    )
+    student, loss_fn = trainer.model.student, trainer.model.loss_fn
+    with torch.no_grad():  # a per-channel final norm: reading after it would change the projected token
+        generator = torch.Generator().manual_seed(0)
+        student.layernorm.weight.copy_(torch.rand(student.layernorm.weight.shape, generator=generator) + 0.5)
+        student.layernorm.bias.copy_(torch.randn(student.layernorm.bias.shape, generator=generator))
+    norm_before = {k: v.clone() for k, v in student.layernorm.state_dict().items()}
+    pixels = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        teacher_out, teacher_attn = last_cls_attention(trainer.teacher, pixels)
+    teacher_cls = teacher_out.last_hidden_state[:, 0]
+    _, loss_proj, _ = trainer.model(pixel_values=pixels, teacher_cls=teacher_cls, teacher_attn=teacher_attn)
+    seen = []  # what enters the final norm: the last block's tokens
+    handle = student.layernorm.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    with torch.no_grad():
+        student(pixel_values=pixels)
+    handle.remove()
+    blocks = seen[0]
+    expected = ((loss_fn.projector(blocks[:, 0]) - teacher_cls) ** 2).mean()
+    assert loss_proj.item() == pytest.approx(expected.item(), rel=1e-5)
+    after_norm = ((loss_fn.projector(student.layernorm(blocks)[:, 0]) - teacher_cls) ** 2).mean()
+    assert abs(after_norm.item() - expected.item()) > 1e-3  # the two readings are told apart
+    assert not any(p.requires_grad for p in student.layernorm.parameters())
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer.train()
+    trained = student.state_dict()
+    assert all(torch.equal(trained[f"layernorm.{k}"], v) for k, v in norm_before.items())
+    assert max((trained[k] - v).abs().max().item() for k, v in start.items()) > 0  # the rest trained
 
 
 def test_gradient_accumulation_equals_the_large_batch(tmp_path: Path) -> None:
