@@ -2,17 +2,24 @@
 
 ``python recipes/X.py config.yaml --max_steps 3``: the file's keys become flags placed before the
 command line's own, and argparse keeps the last value of a repeated flag, so flags override the file.
-Every field is a dataclass field with a ``help`` text, so ``--help`` explains all of them.
+A ``null`` in the file sets the field to None. Flags must be spelled out (no abbreviations), so a typo
+is an error rather than another field. Every field is a dataclass field with a ``help`` text, so
+``--help`` explains all of them.
+
+:func:`run_recipe` runs a recipe's ``main`` so that a mistake in its input ends with one line on stderr
+and exit status 2 instead of a traceback (``ATTNDISTILL_FULL_ERROR=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from transformers import HfArgumentParser
@@ -20,6 +27,14 @@ from transformers import HfArgumentParser
 from .hub import redact
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+FULL_ERROR_VARIABLE = "ATTNDISTILL_FULL_ERROR"
+# Mistakes in a recipe's input (bad values, missing files or columns, unreadable models): one line.
+USER_ERRORS = (ValueError, KeyError, OSError)
+T = TypeVar("T")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks (usage examples) and shows every default."""
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -62,15 +77,49 @@ def parse_config_and_flags(
     Unknown keys in the file or on the command line are errors that name them.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types, description=description)
+    parser = HfArgumentParser(
+        dataclass_types, description=description, allow_abbrev=False, formatter_class=_HelpFormatter
+    )
+    _describe_negations(parser)
     if args and args[0].endswith(CONFIG_SUFFIXES) and not args[0].startswith("-"):
         config_path = args.pop(0)
-        args = config_to_flags(read_config_file(config_path)) + args
+        values = read_config_file(config_path)
+        nulls = [key for key, value in values.items() if value is None]
+        known = {action.dest for action in parser._actions}
+        unknown = [key for key in nulls if key not in known]
+        if unknown:
+            raise ValueError(
+                f"Unknown keys in {config_path}: {', '.join(unknown)}. See --help for the accepted fields."
+            )
+        parser.set_defaults(**dict.fromkeys(nulls))  # flags given on the command line still win
+        args = config_to_flags(values) + args
     parsed = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
     *instances, remaining = parsed
     if remaining:
         raise ValueError(f"Unknown arguments: {' '.join(remaining)}. See --help for the accepted fields.")
     return tuple(instances)
+
+
+def _describe_negations(parser: argparse.ArgumentParser) -> None:
+    """HfArgumentParser gives ``--no_X`` (for a boolean X that defaults to true) X's own help: say what it does."""
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreFalseAction) and any(o.startswith("--no_") for o in action.option_strings):
+            action.help = f"Turn --{action.dest} off."
+
+
+def run_recipe(main: Callable[[], T]) -> T:
+    """``main()``, with a mistake in the recipe's input reported as ``error: ...`` and exit status 2.
+
+    A traceback helps nobody who typed a wrong path; set ``ATTNDISTILL_FULL_ERROR=1`` to see it anyway.
+    """
+    try:
+        return main()
+    except USER_ERRORS as error:
+        if os.environ.get(FULL_ERROR_VARIABLE, "") not in ("", "0"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}\n(set {FULL_ERROR_VARIABLE}=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def recipe_text(argv: Sequence[str] | None = None) -> str:

@@ -1020,7 +1020,7 @@ def load_eval_setup(eval_args: EvalArguments, data_args: Any) -> EvalSetup:
     """
     name = eval_args.model_name_or_path
     trust = eval_args.trust_remote_code
-    model = load_teacher(name, attn_implementation=eval_args.attn_implementation, trust_remote_code=trust)
+    model = load_teacher(name, attn_implementation=eval_args.attn_implementation, trust_remote_code=trust, role="model")
     configured = getattr(model.config, "image_size", None)
     if isinstance(configured, int) and configured != data_args.image_size:
         logger.warning(

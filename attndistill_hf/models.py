@@ -8,6 +8,7 @@ patches, ViT needs ``interpolate_pos_encoding`` for other resolutions, DINOv2 in
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -34,7 +35,13 @@ STUDENT_PRESETS: dict[str, dict[str, int]] = {
         "num_attention_heads": 6,
         "patch_size": 16,
     },
-    "vit-tiny-patch32": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "patch_size": 32},
+    # Patch 32 with the teacher's 6 heads: the ablation's pure case (b) (patch grids differ, heads do not).
+    "vit-tiny-6heads-patch32": {
+        "hidden_size": 192,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "patch_size": 32,
+    },
     "vit-tiny-8layers-patch16": {
         "hidden_size": 192,
         "num_hidden_layers": 8,
@@ -136,7 +143,12 @@ def sincos_2d_position_embeddings(dim: int, grid_h: int, grid_w: int) -> torch.T
 
 
 class TeacherLoadError(ValueError):
-    """The teacher could not be read (missing, corrupt or not a transformers model)."""
+    """The teacher (or a model to evaluate) could not be read: missing, corrupt or not a transformers model."""
+
+
+def _is_local_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path: a Hub id is ``name`` or ``namespace/name``."""
+    return os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1
 
 
 def load_teacher(
@@ -144,15 +156,23 @@ def load_teacher(
     *,
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    role: str = "teacher",
     **kwargs: Any,
 ) -> PreTrainedModel:
     """Load a frozen teacher (Hub id or local dir) on the fast attention backend, in eval mode.
 
-    MAE encoders get ``mask_ratio = 0``: a teacher must see every patch.
+    MAE encoders get ``mask_ratio = 0``: a teacher must see every patch. ``role`` names the model in
+    error messages (the evaluation recipes load students with this too).
     """
     if isinstance(name_or_path, PreTrainedModel):
         model = name_or_path
     else:
+        name_or_path = os.path.expanduser(name_or_path)
+        if _is_local_path(name_or_path) and not os.path.isdir(name_or_path):
+            raise TeacherLoadError(
+                f"The {role} directory {name_or_path!r} does not exist. Give a folder written by save_pretrained "
+                "(convert original .pth checkpoints with recipes/convert_teacher.py) or a Hub id."
+            )
         try:
             config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
             if getattr(config, "model_type", None) == "vit_mae":
@@ -166,7 +186,7 @@ def load_teacher(
             )
         except (OSError, ValueError, SafetensorError) as error:
             raise TeacherLoadError(
-                f"Cannot load the teacher {name_or_path!r}: {error}\n"
+                f"Cannot load the {role} {name_or_path!r}: {error}\n"
                 "Give a Hub id (with network access and, for gated repos, a login) or a local directory "
                 "written by save_pretrained; convert original .pth checkpoints with recipes/convert_teacher.py."
             ) from error

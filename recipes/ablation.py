@@ -51,7 +51,7 @@ import distill  # noqa: E402
 from demo import FULL, path_overrides  # noqa: E402
 from train_teacher import TeacherRunArguments, hardware_description, knn_loaders, train_teacher  # noqa: E402
 
-from attndistill_hf.cli import read_config_file  # noqa: E402
+from attndistill_hf.cli import read_config_file, run_recipe  # noqa: E402
 from attndistill_hf.evaluation import run_knn_eval  # noqa: E402
 from attndistill_hf.fashion_mnist import prepare_fashion_mnist  # noqa: E402
 from attndistill_hf.models import build_student  # noqa: E402
@@ -380,4 +380,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_recipe(main)

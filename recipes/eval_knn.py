@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from attndistill_hf.cli import parse_config_and_flags
+from attndistill_hf.cli import parse_config_and_flags, run_recipe
 from attndistill_hf.data import DataArguments, eval_view_loader
 from attndistill_hf.evaluation import (
     DEFAULT_KNN_KS,
@@ -85,4 +85,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

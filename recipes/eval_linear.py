@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from attndistill_hf.cli import parse_config_and_flags
+from attndistill_hf.cli import parse_config_and_flags, run_recipe
 from attndistill_hf.data import DataArguments, ImageCollator, dataloader_workers, eval_transform, load_split
 from attndistill_hf.evaluation import (
     EvalArguments,
@@ -158,4 +158,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -11,16 +11,14 @@ needs this library's model code, which is the point: a distilled student is an o
 The data flags are the library's ``DataArguments`` (``--dataset_name``, ``--train_dir`` / ``--eval_dir``,
 ``--data_files`` / ``--eval_data_files``, columns, sample limits, ``--image_size``), read by the same
 loader and collator as distillation, so undecodable images are skipped and counted rather than fatal.
-A single ``.yaml`` / ``.json`` argument is read as a config file.
+A ``.yaml`` / ``.json`` config file may come first; flags after it override its values.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,12 +27,12 @@ from torch import nn
 from transformers import (
     AutoImageProcessor,
     EvalPrediction,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     ViTForImageClassification,
 )
 
+from attndistill_hf.cli import parse_config_and_flags, run_recipe
 from attndistill_hf.data import (
     DataArguments,
     ImageCollator,
@@ -165,14 +163,8 @@ def accuracy(prediction: EvalPrediction) -> dict[str, float]:
 def parse_args(
     args: Sequence[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Command-line flags, or a single ``.yaml`` / ``.json`` config file, into the three argument groups."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    argv = list(sys.argv[1:] if args is None else args)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(Path(argv[0]).resolve())
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(Path(argv[0]).resolve())
-    return parser.parse_args_into_dataclasses(args=argv)
+    """``[config.yaml|json] [--flag value ...]`` into the three argument groups (flags override the file)."""
+    return parse_config_and_flags((ModelArguments, DataArguments, TrainingArguments), args, description=__doc__)
 
 
 def main(args: Sequence[str] | None = None) -> dict[str, Any]:
@@ -238,4 +230,4 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main()
+    run_recipe(main)

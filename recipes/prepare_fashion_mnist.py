@@ -15,6 +15,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from attndistill_hf.cli import run_recipe
 from attndistill_hf.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, HUB_DATASET_ID, prepare_fashion_mnist
 
 
@@ -71,4 +72,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

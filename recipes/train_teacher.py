@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,7 +50,7 @@ from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel
 from transformers.image_utils import PILImageResampling
 
-from attndistill_hf.cli import parse_config_and_flags
+from attndistill_hf.cli import parse_config_and_flags, run_recipe
 from attndistill_hf.data import DataArguments, eval_view_loader
 from attndistill_hf.evaluation import run_knn_eval
 from attndistill_hf.fashion_mnist import CLASS_NAMES, HUB_DATASET_ID, INFO_FILENAME
@@ -555,4 +554,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_recipe(main)

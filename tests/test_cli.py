@@ -1,0 +1,90 @@
+"""Recipe command lines: config file + flags, null values, no abbreviations, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from attndistill_hf.cli import parse_config_and_flags, run_recipe
+from attndistill_hf.models import TeacherLoadError, load_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Fields:
+    max_steps: int = field(default=10, metadata={"help": "Steps to run."})
+    eval_split: str | None = field(default="test", metadata={"help": "Evaluation split."})
+    final_eval: bool = field(default=True, metadata={"help": "Evaluate at the end."})
+
+
+def test_flags_override_the_file_and_null_clears_a_field(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 3\neval_split: null\n")
+    (fields,) = parse_config_and_flags((Fields,), [str(config)])
+    assert (fields.max_steps, fields.eval_split, fields.final_eval) == (3, None, True)
+    (fields,) = parse_config_and_flags((Fields,), [str(config), "--max_steps", "5", "--eval_split", "validation"])
+    assert (fields.max_steps, fields.eval_split) == (5, "validation")
+    (fields,) = parse_config_and_flags((Fields,), [str(config), "--no_final_eval"])
+    assert fields.final_eval is False
+    config.write_text("max_step: null\n")
+    with pytest.raises(ValueError, match=r"Unknown keys in .*run\.yaml: max_step"):
+        parse_config_and_flags((Fields,), [str(config)])
+
+
+def test_abbreviated_flags_are_unknown(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Unknown arguments: --max_step 7"):
+        parse_config_and_flags((Fields,), ["--max_step", "7"])
+    config = tmp_path / "run.yaml"
+    config.write_text("max_step: 9\n")
+    with pytest.raises(ValueError, match="Unknown arguments: --max_step 9"):
+        parse_config_and_flags((Fields,), [str(config)])
+
+
+def test_help_says_what_a_negated_flag_does(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_config_and_flags((Fields,), ["--help"], description="Usage:\n    line one\n    line two")
+    text = capsys.readouterr().out
+    assert "Turn --final_eval off." in text
+    assert "    line one\n    line two" in text  # the description keeps its layout
+
+
+def test_run_recipe_turns_input_mistakes_into_one_line(monkeypatch, capsys) -> None:
+    def main() -> None:
+        raise FileNotFoundError("--train_dir /nowhere does not exist")
+
+    monkeypatch.delenv("ATTNDISTILL_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe(main)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[0] == "error: --train_dir /nowhere does not exist"
+    with pytest.raises(SystemExit):
+        run_recipe(lambda: (_ for _ in ()).throw(KeyError("Example has no label column 'label'")))
+    assert capsys.readouterr().err.startswith("error: Example has no label column 'label'\n")
+    monkeypatch.setenv("ATTNDISTILL_FULL_ERROR", "1")
+    with pytest.raises(FileNotFoundError):
+        run_recipe(main)
+    assert run_recipe(lambda: 7) == 7
+
+
+def test_missing_local_model_is_named_by_its_role(tmp_path: Path) -> None:
+    with pytest.raises(TeacherLoadError, match=r"The teacher directory '.*/missing' does not exist"):
+        load_teacher(str(tmp_path / "missing"))
+    with pytest.raises(TeacherLoadError, match=r"The model directory './nowhere/at/all' does not exist"):
+        load_teacher("./nowhere/at/all", role="model")
+
+
+def test_a_recipe_reports_a_bad_path_in_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "eval_knn.py"), "--model_name_or_path", str(tmp_path / "gone")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-2].startswith(f"error: The model directory '{tmp_path / 'gone'}' does not exist")
+    assert "Traceback" not in done.stderr
