@@ -136,11 +136,20 @@ class DataArguments:
     max_train_samples: int | None = field(
         default=None,
         metadata={
-            "help": "Use only N training examples (quick runs, debugging): the first N, or when streaming "
-            "with several readers, N in total taken from the start of each reader's shards."
+            "help": "Use only N training examples (quick runs, debugging), a random subset drawn with the run's "
+            "--seed: uniform over a prepared dataset (shuffle(seed), then the first N). When streaming, the "
+            "first N of a seeded shuffle (shard order, then a buffer of --shuffle_buffer_size examples): as "
+            "uniform as the shards are mixed (a class-sorted single-shard source is not), drawn afresh each "
+            "epoch, and N in total over several readers."
         },
     )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Use only N evaluation examples, a random subset drawn with the run's --seed as for "
+            "--max_train_samples."
+        },
+    )
     num_train_examples: int | None = field(
         default=None,
         metadata={
@@ -276,16 +285,71 @@ def _check_local_patterns(patterns: Sequence[str], flag: str) -> None:
             raise FileNotFoundError(f"{flag} {pattern!r} matches no file; check the path and the glob")
 
 
-def load_split(data_args: DataArguments, split: Literal["train", "eval"], *, streaming: bool | None = None) -> Any:
+def check_hub_split(data_args: DataArguments, split: Literal["train", "eval"]) -> None:
+    """Raise ``ValueError`` naming the available splits when ``--dataset_name`` lacks the configured split.
+
+    Only a split read from ``--dataset_name`` is checked (local folders and shards have no split names).
+    Reads the dataset's metadata alone (its card and data file names; a local dataset directory works
+    offline), so that a wrong ``--eval_split`` fails before anything is trained, downloaded or prepared.
+    When the names cannot be read (offline, gated, ...), it returns and ``load_dataset`` reports the cause.
+    """
+    from datasets import get_dataset_split_names
+
+    source = data_args.train_source if split == "train" else data_args.eval_source
+    if source != "hub" or data_args.dataset_name is None:
+        return
+    flag, wanted = (
+        ("--train_split", data_args.train_split) if split == "train" else ("--eval_split", data_args.eval_split)
+    )
+    try:
+        names = get_dataset_split_names(data_args.dataset_name, data_args.dataset_config, cache_dir=data_args.cache_dir)
+    except Exception:  # no network, no access, no parsable config: many types; load_dataset says which
+        return
+    # datasets' split syntax: "train", "train[:10%]", "train+validation".
+    missing = [name for name in (part.split("[")[0].strip() for part in str(wanted).split("+")) if name not in names]
+    if missing:
+        raise ValueError(
+            f"Dataset {data_args.dataset_name!r} has no split {missing[0]!r} ({flag} {wanted!r}); its splits are "
+            f"{names}. Set {flag} to one of them"
+        )
+
+
+# The seed of ``max_*_samples`` / ``limit`` subsets when the caller has no run seed (transformers' default).
+DEFAULT_SUBSET_SEED = 42
+
+
+def _random_subset(ds: Any, n: int, *, seed: int, buffer_size: int) -> Any:
+    """``n`` examples of ``ds`` drawn at random with ``seed`` (all of them when it holds no more).
+
+    A prepared dataset: ``shuffle(seed)`` then the first ``n``, a uniform subset (as transformers' examples
+    take one). A stream: a seeded shuffle (shard order, then a buffer of ``buffer_size`` examples) then
+    ``take(n)``, as uniform as the shards are mixed; ``set_epoch`` redraws it.
+    """
+    if hasattr(ds, "__len__"):
+        return ds if n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
+    return ds.shuffle(seed=seed, buffer_size=buffer_size).take(n)
+
+
+def load_split(
+    data_args: DataArguments,
+    split: Literal["train", "eval"],
+    *,
+    streaming: bool | None = None,
+    limit: int | None = None,
+    seed: int = DEFAULT_SUBSET_SEED,
+) -> Any:
     """Load the training or evaluation images as a ``datasets.Dataset`` (or ``IterableDataset`` when streaming).
 
     The image column is cast to ``Image(decode=False)``: examples carry the encoded bytes (or a path) and
     the collator decodes them, so that a corrupt file is skipped there instead of failing in ``datasets``.
     Webdataset columns ('jpg', 'cls') are renamed to the default names when those are configured.
-    ``max_train_samples`` / ``max_eval_samples`` keep the first N examples.
+    ``max_train_samples`` / ``max_eval_samples`` and ``limit`` (the smallest applies) keep a random subset
+    drawn with ``seed`` (the run's): uniform over a prepared dataset, through the shuffle buffer when
+    streaming (see ``DataArguments.max_train_samples``). A Hub split is checked first (:func:`check_hub_split`).
 
-    Raises ``ValueError`` when no source is configured for the split, the image column is missing (the
-    message lists the columns present) or the dataset is empty.
+    Raises ``ValueError`` when no source is configured for the split, the Hub dataset lacks the split (the
+    message lists its splits), the image column is missing (the message lists the columns present) or the
+    dataset is empty.
     """
     from datasets import Image as ImageFeature
     from datasets import load_dataset
@@ -295,8 +359,11 @@ def load_split(data_args: DataArguments, split: Literal["train", "eval"], *, str
     if streaming is None:
         streaming = data_args.streaming
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+
     if split == "train":
-        source, limit = data_args.train_source, data_args.max_train_samples
+        source, configured = data_args.train_source, data_args.max_train_samples
         folder, files, files_flag, hub_split = (
             data_args.train_dir,
             data_args.data_files,
@@ -304,7 +371,7 @@ def load_split(data_args: DataArguments, split: Literal["train", "eval"], *, str
             data_args.train_split,
         )
     else:
-        source, limit = data_args.eval_source, data_args.max_eval_samples
+        source, configured = data_args.eval_source, data_args.max_eval_samples
         folder, files, files_flag, hub_split = (
             data_args.eval_dir,
             data_args.eval_data_files,
@@ -330,6 +397,7 @@ def load_split(data_args: DataArguments, split: Literal["train", "eval"], *, str
         )
         where = f"folder {folder!r}"
     else:
+        check_hub_split(data_args, split)
         ds = load_dataset(
             data_args.dataset_name,
             data_args.dataset_config,
@@ -359,16 +427,12 @@ def load_split(data_args: DataArguments, split: Literal["train", "eval"], *, str
                 f"Column {data_args.image_column!r} of {where} ({feature}) cannot be read as images: {err}"
             ) from err
 
-    if streaming:
-        if next(iter(ds.take(1)), None) is None:
-            raise ValueError(f"{where} is empty: it holds no examples")
-        if limit is not None:
-            ds = ds.take(limit)
-    else:
-        if len(ds) == 0:
-            raise ValueError(f"{where} is empty: it holds no examples")
-        if limit is not None and limit < len(ds):
-            ds = ds.select(range(limit))
+    empty = next(iter(ds.take(1)), None) is None if streaming else len(ds) == 0
+    if empty:
+        raise ValueError(f"{where} is empty: it holds no examples")
+    limits = [n for n in (configured, limit) if n is not None]
+    if limits:
+        ds = _random_subset(ds, min(limits), seed=seed, buffer_size=data_args.shuffle_buffer_size)
     return ds
 
 
@@ -864,15 +928,15 @@ def eval_view_loader(
     num_workers: int = 0,
     streaming: bool | None = None,
     limit: int | None = None,
+    seed: int = DEFAULT_SUBSET_SEED,
 ) -> tuple[torch.utils.data.DataLoader, Any]:
-    """Labelled images of ``split`` with the evaluation view (resize + centre crop), in dataset order.
+    """Labelled images of ``split`` with the evaluation view (resize + centre crop), unshuffled.
 
-    What every k-NN memory bank and test set is read with. ``limit`` keeps the first N examples of a
-    non-streamed split. Returns ``(loader, dataset)``.
+    What every k-NN memory bank and test set is read with. ``limit`` keeps at most N examples, a random
+    subset drawn with ``seed`` like ``max_*_samples`` (see :func:`load_split`), so that a class-sorted
+    source (an image folder) still gives a bank of every class. Returns ``(loader, dataset)``.
     """
-    dataset = load_split(data_args, split, streaming=streaming)
-    if limit is not None and hasattr(dataset, "__len__") and len(dataset) > limit:
-        dataset = dataset.select(range(limit))
+    dataset = load_split(data_args, split, streaming=streaming, limit=limit, seed=seed)
     collator = ImageCollator(
         eval_transform(data_args.image_size, mean, std), data_args.image_column, data_args.label_column
     )

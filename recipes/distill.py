@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
@@ -29,6 +29,7 @@ from attndistill_hf.data import (
     DataArguments,
     EqualStepsIterable,
     ImageCollator,
+    check_hub_split,
     count_examples,
     dataloader_workers,
     eval_transform,
@@ -86,9 +87,20 @@ class DistillRunArguments:
         },
     )
     knn_eval_steps: int | None = field(
-        default=None, metadata={"help": "Run a k-NN evaluation every N steps (logged as eval_knn_top1)."}
+        default=None,
+        metadata={
+            "help": "Run a k-NN evaluation every N steps (logged as eval_knn_top1, a monitor on the bank below)."
+        },
     )
-    knn_train_samples: int = field(default=5000, metadata={"help": "Labelled training images in the k-NN memory bank."})
+    knn_train_samples: int = field(
+        default=5000,
+        metadata={
+            "help": "Labelled training images in the k-NN memory bank (during and after training): a random "
+            "subset drawn with --seed (the whole split when it is smaller; streamed like the training data, "
+            "except a local folder). The card names the bank size of a result whose bank is not the whole "
+            "train split; DINO's protocol number needs it whole (recipes/eval_knn.py)."
+        },
+    )
     knn_k: int = field(default=20, metadata={"help": "Neighbours of the k-NN during training."})
     final_knn_eval: bool = field(
         default=True,
@@ -102,6 +114,10 @@ class DistillRunArguments:
     card_limitations: str | None = field(
         default=None, metadata={"help": "Limitations stated in the model card (e.g. 'demo run on a tiny dataset')."}
     )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.knn_train_samples, bool) or self.knn_train_samples < 1:
+            raise ValueError(f"--knn_train_samples must be a positive integer, got {self.knn_train_samples!r}.")
 
 
 def load_student(model_args: DistillModelArguments, data_args: DataArguments, teacher: PreTrainedModel):
@@ -128,7 +144,7 @@ def load_student(model_args: DistillModelArguments, data_args: DataArguments, te
 
 def build_train_dataset(data_args: DataArguments, args: AttnDistillConfig) -> Any:
     """Map-style data as is; a stream sharded per rank, shuffled with the common seed, equal steps per rank."""
-    dataset = load_split(data_args, "train")
+    dataset = load_split(data_args, "train", seed=args.seed)
     if not data_args.streaming:
         return dataset
     world, rank = max(1, args.world_size), args.process_index
@@ -143,6 +159,51 @@ def build_train_dataset(data_args: DataArguments, args: AttnDistillConfig) -> An
     else:
         steps = steps_per_epoch(total, world, args.per_device_train_batch_size)
     return EqualStepsIterable(dataset, steps, args.per_device_train_batch_size)
+
+
+def knn_streamed(data_args: DataArguments, split: Literal["train", "eval"]) -> bool:
+    """Whether the k-NN data of ``split`` is streamed: when the training data is, unless it is a local folder.
+
+    Preparing a streamed Hub dataset would download and convert the whole train split (``load_dataset``
+    prepares every split), and prepared shards are a copy of them all; a stream gives the bank through
+    the seeded shuffle buffer instead. A local folder is prepared (paths only): streamed it is one
+    class-sorted shard that no buffer mixes, prepared it gives an exactly uniform subset.
+    """
+    source = data_args.train_source if split == "train" else data_args.eval_source
+    return data_args.streaming and source != "folder"
+
+
+def build_knn_loaders(
+    data_args: DataArguments, run_args: DistillRunArguments, args: AttnDistillConfig, mean: Any, std: Any
+) -> tuple[DataLoader, DataLoader]:
+    """The k-NN memory bank (``knn_train_samples`` random train images, seeded with the run's seed) and test set."""
+    views = {"batch_size": args.per_device_eval_batch_size, "seed": args.seed}
+    bank, _ = eval_view_loader(
+        data_args,
+        "train",
+        mean,
+        std,
+        streaming=knn_streamed(data_args, "train"),
+        limit=run_args.knn_train_samples,
+        **views,
+    )
+    test, _ = eval_view_loader(data_args, "eval", mean, std, streaming=knn_streamed(data_args, "eval"), **views)
+    return bank, test
+
+
+def knn_records(result: dict[str, Any], data_args: DataArguments, dataset_split: str) -> list[EvalRecord]:
+    """Card records of the final k-NN; a bank that is not the whole train split is named with its size.
+
+    The whole split's size comes from the files or ``--num_train_examples``; when it is unknown the bank
+    is named too, so that a subset's number never passes for DINO's protocol (bank = all train images).
+    """
+    records = records_from_results(result, data_args.source_name, dataset_split)
+    bank = result["num_train"]
+    whole = count_examples(replace(data_args, max_train_samples=None), "train")
+    if whole is not None and bank >= whole:
+        return records
+    note = f"memory bank: {bank} of {whole} train images" if whole else f"memory bank: {bank} train images"
+    return [replace(record, metric_name=f"{record.metric_name}, {note}") for record in records]
 
 
 def attention_figure(
@@ -173,6 +234,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
     started = time.time()
+    run_knn = data_args.eval_source is not None and bool(run_args.knn_eval_steps or run_args.final_knn_eval)
+    # A split missing from a Hub dataset fails here, before the teacher, the data or any training.
+    check_hub_split(data_args, "train")
+    if run_knn:
+        check_hub_split(data_args, "eval")
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed below with the model card, not mid-run
     teacher = load_teacher(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
@@ -205,17 +271,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         image_std=list(std),
     )
 
-    has_eval = data_args.eval_source is not None
     knn_loaders = None
     callbacks = []
-    if has_eval and (run_args.knn_eval_steps or run_args.final_knn_eval):
-        batch = args.per_device_eval_batch_size
-        knn_loaders = (
-            eval_view_loader(
-                data_args, "train", mean, std, batch_size=batch, streaming=False, limit=run_args.knn_train_samples
-            )[0],
-            eval_view_loader(data_args, "eval", mean, std, batch_size=batch, streaming=False)[0],
-        )
+    if run_knn:
+        knn_loaders = build_knn_loaders(data_args, run_args, args, mean, std)
         if run_args.knn_eval_steps:
             callbacks.append(
                 KNNEvaluationCallback(*knn_loaders, every_n_steps=run_args.knn_eval_steps, k=run_args.knn_k)
@@ -246,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if knn_loaders is not None and run_args.final_knn_eval:
             result = run_knn_eval(trainer.student, *knn_loaders, output_json=output_dir / "knn_results.json")
             summary["knn"] = result["knn"]
-            records = records_from_results(result, dataset_name, data_args.eval_split or "test")
+            records = knn_records(result, data_args, data_args.eval_split or "test")
         if any("loss" in entry for entry in trainer.state.log_history):
             figures["Training curves"] = plot_training_curves(
                 trainer.state.log_history, output_dir / "training_curves.png"

@@ -6,7 +6,7 @@ import io
 import os
 import tarfile
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,11 +26,13 @@ from attndistill_hf.data import (
     DataArguments,
     EqualStepsIterable,
     ImageCollator,
+    check_hub_split,
     column_names,
     count_examples,
     dataloader_workers,
     decode_image,
     eval_transform,
+    eval_view_loader,
     image_stats,
     load_split,
     prepare_per_rank_dataloader,
@@ -40,7 +42,7 @@ from attndistill_hf.data import (
     train_transform,
 )
 
-from helpers import coordinate_image, encode
+from helpers import coordinate_image, encode, write_image_folder
 
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
@@ -279,6 +281,78 @@ def test_load_errors_are_clear(parquet_shards: Path, tmp_path: Path) -> None:
         load_split(DataArguments(data_files=[str(tmp_path / "wrong.parquet")]), "eval")
     with pytest.raises(ValueError, match="split must be"):
         load_split(DataArguments(), "validation")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------
+# Limits (seeded random subsets) and Hub split names
+# ----------------------------------------------------------------------------------------------
+
+
+def paths_of(ds) -> list[str]:
+    return [example["image"]["path"] for example in ds]
+
+
+def test_limits_of_a_class_sorted_folder_are_seeded_subsets_of_every_class(tmp_path: Path) -> None:
+    folder = write_image_folder(tmp_path / "sorted", per_class=10, classes=4, size=8)
+    whole = DataArguments(train_dir=str(folder), eval_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    # An image folder loads class-sorted: its first 12 examples hold 2 of the 4 classes.
+    assert load_split(whole, "train")["label"][:12] == [0] * 10 + [1] * 2
+    args = replace(whole, max_train_samples=12, max_eval_samples=9)
+    subset = load_split(args, "train", seed=0)
+    assert len(subset) == 12 == count_examples(args, "train", subset) == count_examples(args, "train")
+    assert set(subset["label"]) == {0, 1, 2, 3}
+    assert paths_of(subset) == paths_of(load_split(args, "train", seed=0))
+    assert set(paths_of(subset)) != set(paths_of(load_split(args, "train", seed=1)))
+    evaluation = load_split(args, "eval", seed=0)
+    assert len(evaluation) == 9 and set(evaluation["label"]) == {0, 1, 2, 3}
+    # A k-NN bank: the smaller of limit and max_train_samples, drawn the same way.
+    loader, bank = eval_view_loader(args, "train", batch_size=5, limit=8, seed=0)
+    labels = torch.cat([batch["labels"] for batch in loader]).tolist()
+    assert len(bank) == 8 and len(labels) == 8 and set(labels) == {0, 1, 2, 3}
+    assert len(eval_view_loader(args, "train", batch_size=5, limit=40)[1]) == 12
+    with pytest.raises(ValueError, match="limit must be a positive integer"):
+        load_split(args, "train", limit=0)
+
+
+def test_streamed_limit_is_a_seeded_shuffle_across_shards(parquet_shards: Path) -> None:
+    args = DataArguments(data_files=[str(parquet_shards / "even" / "*.parquet")], streaming=True, max_train_samples=7)
+    ids = ids_of(load_split(args, "train", seed=0))
+    assert len(ids) == 7 == count_examples(args, "train")
+    assert ids == ids_of(load_split(args, "train", seed=0))
+    assert ids_of(load_split(args, "train", seed=1)) != ids
+    # Not the stream's first 7 (shards 0 and 1): drawn from the shuffled shards through the buffer.
+    assert ids != list(range(7)) and len({i // 5 for i in ids}) > 2
+    assert len(ids_of(load_split(args, "train", limit=3, seed=0))) == 3
+
+
+@pytest.fixture(scope="module")
+def hub_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset directory laid out as on the Hub, with the splits ImageNet-1k has: train and validation."""
+    root = tmp_path_factory.mktemp("hub_layout")
+    (root / "data").mkdir()
+    image = encode(Image.new("RGB", (10, 10), (50, 60, 70)), "PNG")
+    for split, count in (("train", 8), ("validation", 6)):
+        ds = Dataset.from_dict({"image": [{"bytes": image, "path": None}] * count, "label": list(range(count))})
+        ds.cast_column("image", ImageFeature()).to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+def test_missing_hub_split_fails_before_anything_is_prepared(hub_layout: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    args = DataArguments(dataset_name=str(hub_layout), cache_dir=str(cache))  # eval_split defaults to "test"
+    message = r"no split 'test' \(--eval_split 'test'\); its splits are \['train', 'validation'\]"
+    with pytest.raises(ValueError, match=message):
+        check_hub_split(args, "eval")
+    with pytest.raises(ValueError, match=message):
+        load_split(args, "eval")  # not streamed: load_dataset would prepare every split before failing
+    assert not list(cache.rglob("*.arrow"))
+    with pytest.raises(ValueError, match=r"no split 'training' \(--train_split 'training'\)"):
+        load_split(replace(args, train_split="training"), "train", streaming=True)
+    valid = replace(args, eval_split="validation")
+    check_hub_split(replace(valid, eval_split="train[:50%]+validation"), "eval")
+    assert len(load_split(valid, "eval")) == 6
+    # Local folders and shards have no split names: nothing to check.
+    check_hub_split(DataArguments(data_files=["x/*.parquet"], eval_split="none"), "eval")
 
 
 # ----------------------------------------------------------------------------------------------

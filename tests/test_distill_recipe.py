@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -17,7 +19,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from helpers import tiny_teacher, write_image_folder
+from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, DataArguments
+from attndistill_hf.trainer import AttnDistillConfig
+
+from helpers import load_recipe, tiny_teacher, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = ROOT / "recipes" / "distill.py"
@@ -109,3 +114,86 @@ def test_two_processes_equal_one_process_on_streamed_shards(tmp_path: Path, teac
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
     assert initial_run.config.image_size == 32
+
+
+def write_hub_layout(root: Path) -> Path:
+    """A local dataset directory laid out as a Hub dataset with ImageNet-1k's splits: 24 train images in
+    2 shards (class = index % 3), 12 validation images."""
+    write_shards(root / "data", shards=2, per_shard=12)
+    shutil.copy(root / "data" / "train-0.parquet", root / "data" / "validation-0.parquet")
+    return root
+
+
+def test_knn_bank_of_a_class_sorted_folder_holds_every_class(tmp_path: Path) -> None:
+    distill = load_recipe("distill")
+    images = write_image_folder(tmp_path / "images", per_class=6, classes=3, size=16)
+    data_args = DataArguments(train_dir=str(images), eval_dir=str(images), image_size=16, cache_dir=str(tmp_path))
+    args = AttnDistillConfig(output_dir=str(tmp_path / "out"), per_device_eval_batch_size=4, seed=0, use_cpu=True)
+    # The folder loads class-sorted (its first 6 images are all of class 0); the bank is a random 6.
+    bank, test = distill.build_knn_loaders(
+        data_args, distill.DistillRunArguments(knn_train_samples=6), args, IMAGENET_MEAN, IMAGENET_STD
+    )
+    labels = torch.cat([batch["labels"] for batch in bank]).tolist()
+    assert len(labels) == 6 and set(labels) == {0, 1, 2}
+    assert len(torch.cat([batch["labels"] for batch in test])) == 18
+    # A streamed folder is one class-sorted shard: its bank is prepared; streamed shards stay streamed.
+    assert not distill.knn_streamed(replace(data_args, streaming=True), "train")
+    assert distill.knn_streamed(DataArguments(data_files=["x/*.parquet"], streaming=True), "train")
+    with pytest.raises(ValueError, match="--knn_train_samples must be a positive integer"):
+        distill.DistillRunArguments(knn_train_samples=0)
+
+
+def test_card_names_the_memory_bank_unless_it_is_the_whole_train_split(tmp_path: Path) -> None:
+    distill = load_recipe("distill")
+    data_args = DataArguments(train_dir=str(write_image_folder(tmp_path / "images", per_class=6, classes=3)))
+    result = {"protocol": "knn", "num_train": 18, "knn": {"20": {"top1": 50.0, "top5": 90.0}}}
+
+    def names(num_train: int, args: DataArguments) -> list[str]:
+        return [record.metric_name for record in distill.knn_records({**result, "num_train": num_train}, args, "val")]
+
+    assert names(18, data_args) == ["k-NN top-1 (k=20)"]
+    assert names(6, data_args) == ["k-NN top-1 (k=20), memory bank: 6 of 18 train images"]
+    # Trained on a subset, the bank is still not the whole split.
+    assert names(12, replace(data_args, max_train_samples=12)) == [
+        "k-NN top-1 (k=20), memory bank: 12 of 18 train images"
+    ]
+    # A Hub split of unknown size: the bank is named.
+    assert names(18, DataArguments(dataset_name="someone/images")) == [
+        "k-NN top-1 (k=20), memory bank: 18 train images"
+    ]
+
+
+def test_missing_eval_split_fails_before_the_teacher_and_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distill = load_recipe("distill")
+    hub = write_hub_layout(tmp_path / "hub")
+
+    def too_late(*args: object, **kwargs: object) -> None:
+        raise AssertionError("reached before the eval split was checked")
+
+    monkeypatch.setattr(distill, "load_teacher", too_late)
+    monkeypatch.setattr(distill, "load_split", too_late)
+    with pytest.raises(ValueError, match=r"no split 'test' .*its splits are \['train', 'validation'\]"):
+        distill.main(
+            ["--teacher_name_or_path", "unused", *QUICK, "--dataset_name", str(hub), "--max_steps", "1"]
+            + ["--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_streamed_hub_dataset_gives_a_streamed_knn_bank(tmp_path: Path, teacher_dir: Path) -> None:
+    hub, cache, out = write_hub_layout(tmp_path / "hub"), tmp_path / "cache", tmp_path / "out"
+    run(
+        ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--dataset_name", str(hub), "--streaming", "true"]
+        + ["--eval_split", "validation", "--num_train_examples", "24", "--knn_train_samples", "9"]
+        + ["--max_steps", "2", "--per_device_train_batch_size", "4", "--knn_eval_steps", "1"]
+        + ["--cache_dir", str(cache), "--output_dir", str(out)]
+    )
+    knn = json.loads((out / "knn_results.json").read_text())
+    assert (knn["num_train"], knn["num_test"]) == (9, 12)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_knn_top1" in entry] == [1, 2]
+    assert "k-NN top-1 (k=20), memory bank: 9 of 24 train images" in (out / "README.md").read_text()
+    # Training, bank and test set were all streamed: no split was downloaded and prepared.
+    assert not list(cache.rglob("*.arrow"))
