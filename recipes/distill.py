@@ -12,7 +12,6 @@ preprocessor_config.json), a model card with the evaluations that were run, and 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel, ViTImageProcess
 from transformers.image_utils import PILImageResampling
 
 from attndistill_hf.attention import last_cls_attention, unwrap_model
-from attndistill_hf.cli import parse_config_and_flags, recipe_text
+from attndistill_hf.cli import parse_config_and_flags, recipe_text, run_recipe
 from attndistill_hf.data import (
     DataArguments,
     EqualStepsIterable,
@@ -74,6 +73,16 @@ class DistillModelArguments:
         default=False, metadata={"help": "Allow model code from the Hub repo of the teacher (off: never runs it)."}
     )
 
+    def __post_init__(self) -> None:
+        if self.student_name_or_path is None:
+            if self.student_preset is None:
+                raise ValueError("Give --student_preset or --student_name_or_path.")
+            if self.student_preset not in STUDENT_PRESETS:
+                raise ValueError(
+                    f"Unknown --student_preset {self.student_preset!r}; choose one of {sorted(STUDENT_PRESETS)} "
+                    "or give --student_name_or_path."
+                )
+
 
 @dataclass
 class DistillRunArguments:
@@ -116,6 +125,8 @@ class DistillRunArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.train_augmentation not in {"published", "none"}:
+            raise ValueError(f"--train_augmentation must be 'published' or 'none', got {self.train_augmentation!r}.")
         if isinstance(self.knn_train_samples, bool) or self.knn_train_samples < 1:
             raise ValueError(f"--knn_train_samples must be a positive integer, got {self.knn_train_samples!r}.")
 
@@ -129,8 +140,6 @@ def load_student(model_args: DistillModelArguments, data_args: DataArguments, te
             return AutoModel.from_pretrained(model_args.student_name_or_path, attn_implementation="sdpa")
         config = AutoConfig.from_pretrained(model_args.student_name_or_path)
         return build_student(config=config, seed=None)
-    if model_args.student_preset is None:
-        raise ValueError("Give --student_preset or --student_name_or_path.")
     sincos = model_args.student_sincos_position_embeddings
     if sincos is None:
         sincos = getattr(teacher.config, "model_type", "") == "vit_mae"
@@ -188,7 +197,25 @@ def build_knn_loaders(
         **views,
     )
     test, _ = eval_view_loader(data_args, "eval", mean, std, streaming=knn_streamed(data_args, "eval"), **views)
+    for role, loader in (("memory bank (training data)", bank), ("test set (evaluation data)", test)):
+        # Found now rather than at the first k-NN, after training.
+        columns = getattr(loader.dataset, "column_names", None)
+        if columns is not None and data_args.label_column not in columns:
+            raise ValueError(
+                f"The k-NN {role} has no label column {data_args.label_column!r} (its columns: {columns}). Give "
+                "labelled data (class sub-folders for a folder), name the column with --label_column, or turn "
+                "the k-NN off with --final_knn_eval false."
+            )
     return bank, test
+
+
+def eval_split_name(data_args: DataArguments) -> str:
+    """The evaluation data's split as model cards name it: the Hub split, or the local folder's name."""
+    if data_args.eval_source == "hub":
+        return str(data_args.eval_split)
+    if data_args.eval_dir:
+        return Path(data_args.eval_dir).name
+    return "eval"
 
 
 def knn_records(result: dict[str, Any], data_args: DataArguments, dataset_split: str) -> list[EvalRecord]:
@@ -239,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_hub_split(data_args, "train")
     if run_knn:
         check_hub_split(data_args, "eval")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/vit-tiny-attndistill).")
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed below with the model card, not mid-run
     teacher = load_teacher(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
@@ -250,8 +279,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_dataset = build_train_dataset(data_args, args)
     if isinstance(train_dataset, EqualStepsIterable):
         args.dataloader_num_workers = dataloader_workers(train_dataset, args.dataloader_num_workers)
-    if run_args.train_augmentation not in {"published", "none"}:
-        raise ValueError(f"--train_augmentation must be 'published' or 'none', got {run_args.train_augmentation!r}.")
     make_view = train_transform if run_args.train_augmentation == "published" else eval_transform
     # fill_skipped: an undecodable image is replaced by another view of the batch, so every rank keeps
     # the same batch size (an empty batch on one DDP rank would stall the others).
@@ -305,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if knn_loaders is not None and run_args.final_knn_eval:
             result = run_knn_eval(trainer.student, *knn_loaders, output_json=output_dir / "knn_results.json")
             summary["knn"] = result["knn"]
-            records = knn_records(result, data_args, data_args.eval_split or "test")
+            records = knn_records(result, data_args, eval_split_name(data_args))
         if any("loss" in entry for entry in trainer.state.log_history):
             figures["Training curves"] = plot_training_curves(
                 trainer.state.log_history, output_dir / "training_curves.png"
@@ -321,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 teacher=model_args.teacher_name_or_path,
                 student_config=trainer.student.config.to_dict(),
                 dataset_name=dataset_name,
-                dataset_split=data_args.eval_split or "test",
+                dataset_split=eval_split_name(data_args),
                 eval_results=records,
                 recipe_text=recipe_text(argv),
                 training_summary={
@@ -339,8 +366,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 limitations=run_args.card_limitations,
             )
         if push:
-            if not args.hub_model_id:
-                raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/vit-tiny-attndistill).")
             try:
                 url = push_output_dir(
                     output_dir, args.hub_model_id, private=bool(args.hub_private_repo), token=args.hub_token
@@ -354,4 +379,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_recipe(main)

@@ -197,3 +197,48 @@ def test_streamed_hub_dataset_gives_a_streamed_knn_bank(tmp_path: Path, teacher_
     assert "k-NN top-1 (k=20), memory bank: 9 of 24 train images" in (out / "README.md").read_text()
     # Training, bank and test set were all streamed: no split was downloaded and prepared.
     assert not list(cache.rglob("*.arrow"))
+
+
+def test_input_mistakes_are_found_before_the_teacher_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    distill = load_recipe("distill")
+
+    def too_late(*args: object, **kwargs: object) -> None:
+        raise AssertionError("reached before the input was checked")
+
+    monkeypatch.setattr(distill, "load_teacher", too_late)
+    base = ["--teacher_name_or_path", "unused", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"]
+    with pytest.raises(ValueError, match="Unknown --student_preset 'vit-huge'"):
+        distill.main([*base, "--student_preset", "vit-huge"])
+    with pytest.raises(ValueError, match="--train_augmentation must be 'published' or 'none'"):
+        distill.main([*base, "--train_augmentation", "randaug"])
+    with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
+        distill.main([*base, "--train_dir", str(tmp_path), "--push_to_hub", "true"])
+
+
+def test_unlabelled_eval_data_is_refused_before_training(tmp_path: Path, teacher_dir: Path) -> None:
+    distill = load_recipe("distill")
+    labelled = write_image_folder(tmp_path / "train")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for index, image in enumerate(sorted(labelled.rglob("*.png"))[:4]):
+        shutil.copy(image, flat / f"{index}.png")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"k-NN test set .* has no label column 'label'"):
+        distill.main(
+            ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--train_dir", str(labelled), "--eval_dir", str(flat)]
+            + ["--max_steps", "1", "--per_device_train_batch_size", "4", "--output_dir", str(out)]
+        )
+    assert not (out / "model.safetensors").exists()
+
+
+def test_card_names_a_local_eval_folder_by_its_name(tmp_path: Path, teacher_dir: Path) -> None:
+    images = write_image_folder(tmp_path / "data" / "train")
+    val = write_image_folder(tmp_path / "data" / "val", per_class=2)
+    out = tmp_path / "out"
+    run(
+        ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--train_dir", str(images), "--eval_dir", str(val)]
+        + ["--max_steps", "1", "--per_device_train_batch_size", "4", "--attention_figure_images", "0"]
+        + ["--output_dir", str(out)]
+    )
+    card = (out / "README.md").read_text()
+    assert "split: val" in card and "split: test" not in card
