@@ -843,6 +843,27 @@ def eval_transform(
     )
 
 
+def probe_train_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> v2.Compose:
+    """The training view of DINO's linear evaluation: RandomResizedCrop(image_size) at torchvision's defaults
+    (scale (0.08, 1), bilinear) + horizontal flip + normalise.
+
+    Not the distillation view (``train_transform``: scale (0.2, 1), bicubic). The probe is scored
+    on ``eval_transform`` (resize 256/224 bicubic, centre crop). Returns a float tensor
+    [3, image_size, image_size] for a PIL image of any mode.
+    """
+    _check_transform_args(image_size, mean, std)
+    return v2.Compose(
+        [
+            v2.Lambda(to_rgb, Image.Image),
+            v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BILINEAR),
+            v2.RandomHorizontalFlip(),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Collator
 # --------------------------------------------------------------------------------------------------

@@ -30,15 +30,13 @@ from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from torchvision.transforms import v2
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .attention import run_model, unwrap_model
-from .data import IMAGENET_MEAN, IMAGENET_STD, _check_transform_args, _to_normalised_tensor, image_stats, to_rgb
+from .data import image_stats
 from .hub import add_eval_records, records_from_results
 from .models import final_norm, load_image_processor, load_teacher, num_prefix_tokens
 
@@ -423,27 +421,6 @@ def balanced_label_subset(labels: torch.Tensor | Sequence[int], fraction: float,
 # --------------------------------------------------------------------------------------------------
 # Linear probe
 # --------------------------------------------------------------------------------------------------
-
-
-def probe_train_transform(
-    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> v2.Compose:
-    """The training view of DINO's linear evaluation: RandomResizedCrop(image_size) at torchvision's defaults
-    (scale (0.08, 1), bilinear) + horizontal flip + normalise.
-
-    Not the distillation view (``data.train_transform``: scale (0.2, 1), bicubic). The probe is scored
-    on ``data.eval_transform`` (resize 256/224 bicubic, centre crop). Returns a float tensor
-    [3, image_size, image_size] for a PIL image of any mode.
-    """
-    _check_transform_args(image_size, mean, std)
-    return v2.Compose(
-        [
-            v2.Lambda(to_rgb, Image.Image),
-            v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BILINEAR),
-            v2.RandomHorizontalFlip(),
-            *_to_normalised_tensor(mean, std),
-        ]
-    )
 
 
 def probe_feature_kind(kind: str, config: Any) -> FeatureKind:

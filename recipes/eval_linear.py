@@ -27,14 +27,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from attndistill_hf.cli import parse_config_and_flags, run_recipe
-from attndistill_hf.data import DataArguments, ImageCollator, dataloader_workers, eval_transform, load_split
+from attndistill_hf.data import (
+    DataArguments,
+    ImageCollator,
+    dataloader_workers,
+    eval_transform,
+    load_split,
+    probe_train_transform,
+)
 from attndistill_hf.evaluation import (
     EvalArguments,
     LinearProbeConfig,
     add_results_to_card,
     class_count,
     load_eval_setup,
-    probe_train_transform,
     run_linear_eval,
 )
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from transformers import DeiTConfig, DeiTModel, ViTConfig, ViTForImageClassification, ViTModel
 
+from attndistill_hf.data import probe_train_transform
 from attndistill_hf.evaluation import (
     KNNEvaluationCallback,
     LinearProbeConfig,
@@ -26,7 +27,6 @@ from attndistill_hf.evaluation import (
     extract_features,
     knn_accuracy,
     probe_feature_kind,
-    probe_train_transform,
     run_knn_eval,
     run_linear_eval,
     train_linear_probe,
