@@ -73,6 +73,15 @@ def _shard_builder(patterns: Sequence[str], flag: str) -> str:
     return kinds.pop()
 
 
+def _holds_an_image(folder: str) -> bool:
+    """Whether a file with an image extension is anywhere under ``folder`` (stops at the first)."""
+    extensions = set(Image.registered_extensions())
+    for _root, _dirs, files in os.walk(folder):
+        if any(os.path.splitext(name)[1].lower() in extensions for name in files):
+            return True
+    return False
+
+
 def _is_remote(path: str) -> bool:
     return "://" in path
 
@@ -392,6 +401,13 @@ def load_split(
         )
         where = f"{files_flag} {list(files)}"
     elif source == "folder":
+        assert folder is not None
+        if not _is_remote(folder) and not _holds_an_image(folder):
+            flag = "--train_dir" if split == "train" else "--eval_dir"
+            raise ValueError(
+                f"{flag} {folder!r} holds no image files (none with an extension PIL reads, such as .jpg or "
+                ".png, in it or its sub-folders)"
+            )
         ds = load_dataset(
             "imagefolder", data_dir=folder, split="train", streaming=streaming, cache_dir=data_args.cache_dir
         )

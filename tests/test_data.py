@@ -568,3 +568,15 @@ def test_collator_whole_batch_failing_and_fill_option() -> None:
         collate([{"jpg": b""}])
     with pytest.raises(KeyError, match="no label column"):
         collate([{"image": good["image"]}])
+
+
+def test_a_folder_without_images_is_named(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    (empty / "class0").mkdir(parents=True)
+    (empty / "class0" / "notes.txt").write_text("no pictures here")
+    with pytest.raises(ValueError, match=r"--train_dir '.*empty' holds no image files"):
+        load_split(DataArguments(train_dir=str(empty)), "train")
+    images = write_image_folder(tmp_path / "images", per_class=1)
+    with pytest.raises(ValueError, match=r"--eval_dir '.*empty' holds no image files"):
+        load_split(DataArguments(train_dir=str(images), eval_dir=str(empty)), "eval")
+    assert len(load_split(DataArguments(train_dir=str(images)), "train")) == 3
