@@ -237,6 +237,15 @@ class DataArguments:
         return "data"
 
     @property
+    def eval_split_name(self) -> str:
+        """The evaluation data's split as model cards name it: the Hub split, else the local folder's name."""
+        if self.eval_source == "hub":
+            return str(self.eval_split)
+        if self.eval_dir:
+            return Path(self.eval_dir).resolve().name
+        return "eval"
+
+    @property
     def train_source(self) -> Literal["hub", "folder", "shards"] | None:
         """Which kind of training source is configured (None: none)."""
         if self.dataset_name:

@@ -24,7 +24,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .attention import run_model, unwrap_model
-from .data import image_stats
-from .hub import add_eval_records, records_from_results
+from .data import DataArguments, count_examples, image_stats
+from .hub import EvalRecord, add_eval_records, records_from_results
 from .models import final_norm, load_image_processor, load_teacher, num_prefix_tokens
 
 logger = logging.getLogger(__name__)
@@ -1016,10 +1016,32 @@ def load_eval_setup(eval_args: EvalArguments, data_args: Any) -> EvalSetup:
     return EvalSetup(model, mean, std, metadata)
 
 
-def add_results_to_card(eval_args: EvalArguments, data_args: Any, results: Mapping[str, Any]) -> None:
+def card_records(
+    results: Mapping[str, Any], data_args: DataArguments, *, bank_limit: int | None = None
+) -> list[EvalRecord]:
+    """Model-card records of k-NN or linear-probe results on ``data_args``' data.
+
+    A k-NN memory bank drawn as a subset (``bank_limit`` or ``--max_train_samples``) that is smaller than
+    the whole train split is named with its size, so that a subset's number never passes for DINO's
+    protocol, whose bank is every train image. The whole split's size comes from the files or
+    ``--num_train_examples``; when it is unknown, a subset bank is named with its own size.
+    """
+    records = records_from_results(results, data_args.source_name, data_args.eval_split_name)
+    limits = [n for n in (bank_limit, data_args.max_train_samples) if n is not None]
+    if "knn" not in results or not limits:
+        return records
+    bank = results["num_train"]
+    whole = count_examples(replace(data_args, max_train_samples=None), "train")
+    if whole is not None and bank >= whole:
+        return records
+    note = f"memory bank: {bank} of {whole} train images" if whole else f"memory bank: {bank} train images"
+    return [replace(record, metric_name=f"{record.metric_name}, {note}") for record in records]
+
+
+def add_results_to_card(eval_args: EvalArguments, data_args: DataArguments, results: Mapping[str, Any]) -> None:
     """With ``--add_to_card``: the results become records of the evaluated folder's model card."""
     if eval_args.add_to_card:
-        records = records_from_results(results, data_args.source_name, data_args.eval_split or "test")
+        records = card_records(results, data_args)
         path = add_eval_records(eval_args.model_name_or_path, records)
         logger.info("Added %d result(s) to %s", len(records), path)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,10 +39,10 @@ from attndistill_hf.data import (
     steps_per_epoch,
     train_transform,
 )
-from attndistill_hf.evaluation import KNNEvaluationCallback, run_knn_eval
+from attndistill_hf.evaluation import KNNEvaluationCallback, card_records, run_knn_eval
 from attndistill_hf.figures import plot_attention_maps, plot_training_curves
 from attndistill_hf.gpu_augment import GpuAugment, RawBytesCollator
-from attndistill_hf.hub import EvalRecord, HubPushError, push_output_dir, records_from_results, write_model_card
+from attndistill_hf.hub import EvalRecord, HubPushError, push_output_dir, write_model_card
 from attndistill_hf.models import STUDENT_PRESETS, build_student, load_image_processor, load_teacher, patch_grid
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
 
@@ -209,30 +209,6 @@ def build_knn_loaders(
     return bank, test
 
 
-def eval_split_name(data_args: DataArguments) -> str:
-    """The evaluation data's split as model cards name it: the Hub split, or the local folder's name."""
-    if data_args.eval_source == "hub":
-        return str(data_args.eval_split)
-    if data_args.eval_dir:
-        return Path(data_args.eval_dir).name
-    return "eval"
-
-
-def knn_records(result: dict[str, Any], data_args: DataArguments, dataset_split: str) -> list[EvalRecord]:
-    """Card records of the final k-NN; a bank that is not the whole train split is named with its size.
-
-    The whole split's size comes from the files or ``--num_train_examples``; when it is unknown the bank
-    is named too, so that a subset's number never passes for DINO's protocol (bank = all train images).
-    """
-    records = records_from_results(result, data_args.source_name, dataset_split)
-    bank = result["num_train"]
-    whole = count_examples(replace(data_args, max_train_samples=None), "train")
-    if whole is not None and bank >= whole:
-        return records
-    note = f"memory bank: {bank} of {whole} train images" if whole else f"memory bank: {bank} train images"
-    return [replace(record, metric_name=f"{record.metric_name}, {note}") for record in records]
-
-
 def attention_figure(
     trainer: AttnDistillTrainer, loader: DataLoader, count: int, mean: Any, std: Any, path: Path
 ) -> str:
@@ -332,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if knn_loaders is not None and run_args.final_knn_eval:
             result = run_knn_eval(trainer.student, *knn_loaders, output_json=output_dir / "knn_results.json")
             summary["knn"] = result["knn"]
-            records = knn_records(result, data_args, eval_split_name(data_args))
+            records = card_records(result, data_args, bank_limit=run_args.knn_train_samples)
         if any("loss" in entry for entry in trainer.state.log_history):
             figures["Training curves"] = plot_training_curves(
                 trainer.state.log_history, output_dir / "training_curves.png"
@@ -348,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 teacher=model_args.teacher_name_or_path,
                 student_config=trainer.student.config.to_dict(),
                 dataset_name=dataset_name,
-                dataset_split=eval_split_name(data_args),
+                dataset_split=data_args.eval_split_name,
                 eval_results=records,
                 recipe_text=recipe_text(argv),
                 training_summary={

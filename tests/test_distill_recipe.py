@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, DataArguments
+from attndistill_hf.evaluation import card_records
 from attndistill_hf.trainer import AttnDistillConfig
 
 from helpers import load_recipe, tiny_teacher, write_image_folder
@@ -144,12 +145,12 @@ def test_knn_bank_of_a_class_sorted_folder_holds_every_class(tmp_path: Path) -> 
 
 
 def test_card_names_the_memory_bank_unless_it_is_the_whole_train_split(tmp_path: Path) -> None:
-    distill = load_recipe("distill")
     data_args = DataArguments(train_dir=str(write_image_folder(tmp_path / "images", per_class=6, classes=3)))
     result = {"protocol": "knn", "num_train": 18, "knn": {"20": {"top1": 50.0, "top5": 90.0}}}
 
     def names(num_train: int, args: DataArguments) -> list[str]:
-        return [record.metric_name for record in distill.knn_records({**result, "num_train": num_train}, args, "val")]
+        records = card_records({**result, "num_train": num_train}, args, bank_limit=5000)
+        return [record.metric_name for record in records]
 
     assert names(18, data_args) == ["k-NN top-1 (k=20)"]
     assert names(6, data_args) == ["k-NN top-1 (k=20), memory bank: 6 of 18 train images"]
@@ -161,6 +162,13 @@ def test_card_names_the_memory_bank_unless_it_is_the_whole_train_split(tmp_path:
     assert names(18, DataArguments(dataset_name="someone/images")) == [
         "k-NN top-1 (k=20), memory bank: 18 train images"
     ]
+    # Without any limit (recipes/eval_knn.py) the bank is the whole split, of known size or not.
+    whole_split = {**result, "num_train": 18}
+    assert [r.metric_name for r in card_records(whole_split, DataArguments(dataset_name="someone/images"))] == [
+        "k-NN top-1 (k=20)"
+    ]
+    subset = card_records({**result, "num_train": 6}, replace(data_args, max_train_samples=6))
+    assert [r.metric_name for r in subset] == ["k-NN top-1 (k=20), memory bank: 6 of 18 train images"]
 
 
 def test_missing_eval_split_fails_before_the_teacher_and_the_data(
