@@ -146,9 +146,20 @@ class TeacherLoadError(ValueError):
     """The teacher (or a model to evaluate) could not be read: missing, corrupt or not a transformers model."""
 
 
-def _is_local_path(name: str) -> bool:
-    """Whether ``name`` can only be a local path: a Hub id is ``name`` or ``namespace/name``."""
-    return os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1
+def check_model_location(name_or_path: str, role: str = "teacher") -> str:
+    """``name_or_path`` with ``~`` expanded; a TeacherLoadError when it can only be a local folder and is none.
+
+    A Hub id is ``name`` or ``namespace/name``: anything absolute, relative (``./``, ``../``, ``~``) or
+    deeper is a path, and a missing one is reported as such rather than as a malformed Hub id.
+    """
+    path = os.path.expanduser(name_or_path)
+    is_path = os.path.isabs(path) or name_or_path.startswith(("./", "../", "~")) or path.count("/") > 1
+    if is_path and not os.path.isdir(path):
+        raise TeacherLoadError(
+            f"The {role} directory {name_or_path!r} does not exist. Give a folder written by save_pretrained "
+            "(convert original .pth checkpoints with recipes/convert_teacher.py) or a Hub id."
+        )
+    return path
 
 
 def load_teacher(
@@ -167,12 +178,7 @@ def load_teacher(
     if isinstance(name_or_path, PreTrainedModel):
         model = name_or_path
     else:
-        name_or_path = os.path.expanduser(name_or_path)
-        if _is_local_path(name_or_path) and not os.path.isdir(name_or_path):
-            raise TeacherLoadError(
-                f"The {role} directory {name_or_path!r} does not exist. Give a folder written by save_pretrained "
-                "(convert original .pth checkpoints with recipes/convert_teacher.py) or a Hub id."
-            )
+        name_or_path = check_model_location(name_or_path, role)
         try:
             config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
             if getattr(config, "model_type", None) == "vit_mae":

@@ -41,6 +41,7 @@ from attndistill_hf.data import (
     load_split,
     train_transform,
 )
+from attndistill_hf.models import check_model_location
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ class ModelArguments:
         default=None,
         metadata={"help": "Classes of the new head; inferred from the label column when not given."},
     )
+
+    def __post_init__(self) -> None:
+        self.student_dir = check_model_location(self.student_dir, role="student")
 
 
 def label_names(train: Dataset, label_column: str, num_labels: int | None) -> list[str]:

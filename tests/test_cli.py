@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from attndistill_hf.cli import parse_config_and_flags, run_recipe
-from attndistill_hf.models import TeacherLoadError, load_teacher
+from attndistill_hf.models import TeacherLoadError, check_model_location, load_teacher
+
+from helpers import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +78,10 @@ def test_missing_local_model_is_named_by_its_role(tmp_path: Path) -> None:
         load_teacher(str(tmp_path / "missing"))
     with pytest.raises(TeacherLoadError, match=r"The model directory './nowhere/at/all' does not exist"):
         load_teacher("./nowhere/at/all", role="model")
+    with pytest.raises(TeacherLoadError, match=r"The student directory '.*/gone' does not exist"):
+        load_recipe("finetune").parse_args(["--student_dir", str(tmp_path / "gone"), "--output_dir", str(tmp_path)])
+    assert check_model_location("facebook/dino-vits16") == "facebook/dino-vits16"  # a Hub id is left to the Hub
+    assert check_model_location(str(tmp_path)) == str(tmp_path)
 
 
 def test_a_recipe_reports_a_bad_path_in_one_line(tmp_path: Path) -> None:
