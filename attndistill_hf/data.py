@@ -175,7 +175,8 @@ class DataArguments:
         default=False,
         metadata={
             "help": "Decode JPEGs and augment on the GPU (workers only gather bytes); falls back to the "
-            "CPU when no GPU is present."
+            "CPU when no GPU is present. Same crop distribution as the published augmentation, but the crop is "
+            "resized bilinearly with antialiasing instead of bicubically (slightly softer, same geometry)."
         },
     )
 
