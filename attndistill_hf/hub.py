@@ -297,8 +297,9 @@ def build_model_card(
             f"A Vision Transformer student ({_architecture_line(student_config)}) distilled without labels "
             f"from the teacher `{teacher_public}` with **AttnDistill** on `{dataset_public}` images "
             f"(evaluations use its `{dataset_split}` split). It is a plain transformers `ViTModel`: the "
-            "features are the last layer's CLS token after the final LayerNorm. The projector used during "
-            "training is not part of this model."
+            "features are the last layer's CLS token after the final LayerNorm, which distillation leaves "
+            "untrained (as in the published method, the loss reads the last block before it). The projector "
+            "used during training is not part of this model."
         ),
         "## Teacher",
         (
