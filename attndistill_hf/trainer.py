@@ -147,6 +147,12 @@ class AttnDistillConfig(TrainingArguments):
                 f"effective_batch_size {self.effective_batch_size} is smaller than one step of "
                 f"{self.per_device_train_batch_size} images x {max(1, self.world_size)} processes = {per_step}."
             )
+        if self.gradient_accumulation_steps not in (1, steps):
+            raise ValueError(
+                f"gradient_accumulation_steps {self.gradient_accumulation_steps} and effective_batch_size "
+                f"{self.effective_batch_size} disagree ({self.effective_batch_size} // {per_step} images per step = "
+                f"{steps}); set only one of them."
+            )
         if steps * per_step != self.effective_batch_size:
             logger.warning(
                 "effective_batch_size %d is not a multiple of %d images per step (%d per device x %d processes): "

@@ -63,6 +63,14 @@ def test_published_defaults_no_clipping_and_the_effective_batch(tmp_path: Path, 
             output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=48, effective_batch_size=100
         )
     assert rounded.gradient_accumulation_steps == 2 and "not a multiple of 48" in caplog.text
+    with pytest.raises(ValueError, match="gradient_accumulation_steps 4 and effective_batch_size 4096 disagree"):
+        AttnDistillConfig(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            per_device_train_batch_size=64,
+            effective_batch_size=4096,
+            gradient_accumulation_steps=4,
+        )
     with pytest.raises(ValueError, match="smaller than one step"):
         AttnDistillConfig(
             output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=64, effective_batch_size=32
