@@ -86,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", default="data/fashion_mnist", help="Where the Fashion-MNIST shards go.")
     parser.add_argument("--results", default="docs/results.md", help="The Markdown report to write.")
     parser.add_argument("--max_steps", type=int, default=None, help="Override every config's max_steps.")
-    parser.add_argument("--rerun", action="store_true", help="Run again even when results.json has a run.")
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="Run this invocation's runs again even when results.json has them (other step counts are kept).",
+    )
     parser.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
     return parser
 
@@ -297,10 +301,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     results_path = root / "ablation" / "results.json"
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    stored: dict[str, dict[str, Any]] = {} if args.rerun else {run["key"]: run for run in previous.get("runs", [])}
+    stored: dict[str, dict[str, Any]] = {run["key"]: run for run in previous.get("runs", [])}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     steps = args.max_steps or default_steps
     jobs = [(path, seed) for path in config_paths for seed in args.seeds]
+    if args.rerun:  # this invocation's runs again; runs of other schedule lengths stay in the report
+        for path, seed in jobs:
+            stored.pop(key_for(path, steps, seed), None)
     bar = tqdm(jobs, desc=f"ablation runs ({steps} steps)", unit="run", disable=not progress)
     for path, seed in bar:
         config = configs[path]
