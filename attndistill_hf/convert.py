@@ -48,7 +48,8 @@ from transformers import (
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
 from .attention import run_model
-from .reference_vit import CHECKPOINT_FORMATS, LAYER_NORM_EPS, ReferenceViT
+from .models import LAYER_NORM_EPS
+from .reference_vit import CHECKPOINT_FORMATS, ReferenceViT
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ reaches persistent DataLoader workers.
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import math
@@ -283,6 +284,16 @@ def column_names(ds: Any) -> list[str]:
     return [] if first is None else list(first)
 
 
+def require_label_column(ds: Any, label_column: str, what: str, hint: str) -> None:
+    """A ``ValueError`` naming ``what``, its columns and ``hint`` when ``ds`` has no ``label_column``.
+
+    For the recipes that need labels to check their data before training rather than fail after it.
+    """
+    present = column_names(ds)
+    if label_column not in present:
+        raise ValueError(f"The {what} has no label column {label_column!r} (its columns: {present}). {hint}")
+
+
 def _resolve_column(ds: Any, wanted: str, default: str, alternatives: Sequence[str]) -> tuple[Any, bool]:
     """Find ``wanted`` in ``ds``; with the default name, rename a webdataset-style column to it.
 
@@ -304,6 +315,15 @@ def _check_local_patterns(patterns: Sequence[str], flag: str) -> None:
             raise FileNotFoundError(f"{flag} {pattern!r} matches no file; check the path and the glob")
 
 
+@functools.cache
+def _hub_split_names(name: str, config: str | None, cache_dir: str | None) -> tuple[str, ...]:
+    """The split names of a Hub dataset, read once per process: recipes check a split up front and
+    ``load_split`` checks it again for every loader built from it."""
+    from datasets import get_dataset_split_names
+
+    return tuple(get_dataset_split_names(name, config, cache_dir=cache_dir))
+
+
 def check_hub_split(data_args: DataArguments, split: Literal["train", "eval"]) -> None:
     """Raise ``ValueError`` naming the available splits when ``--dataset_name`` lacks the configured split.
 
@@ -312,8 +332,6 @@ def check_hub_split(data_args: DataArguments, split: Literal["train", "eval"]) -
     offline), so that a wrong ``--eval_split`` fails before anything is trained, downloaded or prepared.
     When the names cannot be read (offline, gated, ...), it returns and ``load_dataset`` reports the cause.
     """
-    from datasets import get_dataset_split_names
-
     source = data_args.train_source if split == "train" else data_args.eval_source
     if source != "hub" or data_args.dataset_name is None:
         return
@@ -321,7 +339,7 @@ def check_hub_split(data_args: DataArguments, split: Literal["train", "eval"]) -
         ("--train_split", data_args.train_split) if split == "train" else ("--eval_split", data_args.eval_split)
     )
     try:
-        names = get_dataset_split_names(data_args.dataset_name, data_args.dataset_config, cache_dir=data_args.cache_dir)
+        names = list(_hub_split_names(data_args.dataset_name, data_args.dataset_config, data_args.cache_dir))
     except Exception:  # no network, no access, no parsable config: many types; load_dataset says which
         return
     # datasets' split syntax: "train", "train[:10%]", "train+validation".

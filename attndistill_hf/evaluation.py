@@ -988,7 +988,7 @@ class EvalSetup:
     metadata: dict[str, Any]
 
 
-def load_eval_setup(eval_args: EvalArguments, data_args: Any) -> EvalSetup:
+def load_eval_setup(eval_args: EvalArguments, data_args: DataArguments) -> EvalSetup:
     """Load ``eval_args.model_name_or_path`` frozen in eval mode, with the normalisation it was trained with.
 
     Loading goes through ``models.load_teacher`` (``AutoModel.from_pretrained``, MAE masking switched

@@ -18,15 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .models import cls_features, square_side
+from .models import LAYER_NORM_EPS, cls_features, square_side
 
 Grid = tuple[int, int]
 
 DEFAULT_CLAMP = (1e-5, 0.996)
 # Floor against log(0) in the head fusion; far below any float32 softmax output a ViT produces.
 LOG_FLOOR = 1e-30
-# LayerNorm eps of the published projector (and of the students).
-LAYER_NORM_EPS = 1e-6
 
 
 def clamp_and_renormalise(attention: torch.Tensor, clamp: tuple[float, float] = DEFAULT_CLAMP) -> torch.Tensor:

@@ -25,6 +25,9 @@ from transformers import (
     ViTModel,
 )
 
+# LayerNorm eps of the published ViTs, their students and the projector (not PyTorch's default 1e-5).
+LAYER_NORM_EPS = 1e-6
+
 # Students of the paper (method.md, "Configurations in the paper"), all ViT with learnable position
 # embeddings unless the teacher uses sin-cos (MAE ablations).
 STUDENT_PRESETS: dict[str, dict[str, int]] = {
@@ -86,7 +89,7 @@ def student_config(
         )
     fields["intermediate_size"] = 4 * fields["hidden_size"]
     # DINO-style ViTs (and the published students) use LayerNorm eps 1e-6 and qkv bias.
-    fields.update(image_size=image_size, num_channels=num_channels, layer_norm_eps=1e-6, qkv_bias=True)
+    fields.update(image_size=image_size, num_channels=num_channels, layer_norm_eps=LAYER_NORM_EPS, qkv_bias=True)
     fields.update(overrides)
     return ViTConfig(**fields)
 

@@ -24,15 +24,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .models import sincos_2d_position_embeddings
+from .models import LAYER_NORM_EPS, sincos_2d_position_embeddings
 
 CheckpointFormat = Literal["dino", "mugs", "ibot", "mae", "timm"]
 CHECKPOINT_FORMATS: tuple[str, ...] = ("dino", "mugs", "ibot", "mae", "timm")
 WRAPS: tuple[str | None, ...] = (None, "teacher", "student", "state_dict", "model")
 PREFIXES: tuple[str, ...] = ("", "module.", "backbone.", "module.backbone.")
-
-# All of these ViTs use LayerNorm with eps 1e-6 (not PyTorch's default 1e-5).
-LAYER_NORM_EPS = 1e-6
 
 
 @dataclass

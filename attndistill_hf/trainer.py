@@ -140,12 +140,13 @@ class AttnDistillConfig(TrainingArguments):
             self.learning_rate = self.base_learning_rate * self.total_train_batch_size / 256
 
     def _fill_effective_batch(self) -> None:
-        per_step = self.per_device_train_batch_size * max(1, self.world_size)
+        processes = max(1, self.world_size)
+        per_step = self.per_device_train_batch_size * processes
         steps = self.effective_batch_size // per_step
         if steps < 1:
             raise ValueError(
                 f"effective_batch_size {self.effective_batch_size} is smaller than one step of "
-                f"{self.per_device_train_batch_size} images x {max(1, self.world_size)} processes = {per_step}."
+                f"{self.per_device_train_batch_size} images x {processes} processes = {per_step}."
             )
         if self.gradient_accumulation_steps not in (1, steps):
             raise ValueError(
@@ -160,7 +161,7 @@ class AttnDistillConfig(TrainingArguments):
                 self.effective_batch_size,
                 per_step,
                 self.per_device_train_batch_size,
-                max(1, self.world_size),
+                processes,
                 steps,
                 steps * per_step,
             )

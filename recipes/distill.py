@@ -35,6 +35,7 @@ from attndistill_hf.data import (
     eval_view_loader,
     image_stats,
     load_split,
+    require_label_column,
     shard_stream,
     steps_per_epoch,
     train_transform,
@@ -199,13 +200,13 @@ def build_knn_loaders(
     test, _ = eval_view_loader(data_args, "eval", mean, std, streaming=knn_streamed(data_args, "eval"), **views)
     for role, loader in (("memory bank (training data)", bank), ("test set (evaluation data)", test)):
         # Found now rather than at the first k-NN, after training.
-        columns = getattr(loader.dataset, "column_names", None)
-        if columns is not None and data_args.label_column not in columns:
-            raise ValueError(
-                f"The k-NN {role} has no label column {data_args.label_column!r} (its columns: {columns}). Give "
-                "labelled data (class sub-folders for a folder), name the column with --label_column, or turn "
-                "the k-NN off with --final_knn_eval false."
-            )
+        require_label_column(
+            loader.dataset,
+            data_args.label_column,
+            f"k-NN {role}",
+            "Give labelled data (class sub-folders for a folder), name the column with --label_column, or turn "
+            "the k-NN off with --final_knn_eval false.",
+        )
     return bank, test
 
 

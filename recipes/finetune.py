@@ -39,6 +39,7 @@ from attndistill_hf.data import (
     eval_transform,
     image_stats,
     load_split,
+    require_label_column,
     train_transform,
 )
 from attndistill_hf.models import check_model_location
@@ -184,11 +185,8 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     train = load_split(data_args, "train")
     evaluation = load_split(data_args, "eval") if data_args.eval_source is not None else None
     for name, split in (("train", train), ("eval", evaluation)):
-        if split is not None and data_args.label_column not in split.column_names:
-            raise ValueError(
-                f"The {name} data has no label column {data_args.label_column!r} (columns: "
-                f"{split.column_names}); set --label_column."
-            )
+        if split is not None:
+            require_label_column(split, data_args.label_column, f"{name} data", "Set --label_column.")
     names = label_names(train, data_args.label_column, model_args.num_labels)
     processor = AutoImageProcessor.from_pretrained(model_args.student_dir)
     model = ViTForImageClassification.from_pretrained(
