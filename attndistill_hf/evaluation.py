@@ -37,8 +37,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .attention import run_model, unwrap_model
 from .data import DataArguments, count_examples, image_stats
+from .families import cls_feature, token_layout
 from .hub import EvalRecord, add_eval_records, records_from_results
-from .models import final_norm, load_image_processor, load_teacher, num_prefix_tokens
+from .models import final_norm, load_image_processor, load_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +107,11 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 def compute_features(model: nn.Module, pixel_values: torch.Tensor, kind: FeatureKind = "cls") -> torch.Tensor:
     """Features of one batch (no grad handling, no autocast: callers decide), shape [B, D_kind].
 
-    - "cls": final CLS token after the final LayerNorm (DINO's k-NN feature).
+    - "cls": final CLS token after the final LayerNorm (DINO's k-NN feature; CLIP: after post_layernorm).
     - "last4_cls": CLS of each of the last 4 blocks, each through the final LayerNorm, concatenated
       (DINO's linear-probe feature for ViT-S/T), 4 x hidden.
-    - "cls+avgpool": final CLS concatenated with the mean of the final patch tokens, prefix tokens
-      (CLS, DeiT's distillation token, DINOv2's registers) excluded (DINO's ViT-B probe feature), 2 x hidden.
+    - "cls+avgpool": final CLS concatenated with the mean of the final patch tokens, every other token
+      (CLS, registers, distillation or detection tokens) excluded (DINO's ViT-B probe feature), 2 x hidden.
     """
     _check_kind(kind)
     if kind == "last4_cls":
@@ -130,14 +131,14 @@ def compute_features(model: nn.Module, pixel_values: torch.Tensor, kind: Feature
         norm = final_norm(model)
         return torch.cat([norm(state[:, 0]) for state in hidden_states[-4:]], dim=-1)
     outputs = run_model(model, pixel_values)
-    tokens = outputs.last_hidden_state
-    cls = tokens[:, 0]
+    cls = cls_feature(model, outputs)
     if kind == "cls":
         return cls
-    prefix = num_prefix_tokens(model.config)
-    if tokens.shape[1] <= prefix:
-        raise ValueError(f"Model output has {tokens.shape[1]} tokens and {prefix} prefix tokens: no patch tokens.")
-    return torch.cat([cls, tokens[:, prefix:].mean(dim=1)], dim=-1)
+    tokens = outputs.last_hidden_state
+    patches = tokens[:, token_layout(model).patch_slice(tokens.shape[1])]
+    if patches.shape[1] == 0:
+        raise ValueError(f"Model output has {tokens.shape[1]} tokens and no patch tokens among them.")
+    return torch.cat([cls, patches.mean(dim=1)], dim=-1)
 
 
 def _model_fingerprint(model: nn.Module) -> str:

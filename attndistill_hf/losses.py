@@ -228,6 +228,7 @@ class AttnDistillLoss(nn.Module):
         self.projector = AttnDistillProjector(
             student_dim, teacher_dim, depth=projector_depth, hidden_dims=projector_hidden_dims
         )
+        self.teacher_dim = teacher_dim
         self.proj_weight = proj_weight
         self.attn_weight = attn_weight
         self.fusion_temperature = fusion_temperature

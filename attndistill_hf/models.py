@@ -18,6 +18,10 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    CLIPVisionModel,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
+    MetaClip2VisionModel,
     PretrainedConfig,
     PreTrainedModel,
     ViTConfig,
@@ -25,12 +29,14 @@ from transformers import (
     ViTModel,
 )
 
+from .families import FAMILIES, configured_image_size, patch_size
+
 # LayerNorm eps of the published ViTs, their students and the projector (not PyTorch's default 1e-5).
 LAYER_NORM_EPS = 1e-6
 
 # Students of the paper (method.md, "Configurations in the paper"), all ViT with learnable position
 # embeddings unless the teacher uses sin-cos (MAE ablations).
-STUDENT_PRESETS: dict[str, dict[str, int]] = {
+STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     "vit-tiny-patch16": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "patch_size": 16},
     "vit-tiny-6heads-patch16": {
         "hidden_size": 192,
@@ -65,7 +71,31 @@ STUDENT_PRESETS: dict[str, dict[str, int]] = {
     "vit-mini-2heads-patch4": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2, "patch_size": 4},
     "vit-mini-patch8": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "patch_size": 8},
     "vit-mini-2heads-patch8": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2, "patch_size": 8},
+    # DINOv3 architecture (exported as DINOv3ViTModel): RoPE instead of position embeddings, 4 registers
+    # between the CLS token and the patches, LayerScale, key without bias; widths of DINOv3's ViT-S / ViT-T.
+    "dinov3-vits16": {
+        "architecture": "dinov3_vit",
+        "hidden_size": 384,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "patch_size": 16,
+    },
+    "dinov3-vitt16": {
+        "architecture": "dinov3_vit",
+        "hidden_size": 192,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 3,
+        "patch_size": 16,
+    },
+    "dinov3-mini-patch4": {
+        "architecture": "dinov3_vit",
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "patch_size": 4,
+    },
 }
+DINOV3_REGISTERS = 4
 
 
 def student_config(
@@ -88,8 +118,15 @@ def student_config(
             "choose a patch size that divides the image size."
         )
     fields["intermediate_size"] = 4 * fields["hidden_size"]
+    fields.update(image_size=image_size, num_channels=num_channels)
+    if fields.pop("architecture", "vit") == "dinov3_vit":
+        # DINOv3's own LayerNorm eps (1e-5) and biases. Its training-time RoPE augmentation (random rescale
+        # of the patch coordinates) is off: the student must see the view the teacher sees.
+        fields.update(num_register_tokens=DINOV3_REGISTERS, pos_embed_rescale=None)
+        fields.update(overrides)
+        return DINOv3ViTConfig(**fields)
     # DINO-style ViTs (and the published students) use LayerNorm eps 1e-6 and qkv bias.
-    fields.update(image_size=image_size, num_channels=num_channels, layer_norm_eps=LAYER_NORM_EPS, qkv_bias=True)
+    fields.update(layer_norm_eps=LAYER_NORM_EPS, qkv_bias=True)
     fields.update(overrides)
     return ViTConfig(**fields)
 
@@ -102,12 +139,13 @@ def build_student(
     attn_implementation: str = "sdpa",
     seed: int | None = None,
     **config_kwargs: Any,
-) -> ViTModel:
-    """A randomly initialised student ``ViTModel`` without pooler (unused parameters break DDP).
+) -> ViTModel | DINOv3ViTModel:
+    """A randomly initialised student: a ``ViTModel`` without pooler (unused parameters break DDP), or a
+    ``DINOv3ViTModel`` for the ``dinov3-*`` presets and DINOv3 configs.
 
     ``sincos_position_embeddings`` replaces the learnable table by fixed 2-D sin-cos embeddings (as
     the paper's MAE ablations do) and freezes it; the values are stored in the checkpoint, so the
-    exported model is a plain ViTModel.
+    exported model is a plain ViTModel. DINOv3 students have no table (RoPE) and refuse it.
     """
     if config is None:
         if preset is None:
@@ -116,6 +154,12 @@ def build_student(
     if seed is not None:
         torch.manual_seed(seed)
     config._attn_implementation = attn_implementation
+    if isinstance(config, DINOv3ViTConfig):
+        if sincos_position_embeddings:
+            raise ValueError(
+                "A DINOv3 student has no position-embedding table (it uses RoPE): sin-cos embeddings do not apply."
+            )
+        return DINOv3ViTModel(config)
     model = ViTModel(config, add_pooling_layer=False)
     if sincos_position_embeddings:
         grid = config.image_size // config.patch_size
@@ -165,6 +209,9 @@ def check_model_location(name_or_path: str, role: str = "teacher") -> str:
     return path
 
 
+VISION_TOWERS: dict[str, type[PreTrainedModel]] = {"clip": CLIPVisionModel, "metaclip_2": MetaClip2VisionModel}
+
+
 def load_teacher(
     name_or_path: str | PreTrainedModel,
     *,
@@ -186,9 +233,11 @@ def load_teacher(
             config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
             if getattr(config, "model_type", None) == "vit_mae":
                 config.mask_ratio = 0.0
-            model = AutoModel.from_pretrained(
+            # CLIP-style checkpoints hold text and vision towers: the teacher is the vision tower.
+            tower = VISION_TOWERS.get(getattr(config, "model_type", None))
+            model = (tower or AutoModel).from_pretrained(
                 name_or_path,
-                config=config,
+                **({} if tower else {"config": config}),
                 attn_implementation=attn_implementation,
                 trust_remote_code=trust_remote_code,
                 **kwargs,
@@ -216,22 +265,21 @@ def load_image_processor(name_or_path: str, *, trust_remote_code: bool = False) 
         return None
 
 
-def _configured_image_size(config: PretrainedConfig) -> tuple[int, int]:
-    size = config.image_size
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
 def forward_kwargs(model: PreTrainedModel, pixel_values: torch.Tensor) -> dict[str, Any]:
     """Extra forward arguments that make ``model(pixel_values, **kwargs)`` see every patch, in raster order.
 
-    - ViT / DeiT / ViTMAE at a resolution other than the configured one: ``interpolate_pos_encoding``.
+    - Families that interpolate their position embeddings only on request (ViT, DeiT, ViTMAE, ViTMSN,
+      CLIP, BEiT), at a resolution other than the configured one: ``interpolate_pos_encoding``.
     - ViTMAE: a fixed, increasing ``noise`` so the (mask-free) shuffle is the identity permutation.
-    - DINOv2 interpolates by itself and accepts no such flag.
+    - DINOv2 and YOLOS interpolate by themselves, DINOv3 uses RoPE: no such flag.
     """
     kwargs: dict[str, Any] = {}
     model_type = getattr(model.config, "model_type", "")
-    if model_type in {"vit", "deit", "vit_mae"} and tuple(pixel_values.shape[-2:]) != _configured_image_size(
-        model.config
+    family = FAMILIES.get(type(model).__name__)
+    if (
+        family is not None
+        and family.interpolates_on_request
+        and tuple(pixel_values.shape[-2:]) != configured_image_size(model)
     ):
         kwargs["interpolate_pos_encoding"] = True
     if model_type == "vit_mae":
@@ -248,28 +296,19 @@ def forward_kwargs(model: PreTrainedModel, pixel_values: torch.Tensor) -> dict[s
     return kwargs
 
 
-def num_prefix_tokens(config: PretrainedConfig) -> int:
-    """Tokens before the patches: CLS, plus DeiT's distillation token or DINOv2's registers."""
-    model_type = getattr(config, "model_type", "")
-    if model_type == "deit":
-        return 2
-    return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
-
-
-def patch_grid(config: PretrainedConfig, image_size: tuple[int, int] | int | None = None) -> tuple[int, int]:
-    """The (rows, cols) patch grid of a model at ``image_size`` (its configured size by default)."""
+def patch_grid(model: nn.Module, image_size: tuple[int, int] | int | None = None) -> tuple[int, int]:
+    """The (rows, cols) patch grid of ``model`` at ``image_size`` (its configured size by default)."""
     if image_size is None:
-        height, width = _configured_image_size(config)
+        height, width = configured_image_size(model)
     elif isinstance(image_size, int):
         height = width = image_size
     else:
         height, width = image_size
-    patch = config.patch_size
-    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
+    patch_h, patch_w = patch_size(model)
     if height % patch_h or width % patch_w:
         raise ValueError(
-            f"Patch size {patch} does not divide image size {(height, width)} of {config.model_type}; "
-            "the patch grid must tile the image."
+            f"Patch size {(patch_h, patch_w)} does not divide image size {(height, width)} of "
+            f"{type(model).__name__}; the patch grid must tile the image."
         )
     return height // patch_h, width // patch_w
 

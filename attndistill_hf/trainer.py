@@ -26,17 +26,18 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, seed_worker
 
 from .attention import (
-    find_last_attention,
     install_attention_capture,
     install_last_block_capture,
     last_block_tokens,
     last_cls_attention,
     run_model,
     unwrap_model,
+    verify_capture,
 )
 from .data import EqualStepsIterable, prepare_per_rank_dataloader
+from .families import UnsupportedModelError, cls_feature, family_of
 from .losses import AttnDistillLoss
-from .models import cls_features, final_norm, load_teacher, patch_grid
+from .models import cls_features, load_teacher, patch_grid
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ class AttnDistillConfig(TrainingArguments):
     # The collator needs the image column; the model takes no label.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all columns for the collator."})
     ddp_find_unused_parameters: bool | None = field(
-        default=False, metadata={"help": "Every student parameter is used: no unused-parameter search."}
+        default=False,
+        metadata={"help": "Parameters that the loss cannot reach are frozen at setup: no unused-parameter search."},
     )
 
     def __post_init__(self) -> None:
@@ -181,10 +183,11 @@ class DistillationModule(nn.Module):
     (the fast hooked path; the benchmark passes the eager reference to time the naive step).
 
     As in the published code, the projector takes the student's last-block tokens *before* its final
-    LayerNorm (the projector opens with its own LayerNorm). The final norm is then outside the loss:
-    it is frozen, so that it keeps its initial affine (1, 0), as it does in the published code, and DDP
-    finds no parameter without a gradient. The exported student's ``last_hidden_state`` is therefore
-    the last block's tokens through a plain (identity-affine) LayerNorm, the published evaluation feature.
+    LayerNorm (the projector opens with its own LayerNorm). The final norm is then outside the loss and
+    stays at its initial affine (1, 0), as it does in the published code: the exported student's
+    ``last_hidden_state`` is the last block's tokens through a plain (identity-affine) LayerNorm, the
+    published evaluation feature. It and every other parameter that the configured loss cannot reach
+    are frozen at construction (:meth:`_freeze_unreachable`).
     """
 
     def __init__(
@@ -197,9 +200,47 @@ class DistillationModule(nn.Module):
         self.student = student
         self.loss_fn = loss_fn
         self.capture = capture
-        final_norm(student).requires_grad_(False)
         # Hooks before any torch.compile of this module (q/k for the map, the final norm's input).
         install_last_block_capture(student)
+        self._freeze_unreachable()
+
+    def _freeze_unreachable(self) -> None:
+        """Freeze the trainable parameters that no term of the configured loss reaches.
+
+        They would never get a gradient: DDP without its unused-parameter search stops at the second
+        step, and a skipped batch's zero surrogate would let AdamW's weight decay move them. Which they
+        are depends on the loss weights: the final norm always (both terms read the last block before
+        it); with attention guidance alone also the projector and everything of the last block after
+        its query/key projections (values, output projection, MLP), which its CLS-attention row does
+        not depend on. One backward pass of the loss on a blank image, against a placeholder teacher of
+        the student's own shapes, finds them for any student and loss setting: a parameter left without
+        a gradient is one the loss cannot reach. Frozen parameters keep their values and are exported.
+        """
+        config = self.student.config
+        size = config.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        grid = patch_grid(self.student)
+        keys = 1 + grid[0] * grid[1]
+        like = {"device": self.student.device, "dtype": self.student.dtype}
+        was_training = self.training
+        self.eval()  # no dropout: the probe draws nothing from the global RNG
+        try:
+            loss, _, _ = self(
+                pixel_values=torch.zeros(1, config.num_channels, height, width, **like),
+                teacher_cls=torch.zeros(1, self.loss_fn.teacher_dim, **like),
+                teacher_attn=torch.full((1, config.num_attention_heads, keys), 1.0 / keys, **like),
+                teacher_grid=grid,
+            )
+            loss.backward()
+        finally:
+            self.train(was_training)
+        frozen = []
+        for name, param in self.named_parameters():
+            if param.requires_grad and param.grad is None:
+                param.requires_grad_(False)
+                frozen.append(name)
+            param.grad = None
+        logger.info("Frozen, outside the loss: %s", ", ".join(frozen) or "nothing")
 
     def forward(
         self,
@@ -220,23 +261,41 @@ class DistillationModule(nn.Module):
             cls_features(last_block_tokens(self.student)),  # before the final norm
             student_attn,
             teacher_grid=teacher_grid,
-            student_grid=patch_grid(self.student.config, tuple(pixel_values.shape[-2:])),
+            student_grid=patch_grid(self.student, tuple(pixel_values.shape[-2:])),
             validate=validate,
         )
         return terms.loss, terms.loss_proj, terms.loss_attn
 
 
+# Students are exported as these plain transformers classes (tested end to end, AutoModel reload included).
+STUDENT_CLASSES = ("ViTModel", "DINOv3ViTModel")
+
+
 def check_pair(teacher: PreTrainedModel, student: PreTrainedModel, image_size: int | tuple[int, int]) -> None:
-    """Fail before the first step when the pair cannot be distilled at ``image_size``."""
+    """Fail before the first step when the pair cannot be distilled exactly at ``image_size``.
+
+    Both models must be of a family whose last attention is captured exactly, and one forward pass of
+    a blank image through each proves the capture sees their last attention kernel's inputs and yields
+    a CLS row over the CLS and patch keys at this resolution.
+    """
     for role, model in (("teacher", teacher), ("student", student)):
         try:
-            find_last_attention(model)
-        except TypeError as error:
-            raise TypeError(f"Unsupported {role}: {error}") from None
+            family_of(model)
+        except UnsupportedModelError as error:
+            raise UnsupportedModelError(f"Unsupported {role}: {error}") from None
         try:
-            patch_grid(model.config, image_size)
+            grid = patch_grid(model, image_size)
         except ValueError as error:
             raise ValueError(f"The {role} cannot take {image_size} px crops: {error}") from None
+        try:
+            verify_capture(model, grid)
+        except UnsupportedModelError as error:
+            raise UnsupportedModelError(f"Unsupported {role}: {error}") from None
+    if type(student).__name__ not in STUDENT_CLASSES:
+        raise UnsupportedModelError(
+            f"Unsupported student: {type(student).__name__}; students are trained and exported as one of "
+            f"{', '.join(STUDENT_CLASSES)} (see build_student and its presets)."
+        )
     size = image_size if isinstance(image_size, int) else image_size[0]
     student_size = student.config.image_size
     if student_size != size:
@@ -351,10 +410,10 @@ class AttnDistillTrainer(Trainer):
                 teacher_out, teacher_attn = last_cls_attention(self.teacher, pixel_values)
             else:
                 teacher_out, teacher_attn = run_model(self.teacher, pixel_values), None
-        teacher_grid = patch_grid(unwrap_model(self.teacher).config, tuple(pixel_values.shape[-2:]))
+        teacher_grid = patch_grid(unwrap_model(self.teacher), tuple(pixel_values.shape[-2:]))
         loss, loss_proj, loss_attn = model(
             pixel_values=pixel_values,
-            teacher_cls=cls_features(teacher_out.last_hidden_state),
+            teacher_cls=cls_feature(self.teacher, teacher_out),
             teacher_attn=teacher_attn,
             teacher_grid=teacher_grid,
             validate=not self._validated,

@@ -202,7 +202,7 @@ def make_setup(
         teacher=teacher_module,
         module=module,
         with_attention=with_attention,
-        teacher_grid=patch_grid(teacher.config, image_size),
+        teacher_grid=patch_grid(teacher, image_size),
     )
 
 

@@ -225,8 +225,8 @@ def attention_figure(
         images.clamp(0, 1),
         teacher_maps.cpu(),
         student_maps.cpu(),
-        patch_grid(unwrap_model(trainer.teacher).config, size),
-        patch_grid(student.config, size),
+        patch_grid(unwrap_model(trainer.teacher), size),
+        patch_grid(student, size),
         path,
     )
     return path.name

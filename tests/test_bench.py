@@ -84,7 +84,10 @@ def test_default_step_equals_naive_step(bench: ModuleType, pair_key: str) -> Non
     assert any(name.startswith("student.embeddings") for name in result.grads_naive)
     assert any(name.startswith("loss_fn.projector") for name in result.grads_naive)
     for name, grad in result.grads_default.items():
-        torch.testing.assert_close(grad, result.grads_naive[name], rtol=1e-4, atol=1e-6, msg=name)
+        naive = result.grads_naive[name]
+        # float32 sums cancel near zero: the absolute tolerance follows the gradient's own scale.
+        scale = max(1.0, naive.abs().max().item())
+        torch.testing.assert_close(grad, naive, rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
 def test_check_loss_flag_passes_and_fails_loudly(bench: ModuleType, monkeypatch, capsys) -> None:

@@ -6,10 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoImageProcessor, AutoModel, TrainerCallback
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    Data2VecVisionConfig,
+    Data2VecVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    TrainerCallback,
+)
 
 from attndistill_hf.attention import last_cls_attention
 from attndistill_hf.data import EqualStepsIterable
+from attndistill_hf.families import UnsupportedModelError
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer, NonFiniteLossError, check_pair
 
 from helpers import PixelDataset, tiny_student, tiny_teacher
@@ -319,8 +328,43 @@ def test_pair_checks_name_the_problem() -> None:
         check_pair(tiny_teacher(), tiny_student(), 48)
     with pytest.raises(ValueError, match="teacher cannot take 30 px crops"):
         check_pair(tiny_teacher(), tiny_student(), 30)
-    with pytest.raises(TypeError, match="Unsupported teacher: Linear has no CLS token"):
+    with pytest.raises(UnsupportedModelError, match="Unsupported teacher: Linear is not supported: it is not a ViT"):
         check_pair(torch.nn.Linear(2, 2), tiny_student(), 32)
+    data2vec = Data2VecVisionModel(
+        Data2VecVisionConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    )
+    with pytest.raises(UnsupportedModelError, match=r"Unsupported teacher: Data2VecVisionModel .* bypasses"):
+        check_pair(data2vec, tiny_student(), 32)
+    dinov2 = Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    )
+    with pytest.raises(UnsupportedModelError, match=r"Unsupported student: Dinov2Model; students are .* ViTModel"):
+        check_pair(tiny_teacher(), dinov2, 32)
+
+
+def test_pair_check_runs_the_capture_once_and_catches_what_structure_cannot() -> None:
+    """A model whose last attention passes something the capture does not reproduce is refused up front."""
+    teacher = tiny_teacher()
+    check_pair(teacher, tiny_student(), 32)  # a supported pair passes
+    attention = teacher.layers[-1].attention
+    original = attention.forward
+    attention.forward = lambda hidden_states, *args, **kwargs: original(hidden_states, *args, softcap=30.0, **kwargs)
+    with pytest.raises(UnsupportedModelError, match="Unsupported teacher: ViTAttention passes softcap"):
+        check_pair(teacher, tiny_student(), 32)
 
 
 def test_batch_transform_runs_in_the_training_process(tmp_path: Path) -> None:
@@ -401,3 +445,35 @@ def test_stream_workers_draw_different_augmentations_on_each_rank(
     rank0 = first_stream_batch(tmp_path, 0, monkeypatch)
     torch.testing.assert_close(first_stream_batch(tmp_path, 0, monkeypatch), rank0)  # reproducible per rank
     assert not torch.allclose(first_stream_batch(tmp_path, 1, monkeypatch), rank0)
+
+
+FINAL_NORM = {"student.layernorm.weight", "student.layernorm.bias"}
+# What the last block's CLS-attention row does not depend on: everything after its query/key projections.
+LAST_BLOCK_AFTER_QK = {
+    f"student.layers.1.{module}.{kind}"
+    for module in ("attention.v_proj", "attention.o_proj", "layernorm_after", "mlp.fc1", "mlp.fc2")
+    for kind in ("weight", "bias")
+}
+
+
+@pytest.mark.parametrize(
+    ("proj_weight", "attn_weight"), [(1.0, 0.1), (1.0, 0.0), (0.0, 0.1)], ids=["both", "projector", "attention"]
+)
+def test_parameters_the_loss_cannot_reach_are_frozen(tmp_path: Path, proj_weight: float, attn_weight: float) -> None:
+    args = config(tmp_path, proj_loss_weight=proj_weight, attn_loss_weight=attn_weight, optim="sgd", learning_rate=1.0)
+    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset())
+    params = dict(trainer.model.named_parameters())
+    expected = set(FINAL_NORM)  # neither term reads after the last block
+    if not proj_weight:  # attention guidance alone reaches neither the projector nor the end of the last block
+        expected |= LAST_BLOCK_AFTER_QK | {name for name in params if name.startswith("loss_fn.projector.")}
+    assert {name for name, param in params.items() if not param.requires_grad} == expected
+    optimised = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
+    assert optimised == {id(p) for name, p in params.items() if name not in expected}
+    start = {name: param.detach().clone() for name, param in params.items()}
+    trainer.train()
+    for name, param in trainer.model.named_parameters():  # the frozen part keeps its initial values, the rest trains
+        assert torch.equal(param, start[name]) == (name in expected), name
+    trainer.save_model(str(tmp_path / "student"))  # the exported student is complete, frozen parts included
+    exported = AutoModel.from_pretrained(tmp_path / "student").state_dict()
+    for name, value in trainer.student.state_dict().items():
+        assert torch.equal(exported[name], value), name
