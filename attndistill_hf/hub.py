@@ -252,6 +252,40 @@ def _architecture_line(config: Mapping[str, Any]) -> str:
     return ", ".join(parts) if parts else "see `config.json`"
 
 
+@dataclass(frozen=True)
+class License:
+    """A Hub license: an id from the Hub's list, or ``"other"`` with a name and a link."""
+
+    id: str
+    name: str | None = None
+    link: str | None = None
+
+    def describe(self) -> str:
+        name = self.name or self.id
+        return f"[{name}]({self.link})" if self.link else f"`{name}`"
+
+
+# Teacher families whose released weights come under a license of their own. A student distilled from
+# such a teacher is derived from it, so its card names that license.
+FAMILY_LICENSES: dict[str, License] = {
+    "dinov3_vit": License(
+        "other", "dinov3-license", "https://ai.meta.com/resources/models-and-libraries/dinov3-license/"
+    ),
+}
+# transformers model types -> the class a student of that type is exported as.
+STUDENT_CLASS_NAMES = {"vit": "ViTModel", "dinov3_vit": "DINOv3ViTModel"}
+
+
+def teacher_license(teacher: str, model_type: str) -> License | None:
+    """The teacher's license: from the model card of a local teacher folder, else its family's known license."""
+    readme = Path(teacher).expanduser() / "README.md"
+    if readme.is_file():
+        data = ModelCard.load(readme).data
+        if data.license:
+            return License(data.license, data.get("license_name"), data.get("license_link"))
+    return FAMILY_LICENSES.get(model_type)
+
+
 def build_model_card(
     *,
     model_id_or_name: str,
@@ -266,6 +300,7 @@ def build_model_card(
     license: str = "apache-2.0",
     extra_tags: Iterable[str] = (),
     limitations: str | None = None,
+    teacher_license: License | None = None,
 ) -> ModelCard:
     """The model card of a distilled student: Hub metadata, ``model-index`` and a body that explains it.
 
@@ -273,17 +308,23 @@ def build_model_card(
     file) is inlined verbatim apart from redacted secrets; ``figures`` maps captions to PNG paths
     relative to the model folder; ``limitations`` is stated as given (say so when the run was a
     demo on a tiny dataset). The teacher becomes ``base_model`` when it is a Hub id; a local teacher
-    path is reduced to its folder name so that no local path is published.
+    path is reduced to its folder name so that no local path is published. A ``teacher_license`` other
+    than Apache-2.0 is named in a License section, and becomes the card's license unless ``license``
+    was set to something other than the default.
     """
     records = list(eval_results)
     teacher_public = _public_name(teacher)
     dataset_public = _public_name(dataset_name)
     tags = list(dict.fromkeys([*CARD_TAGS, *extra_tags]))
+    inherited = teacher_license if teacher_license is not None and teacher_license.id != "apache-2.0" else None
+    card_license = License(license) if inherited is None or license != "apache-2.0" else inherited
+    license_fields = {"license_name": card_license.name, "license_link": card_license.link} if card_license.name else {}
     card_data = ModelCardData(
         model_name=_public_name(model_id_or_name),
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
-        license=license,
+        license=card_license.id,
+        **license_fields,
         datasets=[dataset_public],
         base_model=teacher if _looks_like_hub_id(teacher) else None,
         tags=tags,
@@ -296,7 +337,8 @@ def build_model_card(
         (
             f"A Vision Transformer student ({_architecture_line(student_config)}) distilled without labels "
             f"from the teacher `{teacher_public}` with **AttnDistill** on `{dataset_public}` images "
-            f"(evaluations use its `{dataset_split}` split). It is a plain transformers `ViTModel`: the "
+            f"(evaluations use its `{dataset_split}` split). It is a plain transformers "
+            f"`{STUDENT_CLASS_NAMES.get(student_config.get('model_type', 'vit'), 'ViTModel')}`: the "
             "features are the last layer's CLS token after the final LayerNorm, which distillation leaves "
             "untrained (as in the published method, the loss reads the last block before it). The projector "
             "used during training is not part of this model."
@@ -318,6 +360,15 @@ def build_model_card(
         sections.append("## Figures")
         for caption, rel in figures.items():
             sections.append(f"![{caption}]({_check_figure_path(rel)})\n\n*{caption}*")
+    if inherited is not None:
+        sections += [
+            "## License",
+            (
+                f"The teacher `{teacher_public}` is released under {inherited.describe()}. This student is "
+                "derived from it by distillation: its use is subject to those terms too. This card's license "
+                f"field is `{card_license.name or card_license.id}`."
+            ),
+        ]
     sections += [
         "## How to use",
         _code_block(_usage_snippet(model_ref), "python"),

@@ -43,7 +43,7 @@ from attndistill_hf.data import (
 from attndistill_hf.evaluation import KNNEvaluationCallback, card_records, run_knn_eval
 from attndistill_hf.figures import plot_attention_maps, plot_training_curves
 from attndistill_hf.gpu_augment import GpuAugment, RawBytesCollator
-from attndistill_hf.hub import EvalRecord, HubPushError, push_output_dir, write_model_card
+from attndistill_hf.hub import EvalRecord, HubPushError, push_output_dir, teacher_license, write_model_card
 from attndistill_hf.models import STUDENT_PRESETS, build_student, load_image_processor, load_teacher, patch_grid
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
 
@@ -120,7 +120,13 @@ class DistillRunArguments:
         default=4, metadata={"help": "Evaluation images in the teacher-vs-student attention figure (0: none)."}
     )
     model_card: bool = field(default=True, metadata={"help": "Write README.md (model card) into output_dir."})
-    card_license: str = field(default="apache-2.0", metadata={"help": "License in the model card."})
+    card_license: str = field(
+        default="apache-2.0",
+        metadata={
+            "help": "License in the model card. Left at apache-2.0, a teacher under a license of its own (DINOv3's, "
+            "or the license in a local teacher folder's README.md) passes it on to the card."
+        },
+    )
     card_limitations: str | None = field(
         default=None, metadata={"help": "Limitations stated in the model card (e.g. 'demo run on a tiny dataset')."}
     )
@@ -341,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 figures=figures,
                 license=run_args.card_license,
                 limitations=run_args.card_limitations,
+                teacher_license=teacher_license(model_args.teacher_name_or_path, teacher.config.model_type),
             )
         if push:
             try:
