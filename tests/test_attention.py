@@ -56,7 +56,7 @@ from attndistill_hf.attention import (
     last_cls_attention,
 )
 from attndistill_hf.families import UnsupportedModelError, cls_feature, token_layout
-from attndistill_hf.models import build_student, forward_kwargs
+from attndistill_hf.models import build_student, forward_kwargs, load_teacher
 
 TINY = {
     "hidden_size": 32,
@@ -462,3 +462,16 @@ def test_dinov3_presets_build_dinov3_students(preset: str, width: int, heads: in
     assert token_layout(student).patch_slice(1 + 4 + 196) == slice(5, 201)
     with pytest.raises(ValueError, match="RoPE"):
         build_student(preset, sincos_position_embeddings=True)
+
+
+def test_clip_checkpoints_load_as_their_vision_tower(tmp_path) -> None:
+    clip = REFUSALS["clip_text_and_vision"][0]()
+    clip.save_pretrained(tmp_path)
+    teacher = load_teacher(str(tmp_path))
+    assert type(teacher) is CLIPVisionModel and not teacher.training
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = clip.vision_model.eval()(pixel_values=pixels).pooler_output
+        output, attention = last_cls_attention(teacher, pixels)
+    torch.testing.assert_close(cls_feature(teacher, output), expected)
+    assert attention.shape == (2, 4, 17)
