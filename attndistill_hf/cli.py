@@ -24,12 +24,14 @@ from typing import Any, TypeVar
 import yaml
 from transformers import HfArgumentParser
 
+from .families import UnsupportedModelError
 from .hub import redact
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 FULL_ERROR_VARIABLE = "ATTNDISTILL_FULL_ERROR"
 # Mistakes in a recipe's input (bad values, missing files or columns, unreadable models): one line.
-USER_ERRORS = (ValueError, KeyError, OSError)
+# UnsupportedModelError: a teacher or student the library refuses (a TypeError, as for a wrong argument type).
+USER_ERRORS = (ValueError, KeyError, OSError, UnsupportedModelError)
 T = TypeVar("T")
 
 

@@ -45,7 +45,7 @@ from attndistill_hf.figures import plot_attention_maps, plot_training_curves
 from attndistill_hf.gpu_augment import GpuAugment, RawBytesCollator
 from attndistill_hf.hub import EvalRecord, HubPushError, push_output_dir, teacher_license, write_model_card
 from attndistill_hf.models import STUDENT_PRESETS, build_student, load_image_processor, load_teacher, patch_grid
-from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer, check_pair
 
 logger = logging.getLogger("attndistill_hf.distill")
 
@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         load_image_processor(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
     )
     student = load_student(model_args, data_args, teacher)
+    # A teacher or student whose last attention cannot be captured exactly is refused before any data loads.
+    check_pair(teacher, student, data_args.image_size)
     train_dataset = build_train_dataset(data_args, args)
     if isinstance(train_dataset, EqualStepsIterable):
         args.dataloader_num_workers = dataloader_workers(train_dataset, args.dataloader_num_workers)

@@ -1,14 +1,24 @@
-"""DINOv3 end to end: a DINOv3 teacher distilled into a DINOv3-architecture student, exported, reloaded."""
+"""DINOv3 end to end (a DINOv3 teacher into a DINOv3 student, exported, reloaded), and refusals in the recipe."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
-from transformers import AutoModel, DINOv3ViTConfig, DINOv3ViTModel, ViTImageProcessor
+from transformers import (
+    AutoModel,
+    Data2VecVisionConfig,
+    Data2VecVisionModel,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
+    ViTImageProcessor,
+)
 
 from attndistill_hf.attention import eager_last_cls_attention, last_cls_attention
 from attndistill_hf.models import build_student
@@ -134,3 +144,32 @@ def test_dinov3_configs_name_released_checkpoints_and_dinov3_students() -> None:
         assert config["teacher_name_or_path"].startswith("facebook/dinov3-vit")
         assert config["teacher_name_or_path"].endswith("-pretrain-lvd1689m")
         assert config["student_preset"] == student
+
+
+def test_recipe_refuses_an_uncapturable_teacher_in_one_line_before_data_loads(tmp_path: Path) -> None:
+    teacher = tmp_path / "data2vec"
+    Data2VecVisionModel(
+        Data2VecVisionConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(teacher)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "distill.py"), "--teacher_name_or_path", str(teacher)]
+        + ["--student_preset", "vit-mini-patch4", "--image_size", "32", "--use_cpu", "true"]
+        + ["--train_dir", str(write_image_folder(tmp_path / "images")), "--max_steps", "1", "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1
+    assert errors[0].startswith("error: Unsupported teacher: Data2VecVisionModel is not supported: its attention code")
+    assert "Traceback" not in result.stderr and not out.exists()
