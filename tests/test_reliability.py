@@ -194,3 +194,57 @@ def test_nonfinite_skips_agree_across_ranks(tmp_path: Path) -> None:
     assert any(not torch.equal(after[0][k], after[1][k]) for k in after[0])  # rank 1's batch still counted
     for name, value in after[1].items():  # nothing left to learn from: no update at all
         torch.testing.assert_close(after[2][name], value, atol=0, rtol=0)
+
+
+LOSS_SETTINGS = {"both": (1.0, 0.1), "projector": (1.0, 0.0), "attention": (0.0, 0.1)}
+
+# Two DDP ranks (gloo), 4 images each, for every loss setting: the global batch of a one-process run at 8.
+LOSS_SETTINGS_WORKER = """
+import sys
+import torch
+from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+from helpers import PixelDataset, tiny_student, tiny_teacher
+from test_reliability import LOSS_SETTINGS, loss_setting_config
+
+for name, weights in LOSS_SETTINGS.items():
+    args = loss_setting_config(f"{sys.argv[1]}/{name}", weights, per_device_train_batch_size=4)
+    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset())
+    trainer.train()
+    if args.process_index == 0:
+        torch.save(trainer.model.state_dict(), f"{sys.argv[1]}/{name}.pt")
+"""
+
+
+def loss_setting_config(output_dir: str, weights: tuple[float, float], **overrides: int) -> AttnDistillConfig:
+    # SGD: equal weights after the run mean equal averaged gradients at every step.
+    return AttnDistillConfig(
+        output_dir=output_dir,
+        proj_loss_weight=weights[0],
+        attn_loss_weight=weights[1],
+        max_steps=2,
+        optim="sgd",
+        learning_rate=0.05,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        **overrides,
+    )
+
+
+def test_every_loss_setting_trains_under_ddp_as_one_process(tmp_path: Path) -> None:
+    """Attention-only, projector-only and both: 2 ranks x 4 images give the weights of 1 process x 8."""
+    run_two_processes(LOSS_SETTINGS_WORKER, tmp_path)
+    initial = tiny_student().state_dict()
+    for name, weights in LOSS_SETTINGS.items():
+        args = loss_setting_config(str(tmp_path / f"one-{name}"), weights, per_device_train_batch_size=8)
+        trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset())
+        trainer.train()
+        one, two = trainer.model.state_dict(), torch.load(tmp_path / f"{name}.pt")
+        assert one.keys() == two.keys()
+        for key, value in one.items():
+            torch.testing.assert_close(two[key], value, atol=1e-6, rtol=1e-5, msg=f"{name}: {key}")
+        moved = max((one[f"student.{k}"] - v).abs().max().item() for k, v in initial.items())
+        assert moved > 1e-4, name  # the student trained
