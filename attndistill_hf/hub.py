@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
@@ -203,6 +204,40 @@ def _public_name(name: str) -> str:
     return name if _looks_like_hub_id(name) else Path(name.rstrip("/\\")).name or name
 
 
+# A value in a config file or command line: a quoted string, or a run of characters that YAML, flag
+# syntax (`--key=value`) and prose do not use around a value.
+_VALUE_PATTERN = re.compile(r"""'(?P<single>[^'\n]*)'|"(?P<double>[^"\n]*)"|(?P<bare>[^\s'"=,\[\]{}()`]+)""")
+
+
+def _is_local_path(value: str) -> bool:
+    """Whether a configuration value names a local file, folder or glob (not a Hub id, URL or number)."""
+    if "://" in value or not ("/" in value or value.startswith("~")):
+        return False  # a URL, or one name (a Hub id without namespace, a preset): published as it is
+    if os.path.isabs(os.path.expanduser(value)) or value.startswith(("./", "../")):
+        return True
+    if any(char.isspace() for char in value):
+        return os.path.exists(value)  # quoted prose that contains a slash is no path
+    return not _looks_like_hub_id(value)
+
+
+def publish_local_paths(text: str) -> str:
+    """``text`` with every local path in it replaced by its last component, as model cards name them.
+
+    A config file or command line names the teacher, data and output folders by their local paths;
+    published, they would tell where (and often as whom) the run was made. Hub ids and URLs stay.
+    """
+
+    def publish(match: re.Match[str]) -> str:
+        group = match.lastgroup or "bare"
+        value = match.group(group)
+        if not _is_local_path(value):
+            return match.group(0)
+        quote = {"single": "'", "double": '"'}.get(group, "")
+        return f"{quote}{_public_name(value)}{quote}"
+
+    return _VALUE_PATTERN.sub(publish, text)
+
+
 def _fence(text: str) -> str:
     """A backtick fence longer than any backtick run in ``text``, so inlined files cannot break out."""
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
@@ -301,16 +336,20 @@ def build_model_card(
     extra_tags: Iterable[str] = (),
     limitations: str | None = None,
     teacher_license: License | None = None,
+    hub_dataset: bool = True,
 ) -> ModelCard:
     """The model card of a distilled student: Hub metadata, ``model-index`` and a body that explains it.
 
     ``eval_results`` become one ``EvalResult`` each and the results table; ``recipe_text`` (the config
-    file) is inlined verbatim apart from redacted secrets; ``figures`` maps captions to PNG paths
-    relative to the model folder; ``limitations`` is stated as given (say so when the run was a
-    demo on a tiny dataset). The teacher becomes ``base_model`` when it is a Hub id; a local teacher
-    path is reduced to its folder name so that no local path is published. A ``teacher_license`` other
-    than Apache-2.0 is named in a License section, and becomes the card's license unless ``license``
-    was set to something other than the default.
+    file) is inlined verbatim apart from redacted secrets and local paths, which it names by their last
+    component (:func:`publish_local_paths`); ``figures`` maps captions to PNG paths relative to the
+    model folder; ``limitations`` is stated as given (say so when the run was a demo on a tiny
+    dataset). The teacher becomes ``base_model`` when it is a Hub id; a local teacher path is reduced
+    to its folder name so that no local path is published. ``dataset_name`` is listed in the
+    ``datasets`` metadata only when ``hub_dataset`` says it is a Hub dataset id (and it is no local
+    path): local data is named in the text alone. A ``teacher_license`` other than Apache-2.0 is named
+    in a License section, and becomes the card's license unless ``license`` was set to something other
+    than the default.
     """
     records = list(eval_results)
     teacher_public = _public_name(teacher)
@@ -325,7 +364,7 @@ def build_model_card(
         pipeline_tag="image-feature-extraction",
         license=card_license.id,
         **license_fields,
-        datasets=[dataset_public],
+        datasets=[dataset_name] if hub_dataset and _looks_like_hub_id(dataset_name) else None,
         base_model=teacher if _looks_like_hub_id(teacher) else None,
         tags=tags,
         eval_results=[record.to_eval_result() for record in records] or None,
@@ -352,7 +391,7 @@ def build_model_card(
         ),
         "## Training recipe",
         "The exact configuration of this run:",
-        _code_block(recipe_text, "yaml"),  # redacted with the whole card below
+        _code_block(publish_local_paths(recipe_text), "yaml"),  # redacted with the whole card below
         "## Training summary",
         _summary_table(training_summary),
     ]
@@ -486,9 +525,9 @@ def add_eval_records(model_dir: str | Path, records: Sequence[EvalRecord]) -> Pa
     merged += list(new.values())
     card.data.eval_results = [record.to_eval_result() for record in merged] or None
     text = _replace_section(card.text, "Results", _results_table(merged))
-    dataset = (card.data.datasets or ["its training data"])[0]
-    if merged and not before:  # the card said no evaluation was run
-        text = text.replace(_limitations_text(None, dataset, []), _limitations_text(None, dataset, merged))
+    if merged and not before:  # the card said no evaluation was run; local data is named in the text only
+        unmeasured = re.escape(_limitations_text(None, "DATASET", [])).replace("DATASET", "(?P<dataset>[^`]*)")
+        text = re.sub(unmeasured, lambda match: _limitations_text(None, match["dataset"], merged), text)
     card.text = text
     ModelCard(redact(card.content)).save(path)
     return path

@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 teacher=model_args.teacher_name_or_path,
                 student_config=trainer.student.config.to_dict(),
                 dataset_name=dataset_name,
+                hub_dataset=data_args.train_source == "hub",
                 dataset_split=data_args.eval_split_name,
                 eval_results=records,
                 recipe_text=recipe_text(argv),

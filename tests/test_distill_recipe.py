@@ -15,6 +15,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel
@@ -239,14 +240,26 @@ def test_unlabelled_eval_data_is_refused_before_training(tmp_path: Path, teacher
     assert not (out / "model.safetensors").exists()
 
 
-def test_card_names_a_local_eval_folder_by_its_name(tmp_path: Path, teacher_dir: Path) -> None:
+def test_card_names_local_data_by_name_and_publishes_no_local_path(tmp_path: Path, teacher_dir: Path) -> None:
     images = write_image_folder(tmp_path / "data" / "train")
     val = write_image_folder(tmp_path / "data" / "val", per_class=2)
     out = tmp_path / "out"
+    config = tmp_path / "run.yaml"  # a config's path that a flag overrides is in the card's recipe too
+    config.write_text(f"teacher_name_or_path: {teacher_dir}\noutput_dir: {tmp_path / 'elsewhere'}\n")
     run(
-        ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--train_dir", str(images), "--eval_dir", str(val)]
-        + ["--max_steps", "1", "--per_device_train_batch_size", "4", "--attention_figure_images", "0"]
-        + ["--output_dir", str(out)]
+        [str(config), *QUICK, "--train_dir", str(images), "--eval_dir", str(val), "--max_steps", "1"]
+        + ["--per_device_train_batch_size", "4", "--save_steps", "1", "--output_dir", str(out)]
     )
-    card = (out / "README.md").read_text()
-    assert "split: val" in card and "split: test" not in card
+    card = ModelCard.load(out / "README.md")
+    assert "split: val" in card.content and "split: test" not in card.content
+    assert card.data.datasets is None and "on `data` images" in card.text  # local data: named, not listed
+    assert "--train_dir train --eval_dir val" in card.text and f"teacher_name_or_path: {teacher_dir.name}" in card.text
+    scanned = 0
+    for path in (path for path in out.rglob("*") if path.is_file()):
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue  # weights and the pickled training arguments (never pushed)
+        scanned += 1
+        assert str(tmp_path) not in text and str(teacher_dir) not in text, path
+    assert scanned >= 6  # card, configs, k-NN results, trainer states

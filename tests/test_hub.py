@@ -156,6 +156,44 @@ def test_card_without_evaluations_or_hub_teacher_stays_truthful(tmp_path: Path) 
     assert str(tmp_path) not in str(loaded)  # no local path is published
 
 
+def test_card_publishes_local_paths_by_their_last_component(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "demo-teacher").mkdir(parents=True)
+    recipe = (
+        "teacher_name_or_path: outputs/demo-teacher  # the demo teacher\n"
+        f"output_dir: {tmp_path}/runs/first\n"
+        "data_files: [data/fashion_mnist/train-*.parquet]\n"
+        "# base model: facebook/dino-vits16, see https://github.com/facebookresearch/dino\n"
+        "# command-line overrides\n"
+        f"--train_dir '{tmp_path}/my images/train' --eval_dir=~/val --output_dir {tmp_path}/runs/second/\n"
+    )
+    local = tmp_path / "data"
+    card = build_model_card(
+        **card_kwargs([], {}, recipe_text=recipe, teacher="outputs/demo-teacher", dataset_name=str(local)),
+        hub_dataset=False,
+    )
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert str(tmp_path) not in loaded.content and "~/" not in loaded.content
+    block = loaded.text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert block == (
+        "teacher_name_or_path: demo-teacher  # the demo teacher\n"
+        "output_dir: first\n"
+        "data_files: [train-*.parquet]\n"
+        "# base model: facebook/dino-vits16, see https://github.com/facebookresearch/dino\n"
+        "# command-line overrides\n"
+        "--train_dir 'train' --eval_dir=val --output_dir second\n"
+    )
+    assert loaded.data.datasets is None  # a local folder is named in the text only
+    assert "on `data` images" in loaded.text
+    # A Hub dataset id is listed; a local path given as a Hub dataset still is not.
+    assert build_model_card(**card_kwargs([], {})).data.datasets == ["ILSVRC/imagenet-1k"]
+    assert build_model_card(**card_kwargs([], {}, dataset_name=str(local))).data.datasets is None
+    # Results added later still replace the card's "no evaluation" limitations.
+    add_eval_records(tmp_path, measured_records())
+    assert "No evaluation was run" not in ModelCard.load(tmp_path / "README.md").text
+
+
 def linear_results(epochs: int = 6) -> dict[str, Any]:
     """A real probe's report on noisy class-structured features, shaped like run_linear_eval's JSON."""
     centres = torch.randn(4, 12)
