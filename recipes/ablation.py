@@ -318,9 +318,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             continue
         output_dir = root / "ablation" / f"{case}-{loss}-{steps}steps-seed{seed}"
         run_started = time.time()
-        distill.main(
+        distill.main(  # a run that is not in the report is (re)run from scratch
             [path, *overrides_for(config, steps), "--seed", str(seed), "--output_dir", str(output_dir)]
-            + ["--disable_tqdm", "true"]
+            + ["--overwrite_output_dir", "true", "--disable_tqdm", "true"]
         )
         distill_time = time.time() - run_started
         student = AutoModel.from_pretrained(output_dir).eval()

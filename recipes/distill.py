@@ -12,6 +12,7 @@ preprocessor_config.json), a model card with the evaluations that were run, and 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModel, PreTrainedModel, ViTImageProcessor, set_seed
 from transformers.image_utils import PILImageResampling
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from attndistill_hf.attention import last_cls_attention, unwrap_model
 from attndistill_hf.cli import parse_config_and_flags, recipe_text, run_recipe
@@ -119,6 +121,13 @@ class DistillRunArguments:
     attention_figure_images: int = field(
         default=4, metadata={"help": "Evaluation images in the teacher-vs-student attention figure (0: none)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the earlier run in --output_dir: the folder is emptied before anything loads. Without "
+            "it, a folder that holds a run is refused unless --resume_from_checkpoint continues it."
+        },
+    )
     model_card: bool = field(default=True, metadata={"help": "Write README.md (model card) into output_dir."})
     card_license: str = field(
         default="apache-2.0",
@@ -136,6 +145,64 @@ class DistillRunArguments:
             raise ValueError(f"--train_augmentation must be 'published' or 'none', got {self.train_augmentation!r}.")
         if isinstance(self.knn_train_samples, bool) or self.knn_train_samples < 1:
             raise ValueError(f"--knn_train_samples must be a positive integer, got {self.knn_train_samples!r}.")
+
+
+# What a run leaves in its output folder from its first checkpoint on (a finished run: trainer_state.json too).
+RUN_MARKERS = ("trainer_state.json", f"{PREFIX_CHECKPOINT_DIR}-*", AttnDistillTrainer.STAGING_DIR)
+
+
+def resume_checkpoint(value: str | None, output_dir: str) -> str | None:
+    """``--resume_from_checkpoint``: a checkpoint folder, ``last`` / ``true`` for the newest one in
+    ``output_dir``, or None (also for ``false``) to start afresh."""
+    if value is None or value.lower() == "false":
+        return None
+    if value.lower() in ("last", "true"):
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint {value}: {output_dir} holds no checkpoint to resume from.")
+        return last
+    if not Path(value).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {value} is not a checkpoint folder.")
+    return value
+
+
+def prepare_output_dir(output_dir: str, *, overwrite: bool, resume: str | None) -> None:
+    """Refuse, empty or keep ``output_dir`` before anything loads, as the transformers examples do.
+
+    A folder that holds a run is refused unless it is replaced (``overwrite``: emptied first, so that
+    none of the old run's k-NN results, figures or checkpoints end up beside the new model, in a push
+    or in a later resume) or continued from one of its checkpoints (``resume``). A non-empty folder
+    that holds no run is never emptied.
+    """
+    folder = Path(output_dir)
+    entries = sorted(entry.name for entry in folder.iterdir()) if folder.is_dir() else []
+    if not entries:
+        return
+    if resume is not None:
+        if overwrite and Path(resume).resolve().is_relative_to(folder.resolve()):
+            raise ValueError(
+                "--overwrite_output_dir would delete the checkpoint that --resume_from_checkpoint continues: "
+                "give one of them."
+            )
+        if not overwrite:
+            return
+    listed = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    if not any(any(folder.glob(marker)) for marker in RUN_MARKERS):
+        raise ValueError(
+            f"--output_dir {output_dir} is not empty and holds no run ({listed}): give a new or empty folder."
+        )
+    if not overwrite:
+        raise ValueError(
+            f"--output_dir {output_dir} holds an earlier run ({listed}): give --overwrite_output_dir true to replace "
+            "it, --resume_from_checkpoint last to continue it, or another folder."
+        )
+    for name in entries:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    logger.info("Emptied %s (--overwrite_output_dir): it held %s", output_dir, listed)
 
 
 def load_student(model_args: DistillModelArguments, data_args: DataArguments, teacher: PreTrainedModel):
@@ -244,6 +311,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
     started = time.time()
+    resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    with args.main_process_first(desc="checking the output folder"):
+        if args.should_save:  # the processes that write into it
+            prepare_output_dir(args.output_dir, overwrite=run_args.overwrite_output_dir, resume=resume)
     run_knn = data_args.eval_source is not None and bool(run_args.knn_eval_steps or run_args.final_knn_eval)
     # A split missing from a Hub dataset fails here, before the teacher, the data or any training.
     check_hub_split(data_args, "train")
@@ -304,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     for callback in callbacks:
         callback.attach(trainer)
-    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     trainer.save_state()
 

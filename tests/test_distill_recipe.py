@@ -263,3 +263,42 @@ def test_card_names_local_data_by_name_and_publishes_no_local_path(tmp_path: Pat
         scanned += 1
         assert str(tmp_path) not in text and str(teacher_dir) not in text, path
     assert scanned >= 6  # card, configs, k-NN results, trainer states
+
+
+def test_a_finished_run_is_refused_unless_overwritten_or_resumed(tmp_path: Path, teacher_dir: Path) -> None:
+    images = write_image_folder(tmp_path / "images", per_class=2)
+    out = tmp_path / "out"
+    common = ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--train_dir", str(images), "--output_dir", str(out)]
+    common += ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--attention_figure_images", "0"]
+    run([*common, "--eval_dir", str(images), "--max_steps", "2", "--save_steps", "1"])
+    first = {path.relative_to(out).as_posix(): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert {"knn_results.json", "checkpoint-1/optimizer.pt", "checkpoint-2/optimizer.pt"} <= first.keys()
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    again = subprocess.run(
+        [sys.executable, str(DISTILL), *common, "--max_steps", "2"], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert again.returncode == 2
+    assert again.stderr.startswith(f"error: --output_dir {out} holds an earlier run (")
+    assert "--overwrite_output_dir true" in again.stderr and "--resume_from_checkpoint last" in again.stderr
+    assert len(again.stderr.splitlines()) == 2  # the error and the hint for the traceback
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first
+
+    run([*common, "--max_steps", "4", "--save_steps", "1", "--resume_from_checkpoint", "last"])
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]  # steps 1-2 come from checkpoint-2
+    first_logs = json.loads(first["trainer_state.json"])["log_history"]
+    assert logged[:2] == [entry for entry in first_logs if "loss" in entry]
+
+    run([*common, "--max_steps", "1", "--save_strategy", "no", "--overwrite_output_dir", "true"])
+    files = sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file())
+    assert files == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "trainer_state.json",
+        "training_curves.png",
+    ]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
