@@ -6,12 +6,12 @@ last-layer CLS-attention KL), the backward pass and an AdamW step (fused on CUDA
 autocast on CUDA and in float32 on CPU. Images are a fixed random batch already on the device, so the
 input pipeline is not measured here (``bench/bench_data.py`` measures it).
 
-Modes, per teacher -> student pair (random weights, the paper's architectures):
+Modes, per teacher -> student pair (random weights; the paper's three ViT pairs and a DINOv3 pair):
 
 - ``naive``: both models on eager attention, maps taken with ``output_attentions=True`` (every block
   materialises its ``B x H x T x T`` attention), as a straightforward implementation does.
-- ``default``: the library's path: sdpa in every block, the last block's CLS row recomputed from the
-  hooked query/key projections (``last_cls_attention`` and ``DistillationModule``).
+- ``default``: the library's path: sdpa in every block, the last block's CLS row computed from the
+  queries and keys its attention kernel receives (``last_cls_attention`` and ``DistillationModule``).
 - ``floor``: sdpa, attention weight 0: teacher forward + student forward/backward + projector, no
   attention term at all. The default step cannot be faster than this.
 - ``default+compile``: the default step with the teacher and the trainable module under ``torch.compile``.
@@ -34,12 +34,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import transformers
 from torch import nn
-from transformers import ViTConfig, ViTModel
+from transformers import DINOv3ViTConfig, PreTrainedModel, ViTConfig
 
 from attndistill_hf.attention import (
     eager_last_cls_attention,
@@ -47,8 +47,9 @@ from attndistill_hf.attention import (
     last_cls_attention,
     run_model,
 )
+from attndistill_hf.families import cls_feature
 from attndistill_hf.losses import AttnDistillLoss
-from attndistill_hf.models import STUDENT_PRESETS, build_student, cls_features, patch_grid
+from attndistill_hf.models import DINOV3_REGISTERS, LAYER_NORM_EPS, STUDENT_PRESETS, build_student, patch_grid
 from attndistill_hf.trainer import DistillationModule
 
 MODES = ("naive", "default", "floor", "default+compile")
@@ -60,13 +61,18 @@ GIB = 1024**3
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """A ViT teacher architecture (random weights; only the shape matters for speed)."""
+    """A teacher architecture (random weights; only the shape matters for speed).
+
+    ``architecture`` names the model class as the student presets do: ``vit`` (``ViTModel``) or
+    ``dinov3_vit`` (``DINOv3ViTModel``: RoPE, register tokens, LayerScale).
+    """
 
     label: str
     hidden_size: int
     num_layers: int
     num_heads: int
     patch_size: int
+    architecture: Literal["vit", "dinov3_vit"] = "vit"
 
 
 @dataclass(frozen=True)
@@ -87,10 +93,13 @@ class PairSpec:
 VIT_S16 = TeacherSpec("ViT-S/16", 384, 12, 6, 16)
 VIT_S8 = TeacherSpec("ViT-S/8", 384, 12, 6, 8)
 VIT_B16 = TeacherSpec("ViT-B/16", 768, 12, 12, 16)
+DINOV3_B16 = TeacherSpec("DINOv3 ViT-B/16", 768, 12, 12, 16, architecture="dinov3_vit")
 PAIRS: dict[str, PairSpec] = {
     "s16-t16": PairSpec("s16-t16", VIT_S16, "vit-tiny-patch16", "ViT-T/16", "c"),
     "s8-s16": PairSpec("s8-s16", VIT_S8, "vit-small-patch16", "ViT-S/16", "b"),
     "b16-s16": PairSpec("b16-s16", VIT_B16, "vit-small-patch16", "ViT-S/16", "c"),
+    # Not a paper pair: it runs the capture through RoPE and register tokens (DINOv3's layout).
+    "dinov3-b16-s16": PairSpec("dinov3-b16-s16", DINOV3_B16, "dinov3-vits16", "DINOv3 ViT-S/16", "c"),
 }
 # --tiny: 2 blocks of width 8 per head; head counts and patch sizes are kept, so every pair still
 # exercises its attention case (b: patch grids differ, c: head counts differ).
@@ -101,27 +110,38 @@ TINY_HEAD_DIM = 8
 # ---- models ------------------------------------------------------------------------------------------
 
 
-def build_teacher(spec: TeacherSpec, image_size: int, *, attn_implementation: str, tiny: bool, seed: int) -> ViTModel:
-    """A frozen, randomly initialised ViT teacher in eval mode (DINO-style LayerNorm eps and qkv bias)."""
+def teacher_config(spec: TeacherSpec, image_size: int, *, tiny: bool) -> ViTConfig | DINOv3ViTConfig:
+    """The teacher's config: DINO-style ViT (LayerNorm eps 1e-6, qkv bias), or DINOv3's released layout."""
     hidden = spec.num_heads * TINY_HEAD_DIM if tiny else spec.hidden_size
-    config = ViTConfig(
-        hidden_size=hidden,
-        num_hidden_layers=TINY_LAYERS if tiny else spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        intermediate_size=4 * hidden,
-        image_size=image_size,
-        patch_size=spec.patch_size,
-        layer_norm_eps=1e-6,
-        qkv_bias=True,
-    )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = ViTModel(config, add_pooling_layer=False)
+    shape = {
+        "hidden_size": hidden,
+        "num_hidden_layers": TINY_LAYERS if tiny else spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "intermediate_size": 4 * hidden,
+        "image_size": image_size,
+        "patch_size": spec.patch_size,
+    }
+    if spec.architecture == "dinov3_vit":
+        # DINOv3ViTConfig's defaults are those of the released checkpoints (LayerNorm eps 1e-5, key
+        # without bias, LayerScale 1, RoPE theta 100); its RoPE augmentation only runs in train mode.
+        return DINOv3ViTConfig(**shape, num_register_tokens=DINOV3_REGISTERS)
+    return ViTConfig(**shape, layer_norm_eps=LAYER_NORM_EPS, qkv_bias=True)
+
+
+def build_teacher(
+    spec: TeacherSpec, image_size: int, *, attn_implementation: str, tiny: bool, seed: int
+) -> PreTrainedModel:
+    """A frozen, randomly initialised teacher in eval mode."""
+    # build_student builds any model from a config (ViTModel without pooler, or DINOv3ViTModel).
+    config = teacher_config(spec, image_size, tiny=tiny)
+    model = build_student(config=config, attn_implementation=attn_implementation, seed=seed)
     model.requires_grad_(False)
     return model.eval()
 
 
-def build_bench_student(preset: str, image_size: int, *, attn_implementation: str, tiny: bool, seed: int) -> ViTModel:
+def build_bench_student(
+    preset: str, image_size: int, *, attn_implementation: str, tiny: bool, seed: int
+) -> PreTrainedModel:
     """The student preset (or its tiny version), randomly initialised, in train mode."""
     overrides: dict[str, int] = {}
     if tiny:
@@ -154,7 +174,7 @@ class StepSetup:
             else:
                 teacher_out, teacher_attn = run_model(self.teacher, pixel_values), None
         loss, _, _ = self.module(
-            pixel_values, cls_features(teacher_out.last_hidden_state), teacher_attn, self.teacher_grid, validate
+            pixel_values, cls_feature(self.teacher, teacher_out), teacher_attn, self.teacher_grid, validate
         )
         return loss
 
@@ -191,8 +211,8 @@ def make_setup(
     module: nn.Module = DistillationModule(student, loss_fn, capture=capture).to(device)
     teacher_module: nn.Module = teacher.to(device)
     if mode == "default+compile":
-        # The student's hooks were installed by DistillationModule; the teacher's must be too before
-        # compiling (installing them inside a compiled region breaks the graph on every step).
+        # DistillationModule installed the student's capture; the teacher's must be installed too before
+        # compiling (installing it inside a compiled region breaks the graph on every step).
         install_attention_capture(teacher_module)
         teacher_module = torch.compile(teacher_module, backend=compile_backend)
         module = torch.compile(module, backend=compile_backend)
@@ -517,8 +537,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pairs",
         default=",".join(PAIRS),
-        help="Comma-separated teacher->student pairs: s16-t16 (ViT-S/16 -> ViT-T/16, case c), "
-        "s8-s16 (ViT-S/8 -> ViT-S/16, case b), b16-s16 (ViT-B/16 -> ViT-S/16, case c).",
+        help="Comma-separated teacher->student pairs: "
+        + "; ".join(f"{key}: {pair.label}" for key, pair in PAIRS.items())
+        + ".",
     )
     parser.add_argument("--modes", default=",".join(MODES), help=f"Comma-separated modes among {', '.join(MODES)}.")
     parser.add_argument("--device", default=None, help="Device to run on (default: cuda when available, else cpu).")
@@ -651,10 +672,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 pair, args.profile, warmup=args.warmup, steps=args.profile_steps, rows=args.profile_rows, **common
             )
     else:
+        width = max(len(pair.label) for pair in args.pair_specs)
         for pair in args.pair_specs:
             for mode in args.mode_list:
                 row = time_mode(pair, mode, warmup=args.warmup, steps=args.steps, **common)
-                print(f"  {pair.label:<32} {mode:<16} {row['img_per_s']:>10,.1f} img/s")
+                print(f"  {pair.label:<{width}} {mode:<16} {row['img_per_s']:>10,.1f} img/s")
                 rows.append(row)
         print()
         print(format_table(rows))

@@ -3,8 +3,9 @@
 Reads the rows a GPU run wrote (``bench/run_gpu.sh`` calls this last), prints the Markdown tables that
 ``docs/benchmarks.md`` records and checks each performance target of the project on them:
 
-* the default step within 3% of the floor for every pair, and at least 1.5x / 2.5x / 1.6x the naive step
-  (ViT-S/16 -> ViT-T/16, ViT-S/8 -> ViT-S/16, ViT-B/16 -> ViT-S/16);
+* the default step within 3% of the floor for each of the paper's three pairs, and at least 1.5x / 2.5x /
+  1.6x the naive step (ViT-S/16 -> ViT-T/16, ViT-S/8 -> ViT-S/16, ViT-B/16 -> ViT-S/16); other pairs
+  (the DINOv3 one) are in the tables but have no target;
 * peak memory of the default step for ViT-S/8 -> ViT-S/16 at most a third of the naive step's;
 * ``default+compile`` (inductor) for ViT-S/16 -> ViT-T/16 at 7,000 img/s or more;
 * GPU decoding at 6,000 img/s or more, and at least the fastest ViT-S/16 -> ViT-T/16 step (so the input
@@ -30,7 +31,7 @@ from typing import Any
 
 from bench_step import format_table
 
-# (pair key, minimum speed-up of the default step over the naive step)
+# (pair key, minimum speed-up of the default step over the naive step): the paper's pairs only.
 SPEEDUP_TARGETS = (("s16-t16", 1.5), ("s8-s16", 2.5), ("b16-s16", 1.6))
 FLOOR_SLACK = 0.03  # the default step may be at most 3% slower than the floor
 MEMORY_PAIR, MEMORY_FRACTION = "s8-s16", 1 / 3

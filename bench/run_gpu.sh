@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement that docs/benchmarks.md reports, in one go (sized for well under 10 minutes on one H100),
 # after the tests that only run on CUDA (fp16 grad scaler, GPU decoding):
-#   1. float32 loss/gradient parity of the naive and the default step, for the three pairs;
-#   2. img/s and peak memory of naive, default and floor for the three pairs (batch 256, 224 px, bf16);
+#   1. float32 loss/gradient parity of the naive and the default step, for every pair (the paper's three
+#      and DINOv3 ViT-B/16 -> ViT-S/16);
+#   2. img/s and peak memory of naive, default and floor for every pair (batch 256, 224 px, bf16);
 #   3. the default step under torch.compile (inductor) for ViT-S/16 -> ViT-T/16;
 #   4. profiles of the default and the compiled step of that pair (where the time goes);
 #   5. the input pipeline on 4,096 ImageNet-sized JPEGs, batch 256: PIL workers (1, 4 and every core, to

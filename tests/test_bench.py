@@ -52,22 +52,23 @@ def test_smoke_rows_for_every_pair_and_mode(bench: ModuleType, tmp_path: Path, c
     assert "ViT-S/8 -> ViT-S/16 (case b) | floor" in printed
 
 
-def test_compile_mode_runs_without_recompiling(bench: ModuleType) -> None:
+@pytest.mark.parametrize("pair_key", ["s16-t16", "dinov3-b16-s16"])
+def test_compile_mode_runs_without_recompiling(bench: ModuleType, pair_key: str) -> None:
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
     rows = bench.main(
-        [*TINY, "--steps", "2", "--pairs", "s16-t16", "--modes", "default+compile", "--compile_backend", "aot_eager"]
+        [*TINY, "--steps", "2", "--pairs", pair_key, "--modes", "default+compile", "--compile_backend", "aot_eager"]
     )
     assert len(rows) == 1 and rows[0]["mode"] == "default+compile" and rows[0]["img_per_s"] > 0
     assert rows[0]["compile_backend"] == "aot_eager"
-    # Capture hooks are installed before compiling: one whole graph each for the teacher and the
-    # trainable module, no graph break and no per-step recompilation.
+    # The captures are installed before compiling: one whole graph each for the teacher and the
+    # trainable module (DINOv3's RoPE included), no graph break and no per-step recompilation.
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] == 2
 
 
-@pytest.mark.parametrize("pair_key", ["s16-t16", "s8-s16", "b16-s16"])
+@pytest.mark.parametrize("pair_key", ["s16-t16", "s8-s16", "b16-s16", "dinov3-b16-s16"])
 def test_default_step_equals_naive_step(bench: ModuleType, pair_key: str) -> None:
     pair = bench.PAIRS[pair_key]
     # The tiny models keep the attention case of the pair: different heads (c) or patch grids (b).
@@ -76,6 +77,9 @@ def test_default_step_equals_naive_step(bench: ModuleType, pair_key: str) -> Non
     heads_differ = teacher.num_attention_heads != student.num_attention_heads
     grids_differ = teacher.patch_size != student.patch_size
     assert (heads_differ, grids_differ) == ((True, False) if pair.case == "c" else (False, True))
+    # The DINOv3 pair keeps, in both models, the register tokens that the capture drops from the maps.
+    registers = (getattr(teacher, "num_register_tokens", 0), getattr(student, "num_register_tokens", 0))
+    assert registers == ((4, 4) if pair.teacher.architecture == "dinov3_vit" else (0, 0))
 
     result = bench.compare_naive_default(pair, batch=3, image_size=32, device=torch.device("cpu"), tiny=True)
     assert result.rel_loss <= bench.LOSS_TOLERANCE
@@ -167,6 +171,10 @@ def test_report_checks_every_target(monkeypatch: pytest.MonkeyPatch) -> None:
         step_row("b16-s16", "naive", 1000, 18.0),
         step_row("b16-s16", "default", 1590, 12.0),
         step_row("b16-s16", "floor", 1600, 12.0),
+        # A pair without targets of its own (DINOv3), with ratios that would miss every target: no verdict changes.
+        step_row("dinov3-b16-s16", "naive", 9000, 1.0),
+        step_row("dinov3-b16-s16", "default", 100, 40.0),
+        step_row("dinov3-b16-s16", "floor", 200, 1.0),
     ]
     data = [data_row("cpu", 1, 300), data_row("cpu", 16, 3840), data_row("gpu", 16, 6500)]
     verdicts = {t.name: (t.measured, t.passed) for t in report.check_targets(steps, data)}
@@ -198,7 +206,7 @@ def test_report_says_what_was_not_measured(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(targets) == 11 and all(t.measured == "-" for t in targets if t.passed is None)
 
 
-def test_gpu_script_rehearsal_on_cpu(tmp_path: Path) -> None:
+def test_gpu_script_rehearsal_on_cpu(bench: ModuleType, tmp_path: Path) -> None:
     """bench/run_gpu.sh runs every stage (REHEARSAL=1: CPU, tiny models) and writes its JSON and report."""
     script = BENCH_PATH.parent / "run_gpu.sh"
     env = {**os.environ, "REHEARSAL": "1", "PYTHON": sys.executable, "WORKERS": "2"}
@@ -207,13 +215,14 @@ def test_gpu_script_rehearsal_on_cpu(tmp_path: Path) -> None:
     (logs,) = tmp_path.glob("logs-*")
     tag = logs.name.removeprefix("logs-")
     steps = json.loads((tmp_path / f"{tag}.json").read_text())
-    assert len(steps) == 9 and {row["mode"] for row in steps} == {"naive", "default", "floor"}
+    assert len(steps) == 3 * len(bench.PAIRS) and {row["mode"] for row in steps} == {"naive", "default", "floor"}
     (compiled,) = json.loads((tmp_path / f"{tag}-compile.json").read_text())
     assert (compiled["mode"], compiled["compile_backend"]) == ("default+compile", "aot_eager")
     data = json.loads((tmp_path / f"{tag}-data.json").read_text())
     assert [(row["path"], row["workers"]) for row in data] == [("cpu", 1), ("cpu", 2), ("gpu", 1), ("gpu", 2)]
     report = (logs / "report.md").read_text()
     assert report.count("| ViT-S/16 -> ViT-T/16 (case c) | default") == 2  # default and default+compile rows
+    assert "| DINOv3 ViT-B/16 -> DINOv3 ViT-S/16 (case c) | floor" in report
     assert "| CPU path: worker scaling |" in report and "| GPU decoding + augmentation | - |" in report
     assert "float32 parity" in (logs / "step.txt").read_text()
     assert "mode default+compile" in (logs / "profile-default-compile.txt").read_text()
