@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -267,6 +268,95 @@ class DistillationModule(nn.Module):
         return terms.loss, terms.loss_proj, terms.loss_attn
 
 
+@dataclass
+class StudentSpec:
+    """One student of a run: its model and the loss settings in which it differs from the run's config.
+
+    A field left at None takes the value of :class:`AttnDistillConfig`, so several students of one
+    teacher can train side by side with, e.g., projector only / attention only / both.
+    """
+
+    model: PreTrainedModel
+    proj_loss_weight: float | None = None
+    attn_loss_weight: float | None = None
+    fusion_temperature: float | None = None
+    projector_depth: int | None = None
+    projector_hidden_dims: list[int] | None = None
+    projector_loss: str | None = None
+
+    def loss(self, teacher_dim: int, args: AttnDistillConfig, seed: int) -> AttnDistillLoss:
+        """This student's loss (and projector), with the run's settings where this spec has none.
+
+        The projector is initialised from ``seed`` alone, not from the global RNG's position: a
+        student's projector starts the same whether it trains alone or beside others.
+        """
+
+        def setting(name: str) -> Any:
+            own = getattr(self, name)
+            return getattr(args, name) if own is None else own
+
+        if setting("proj_loss_weight") == 0 and setting("attn_loss_weight") == 0:
+            raise ValueError("A student has both loss weights at 0: nothing to train it with.")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AttnDistillLoss(
+                self.model.config.hidden_size,
+                teacher_dim,
+                proj_weight=setting("proj_loss_weight"),
+                attn_weight=setting("attn_loss_weight"),
+                fusion_temperature=setting("fusion_temperature"),
+                projector_depth=setting("projector_depth"),
+                projector_hidden_dims=setting("projector_hidden_dims"),
+                projector_loss=setting("projector_loss"),
+                clamp=(args.attn_clamp_min, args.attn_clamp_max),
+            )
+
+
+class MultiStudentModule(nn.Module):
+    """Several students of one teacher, optimised as one module (one optimizer, DDP wrapper and checkpoint).
+
+    Each member is a :class:`DistillationModule` with its own projector and loss settings; all of them
+    read the same teacher outputs, computed once per batch. The forward pass returns each member's
+    ``(loss, loss_proj, loss_attn)`` by name: the trainer sums the finite ones and skips the others.
+    """
+
+    def __init__(self, members: Mapping[str, DistillationModule]) -> None:
+        super().__init__()
+        self.members = nn.ModuleDict(members)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        teacher_cls: torch.Tensor,
+        teacher_attn: torch.Tensor | None = None,
+        teacher_grid: tuple[int, int] | None = None,
+        validate: bool = False,
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return {
+            name: member(pixel_values, teacher_cls, teacher_attn, teacher_grid, validate)
+            for name, member in self.members.items()
+        }
+
+
+STUDENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def student_specs(student: PreTrainedModel | Mapping[str, PreTrainedModel | StudentSpec]) -> dict[str, StudentSpec]:
+    """The students of a run by name; one plain model is the single, unnamed student ``""``."""
+    if isinstance(student, nn.Module):
+        return {"": StudentSpec(student)}
+    if not student:
+        raise ValueError("No students: give a model, or a mapping of names to models / StudentSpec.")
+    specs = {}
+    for name, value in student.items():
+        if not isinstance(name, str) or not STUDENT_NAME.match(name):
+            raise ValueError(
+                f"Student name {name!r} must be letters, digits, '-' or '_' (it names the student's output folder)."
+            )
+        specs[name] = value if isinstance(value, StudentSpec) else StudentSpec(value)
+    return specs
+
+
 # Students are exported as these plain transformers classes (tested end to end, AutoModel reload included).
 STUDENT_CLASSES = ("ViTModel", "DINOv3ViTModel")
 
@@ -335,7 +425,7 @@ class AttnDistillTrainer(Trainer):
 
     def __init__(
         self,
-        student: PreTrainedModel,
+        student: PreTrainedModel | Mapping[str, PreTrainedModel | StudentSpec],
         teacher: PreTrainedModel | str,
         args: AttnDistillConfig,
         *,
@@ -345,20 +435,19 @@ class AttnDistillTrainer(Trainer):
         **trainer_kwargs: Any,
     ) -> None:
         teacher_model = load_teacher(teacher)
-        check_pair(teacher_model, student, image_size or student.config.image_size)
-        loss_fn = AttnDistillLoss(
-            student.config.hidden_size,
-            teacher_model.config.hidden_size,
-            proj_weight=args.proj_loss_weight,
-            attn_weight=args.attn_loss_weight,
-            fusion_temperature=args.fusion_temperature,
-            projector_depth=args.projector_depth,
-            projector_hidden_dims=args.projector_hidden_dims,
-            projector_loss=args.projector_loss,
-            clamp=(args.attn_clamp_min, args.attn_clamp_max),
-        )
+        specs = student_specs(student)
+        if len(specs) > 1 and args.max_grad_norm:
+            raise ValueError(
+                f"max_grad_norm {args.max_grad_norm} with several students: clipping the global gradient norm would "
+                "couple their updates. Train them without clipping (the published recipe clips nothing)."
+            )
+        members = {}
+        for name, spec in specs.items():
+            check_pair(teacher_model, spec.model, image_size or spec.model.config.image_size)
+            loss_fn = spec.loss(teacher_model.config.hidden_size, args, seed=args.seed)
+            members[name] = DistillationModule(spec.model, loss_fn)
         super().__init__(
-            model=DistillationModule(student, loss_fn),
+            model=members[""] if "" in members else MultiStudentModule(members),
             args=args,
             processing_class=image_processor,
             **trainer_kwargs,
@@ -382,12 +471,13 @@ class AttnDistillTrainer(Trainer):
             )
         self.batch_transform = batch_transform
         self._validated = False
-        self._window_had_skip = False
-        self._consecutive_nonfinite = 0
+        # Per student ("" for a single one): skips in the current accumulation window, in a row, in all.
+        self._window_skipped: set[str] = set()
+        self._consecutive_nonfinite = dict.fromkeys(members, 0)
+        self.nonfinite_steps_by_student = dict.fromkeys(members, 0)
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
         self.skipped_images = 0
-        self.nonfinite_steps = 0
 
     # ---- the loss ---------------------------------------------------------------------------------
 
@@ -404,14 +494,15 @@ class AttnDistillTrainer(Trainer):
         if skipped is not None:
             self.skipped_images += int(skipped.sum())
         pixel_values = inputs["pixel_values"]
-        with_attention = self.args.attn_loss_weight != 0
-        with torch.no_grad():
+        members = self.members
+        with_attention = any(member.loss_fn.attn_weight for member in members.values())
+        with torch.no_grad():  # one teacher forward for every student
             if with_attention:
                 teacher_out, teacher_attn = last_cls_attention(self.teacher, pixel_values)
             else:
                 teacher_out, teacher_attn = run_model(self.teacher, pixel_values), None
         teacher_grid = patch_grid(unwrap_model(self.teacher), tuple(pixel_values.shape[-2:]))
-        loss, loss_proj, loss_attn = model(
+        outputs = model(
             pixel_values=pixel_values,
             teacher_cls=cls_feature(self.teacher, teacher_out),
             teacher_attn=teacher_attn,
@@ -419,61 +510,93 @@ class AttnDistillTrainer(Trainer):
             validate=not self._validated,
         )
         self._validated = True
-        if not bool(torch.isfinite(loss)) or pixel_values.shape[0] == 0:
-            loss = self._skip_step(model, loss)
-        else:
-            self._consecutive_nonfinite = 0
-            self._accumulate({"loss_proj": loss_proj, "loss_attn": loss_attn})
-        terms = {"loss_proj": loss_proj, "loss_attn": loss_attn}
-        return (loss, terms) if return_outputs else loss
+        per_student = outputs if isinstance(outputs, dict) else {"": outputs}
+        total = pixel_values.new_zeros((), dtype=torch.float32)
+        terms: dict[str, torch.Tensor] = {}
+        for name, (loss, loss_proj, loss_attn) in per_student.items():
+            prefix = f"{name}/" if name else ""
+            if not bool(torch.isfinite(loss)) or pixel_values.shape[0] == 0:
+                total = total + self._skip_step(members[name], loss, name)
+            else:
+                self._consecutive_nonfinite[name] = 0
+                total = total + loss
+                self._accumulate({f"{prefix}loss_proj": loss_proj, f"{prefix}loss_attn": loss_attn})
+            terms |= {f"{prefix}loss_proj": loss_proj, f"{prefix}loss_attn": loss_attn}
+        return (total, terms) if return_outputs else total
 
-    def _skip_step(self, model: nn.Module, bad_loss: torch.Tensor) -> torch.Tensor:
-        """Drop a batch whose loss is NaN/inf: a zero loss over every trainable parameter.
+    @property
+    def members(self) -> dict[str, DistillationModule]:
+        """Each student's :class:`DistillationModule` by name (``""`` for a single student)."""
+        plain = unwrap_model(self.model)
+        return dict(plain.members.items()) if isinstance(plain, MultiStudentModule) else {"": plain}
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Batches skipped for a NaN/inf loss, summed over the students."""
+        return sum(self.nonfinite_steps_by_student.values())
+
+    def _skip_step(self, member: nn.Module, bad_loss: torch.Tensor, name: str = "") -> torch.Tensor:
+        """Drop one student's batch whose loss is NaN/inf: a zero loss over that student's trainable parameters.
 
         Backpropagating ``0 * NaN`` would still poison the gradients; this surrogate gives exact zero
-        gradients and keeps DDP's reducer satisfied (every parameter receives one). The other
-        micro-batches of the accumulation window still count; a window with nothing left is not
-        applied at all (:meth:`_drop_empty_update`).
+        gradients and keeps DDP's reducer satisfied (every parameter receives one). The other students
+        and the other micro-batches of the accumulation window still count; a student with nothing
+        left in the window is not updated at all (:meth:`_drop_empty_update`).
         """
-        self._window_had_skip = True
-        self.nonfinite_steps += 1
-        self._consecutive_nonfinite += 1
+        self._window_skipped.add(name)
+        self.nonfinite_steps_by_student[name] += 1
+        self._consecutive_nonfinite[name] += 1
+        who = f"student {name!r}" if name else "the student"
         logger.warning(
-            "Skipping a batch with a non-finite loss (%s); %d skipped so far.", bad_loss.item(), self.nonfinite_steps
+            "Skipping a batch of %s with a non-finite loss (%s); %d skipped so far.",
+            who,
+            bad_loss.item(),
+            self.nonfinite_steps_by_student[name],
         )
-        if self._consecutive_nonfinite >= self.args.max_consecutive_nonfinite_steps:
+        if self._consecutive_nonfinite[name] >= self.args.max_consecutive_nonfinite_steps:
             raise NonFiniteLossError(
-                f"{self._consecutive_nonfinite} consecutive steps had a NaN/inf loss (step {self.state.global_step}). "
-                "Lower the learning rate, use bf16 instead of fp16, or resume from the last checkpoint."
+                f"{self._consecutive_nonfinite[name]} consecutive steps of {who} had a NaN/inf loss (step "
+                f"{self.state.global_step}). Lower the learning rate, use bf16 instead of fp16, or resume from the "
+                "last checkpoint."
             )
-        return sum((p.sum() * 0.0 for p in model.parameters() if p.requires_grad), bad_loss.new_zeros(()))
+        return sum((p.sum() * 0.0 for p in member.parameters() if p.requires_grad), bad_loss.new_zeros(()))
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients and self._window_had_skip:
-            self._window_had_skip = False
-            self._drop_empty_update(model)
+        if self.accelerator.sync_gradients and self._window_skipped:
+            skipped, self._window_skipped = self._window_skipped, set()
+            self._drop_empty_update(skipped)
         return loss
 
-    def _drop_empty_update(self, model: nn.Module) -> None:
-        """After the window's last backward: if every batch of it was skipped, apply no update at all.
+    def _drop_empty_update(self, skipped: set[str]) -> None:
+        """After the window's last backward: a student every batch of which was skipped gets no update at all.
 
         Zero gradients are not a skipped step: AdamW would still move the weights by its momentum
         and weight decay. Under DDP the gradients are already averaged here, so "all zero" (every
         rank skipped everything) is the same decision on every rank without another collective.
         """
-        params = [p for p in model.parameters() if p.grad is not None]
-        if any(bool(p.grad.any()) for p in params):
+        members = self.members
+        empty = []
+        for name in sorted(skipped):
+            params = [p for p in members[name].parameters() if p.grad is not None]
+            if not any(bool(p.grad.any()) for p in params):
+                empty.append((name, params))
+        if not empty:
             return
-        scaler = self.accelerator.scaler
-        for param in params:
-            if scaler is not None:
-                # The grad scaler must find a gradient to check: an inf makes it skip the step and
-                # hold the learning-rate schedule, as for an fp16 overflow.
-                param.grad.fill_(float("inf"))
-            else:
-                param.grad = None  # torch optimizers leave a parameter without a gradient untouched
-        logger.warning("Every batch of this update was skipped: no optimizer step at step %d.", self.state.global_step)
+        # With a grad scaler and nothing left to update, an inf makes it skip the step and hold the
+        # learning-rate schedule, as for an fp16 overflow; otherwise the empty students' gradients are
+        # removed, and torch optimizers leave a parameter without a gradient untouched.
+        skip_whole_step = self.accelerator.scaler is not None and len(empty) == len(members)
+        for _name, params in empty:
+            for param in params:
+                if skip_whole_step:
+                    param.grad.fill_(float("inf"))
+                else:
+                    param.grad = None
+        names = ", ".join(repr(name) for name, _ in empty if name) or "the student"
+        logger.warning(
+            "Every batch of this update was skipped for %s: no update at step %d.", names, self.state.global_step
+        )
 
     def _accumulate(self, terms: dict[str, torch.Tensor]) -> None:
         for name, value in terms.items():
@@ -489,6 +612,8 @@ class AttnDistillTrainer(Trainer):
             self._term_sums, self._term_count = {}, 0
             logs["skipped_images"] = self.skipped_images
             logs["nonfinite_steps"] = self.nonfinite_steps
+            if "" not in self.nonfinite_steps_by_student:
+                logs |= {f"{name}/nonfinite_steps": n for name, n in self.nonfinite_steps_by_student.items()}
         super().log(logs, start_time)
 
     # ---- data -------------------------------------------------------------------------------------
@@ -602,16 +727,30 @@ class AttnDistillTrainer(Trainer):
             self.args.hub_token = token
 
     @property
+    def students(self) -> dict[str, PreTrainedModel]:
+        """The students by name (``""`` for a single student)."""
+        return {name: member.student for name, member in self.members.items()}
+
+    @property
     def student(self) -> PreTrainedModel:
-        return unwrap_model(self.model).student
+        """The student of a single-student run."""
+        students = self.students
+        if "" not in students:
+            raise AttributeError(f"This run trains several students ({', '.join(students)}): use trainer.students.")
+        return students[""]
 
     def export_student(self, output_dir: str) -> None:
-        """Write the student as a plain transformers model (config, safetensors, image processor)."""
+        """Write the student as a plain transformers model (config, safetensors, image processor).
+
+        With several students, each goes to its own folder ``output_dir/<name>``.
+        """
         self.accelerator.wait_for_everyone()
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        exportable_student(self.student).save_pretrained(output_dir, safe_serialization=True)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        logger.info("Exported the student to %s", output_dir)
+        for name, student in self.students.items():
+            folder = os.path.join(output_dir, name) if name else output_dir
+            os.makedirs(folder, exist_ok=True)
+            exportable_student(student).save_pretrained(folder, safe_serialization=True)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(folder)
+            logger.info("Exported %s to %s", f"student {name!r}" if name else "the student", folder)
