@@ -40,15 +40,14 @@ from transformers import (
     AutoModel,
     PreTrainedModel,
     ViTConfig,
-    ViTImageProcessor,
     ViTMAEConfig,
     ViTMAEModel,
     ViTModel,
 )
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .attention import run_model
-from .models import LAYER_NORM_EPS
+from .models import LAYER_NORM_EPS, build_image_processor
 from .reference_vit import CHECKPOINT_FORMATS, ReferenceViT
 
 logger = logging.getLogger(__name__)
@@ -550,19 +549,6 @@ def _build_hf_model(format: str, arch: ViTArchitecture) -> PreTrainedModel:
     return ViTModel(ViTConfig(**common), add_pooling_layer=False)
 
 
-def _image_processor(arch: ViTArchitecture) -> ViTImageProcessor:
-    """ImageNet normalisation at the model's native size with bicubic resizing, as these models were trained."""
-    return ViTImageProcessor(
-        do_resize=True,
-        size={"height": arch.image_size, "width": arch.image_size},
-        resample=PILImageResampling.BICUBIC,
-        do_rescale=True,
-        do_normalize=True,
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
-    )
-
-
 def _verify(
     reference: ReferenceViT, model_dir: Path, format: str, num_channels: int, image_size: int, tolerance: float
 ) -> tuple[PreTrainedModel, dict[str, float]]:
@@ -661,7 +647,9 @@ def convert_checkpoint_with_report(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
     try:
         model.save_pretrained(str(staging), safe_serialization=True)
-        _image_processor(spec).save_pretrained(str(staging))
+        # ImageNet normalisation at the native size, as these models were trained.
+        processor = build_image_processor(spec.image_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        processor.save_pretrained(str(staging))
         result: PreTrainedModel = model
         if verify:
             reference = ReferenceViT(

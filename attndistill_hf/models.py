@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,9 +26,11 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     ViTConfig,
+    ViTImageProcessor,
     ViTMAEModel,
     ViTModel,
 )
+from transformers.image_utils import PILImageResampling
 
 from .families import FAMILIES, configured_image_size, patch_size
 
@@ -255,6 +258,18 @@ def load_teacher(
         )
     model.requires_grad_(False)
     return model.eval()
+
+
+def build_image_processor(image_size: int, mean: Sequence[float], std: Sequence[float]) -> ViTImageProcessor:
+    """The image processor saved with every model this library writes: bicubic resize to ``image_size``
+    squared, then normalisation with the model's ``mean`` / ``std`` (one value per RGB channel)."""
+    return ViTImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=PILImageResampling.BICUBIC,
+        image_mean=list(mean),
+        image_std=list(std),
+    )
 
 
 def load_image_processor(name_or_path: str, *, trust_remote_code: bool = False) -> Any | None:

@@ -48,6 +48,7 @@ from attndistill_hf.attention import (
     run_model,
 )
 from attndistill_hf.families import cls_feature
+from attndistill_hf.hardware import hardware_description as device_name  # run_gpu.sh imports it by this name
 from attndistill_hf.losses import AttnDistillLoss
 from attndistill_hf.models import DINOV3_REGISTERS, LAYER_NORM_EPS, STUDENT_PRESETS, build_student, patch_grid
 from attndistill_hf.trainer import DistillationModule
@@ -279,15 +280,6 @@ def peak_memory_gib(device: torch.device) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    threads = torch.get_num_threads()
-    return f"CPU ({platform.machine()}, {threads} thread{'' if threads == 1 else 's'})"
 
 
 def slug(text: str) -> str:

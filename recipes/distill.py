@@ -20,8 +20,7 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModel, PreTrainedModel, ViTImageProcessor, set_seed
-from transformers.image_utils import PILImageResampling
+from transformers import AutoConfig, AutoModel, PreTrainedModel, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from attndistill_hf.attention import last_cls_attention, unwrap_model
@@ -45,8 +44,16 @@ from attndistill_hf.data import (
 from attndistill_hf.evaluation import KNNEvaluationCallback, card_records, run_knn_eval
 from attndistill_hf.figures import plot_attention_maps, plot_training_curves
 from attndistill_hf.gpu_augment import GpuAugment, RawBytesCollator
+from attndistill_hf.hardware import hardware_description
 from attndistill_hf.hub import EvalRecord, HubPushError, push_output_dir, teacher_license, write_model_card
-from attndistill_hf.models import STUDENT_PRESETS, build_student, load_image_processor, load_teacher, patch_grid
+from attndistill_hf.models import (
+    STUDENT_PRESETS,
+    build_image_processor,
+    build_student,
+    load_image_processor,
+    load_teacher,
+    patch_grid,
+)
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer, check_pair
 
 logger = logging.getLogger("attndistill_hf.distill")
@@ -346,13 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Workers only gather the encoded bytes; decoding and augmentation run batched on the device.
         collator = RawBytesCollator(data_args.image_column)
         batch_transform = GpuAugment(data_args.image_size, mean, std, device=args.device)
-    processor = ViTImageProcessor(
-        do_resize=True,
-        size={"height": data_args.image_size, "width": data_args.image_size},
-        resample=PILImageResampling.BICUBIC,
-        image_mean=list(mean),
-        image_std=list(std),
-    )
+    processor = build_image_processor(data_args.image_size, mean, std)
 
     knn_loaders = None
     callbacks = []
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "peak_learning_rate": args.learning_rate,
                     "skipped_images": trainer.skipped_images,
                     "nan_skipped_steps": trainer.nonfinite_steps,
-                    "hardware": f"{args.world_size} x {args.device.type}",
+                    "hardware": hardware_description(args.device, args.world_size),
                     "wall_time_s": round(time.time() - started, 1),
                 },
                 figures=figures,
