@@ -34,14 +34,19 @@ def skip_without_real() -> None:
         pytest.skip(NO_REAL_REASON)
 
 
-def load_recipe(name: str) -> ModuleType:
-    """Execute ``recipes/<name>.py`` as module ``recipe_<name>``."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+def load_script(path: Path, name: str) -> ModuleType:
+    """Execute the script at ``path`` as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the recipe is being executed
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is being executed
     spec.loader.exec_module(module)
     return module
+
+
+def load_recipe(name: str) -> ModuleType:
+    """Execute ``recipes/<name>.py`` as module ``recipe_<name>``."""
+    return load_script(REPO / "recipes" / f"{name}.py", f"recipe_{name}")
 
 
 def tiny_teacher(path: Path | None = None, *, heads: int = 4, patch: int = 4, image_size: int = 32) -> ViTModel:
