@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTModel
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, seed_worker
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints, seed_worker
 
 from .attention import (
     install_attention_capture,
@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive steps whose loss was NaN or infinite."""
+
+
+class UnreadableDataError(ValueError):
+    """Raised when the training data yield no readable image: in too many batches in a row, or in the whole run."""
 
 
 @dataclass
@@ -107,7 +111,10 @@ class AttnDistillConfig(TrainingArguments):
         default=0.0, metadata={"help": "Gradient clipping norm; 0 disables clipping (published: no clipping)."}
     )
     max_consecutive_nonfinite_steps: int = field(
-        default=20, metadata={"help": "Stop with an error after this many NaN/inf losses in a row."}
+        default=20,
+        metadata={
+            "help": "Stop with an error after this many skipped batches in a row (NaN/inf loss, or no readable image)."
+        },
     )
     # Published recipe: AdamW (0.9, 0.95), weight decay 0.05, per-step warm-up then half-cosine to 0.
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (published: 0.95)."})
@@ -217,21 +224,10 @@ class DistillationModule(nn.Module):
         the student's own shapes, finds them for any student and loss setting: a parameter left without
         a gradient is one the loss cannot reach. Frozen parameters keep their values and are exported.
         """
-        config = self.student.config
-        size = config.image_size
-        height, width = (size, size) if isinstance(size, int) else size
-        grid = patch_grid(self.student)
-        keys = 1 + grid[0] * grid[1]
-        like = {"device": self.student.device, "dtype": self.student.dtype}
         was_training = self.training
         self.eval()  # no dropout: the probe draws nothing from the global RNG
         try:
-            loss, _, _ = self(
-                pixel_values=torch.zeros(1, config.num_channels, height, width, **like),
-                teacher_cls=torch.zeros(1, self.loss_fn.teacher_dim, **like),
-                teacher_attn=torch.full((1, config.num_attention_heads, keys), 1.0 / keys, **like),
-                teacher_grid=grid,
-            )
+            loss, _, _ = self(**self.placeholder_inputs())
             loss.backward()
         finally:
             self.train(was_training)
@@ -242,6 +238,21 @@ class DistillationModule(nn.Module):
                 frozen.append(name)
             param.grad = None
         logger.info("Frozen, outside the loss: %s", ", ".join(frozen) or "nothing")
+
+    def placeholder_inputs(self) -> dict[str, Any]:
+        """Forward inputs that need no data: one blank image, and a teacher of the student's own shapes."""
+        config = self.student.config
+        size = config.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        grid = patch_grid(self.student)
+        keys = 1 + grid[0] * grid[1]
+        like = {"device": self.student.device, "dtype": self.student.dtype}
+        return {
+            "pixel_values": torch.zeros(1, config.num_channels, height, width, **like),
+            "teacher_cls": torch.zeros(1, self.loss_fn.teacher_dim, **like),
+            "teacher_attn": torch.full((1, config.num_attention_heads, keys), 1.0 / keys, **like),
+            "teacher_grid": grid,
+        }
 
     def forward(
         self,
@@ -475,6 +486,10 @@ class AttnDistillTrainer(Trainer):
         self._window_skipped: set[str] = set()
         self._consecutive_nonfinite = dict.fromkeys(members, 0)
         self.nonfinite_steps_by_student = dict.fromkeys(members, 0)
+        # Batches without a readable image: in a row, in all; and the batches that had one.
+        self._consecutive_unreadable = 0
+        self._unreadable_batches = 0
+        self._readable_batches = 0
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
         self.skipped_images = 0
@@ -562,11 +577,56 @@ class AttnDistillTrainer(Trainer):
         return sum((p.sum() * 0.0 for p in member.parameters() if p.requires_grad), bad_loss.new_zeros(()))
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None and pixel_values.shape[0] == 0:
+            loss = self._skip_unreadable_batch(model, inputs)
+        else:
+            self._consecutive_unreadable = 0
+            self._readable_batches += 1
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients and self._window_skipped:
             skipped, self._window_skipped = self._window_skipped, set()
             self._drop_empty_update(skipped)
         return loss
+
+    def _skip_unreadable_batch(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """A batch in which no image could be decoded (the collator left 0 rows): skipped for every
+        student, as a non-finite loss is.
+
+        No model takes 0 rows, and under DDP every rank must run the wrapped model's forward and backward
+        at every step: a blank stand-in (:meth:`DistillationModule.placeholder_inputs`; the students share
+        the crop size and the teacher) runs in its place, and a zero surrogate gives no gradient.
+        """
+        self.skipped_images += int(inputs["skipped_images"].sum())
+        self._unreadable_batches += 1
+        self._consecutive_unreadable += 1
+        logger.warning("Skipping a batch without a readable image; %d unreadable images so far.", self.skipped_images)
+        if self._consecutive_unreadable >= self.args.max_consecutive_nonfinite_steps:
+            raise UnreadableDataError(
+                f"{self._consecutive_unreadable} batches in a row held no readable image ({self.skipped_images} "
+                f"unreadable images so far, step {self.state.global_step}): check that the training data are images "
+                "in a format PIL reads."
+            )
+        members = self.members
+        self._window_skipped |= set(members)
+        with self.compute_loss_context_manager():
+            model(**next(iter(members.values())).placeholder_inputs())
+        zero = torch.zeros((), device=self.args.device)
+        loss = sum((p.sum() * 0.0 for p in model.parameters() if p.requires_grad), zero)
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+    def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
+        """``Trainer.train``; a run in which no batch held a readable image stops before anything is exported."""
+        output = super().train(*args, **kwargs)
+        counts = torch.tensor([self._readable_batches, self._unreadable_batches, self.skipped_images])
+        readable, unreadable, images = self.accelerator.reduce(counts.to(self.args.device), reduction="sum").tolist()
+        if unreadable and not readable:
+            raise UnreadableDataError(
+                f"No training batch held a readable image: {images} unreadable images in {unreadable} batches. "
+                "Check that the training data are images in a format PIL reads."
+            )
+        return output
 
     def _drop_empty_update(self, skipped: set[str]) -> None:
         """After the window's last backward: a student every batch of which was skipped gets no update at all.

@@ -100,6 +100,23 @@ def test_corrupt_images_are_counted(tmp_path: Path, teacher_dir: Path) -> None:
     assert all(np.isfinite(e["loss"]) for e in logs)
 
 
+def test_a_folder_of_only_unreadable_images_stops_in_one_line(tmp_path: Path, teacher_dir: Path) -> None:
+    images = tmp_path / "images" / "class0"
+    images.mkdir(parents=True)
+    for index in range(3):
+        (images / f"{index}.png").write_bytes(b"\x89PNG\r\n\x1a\n-not-an-image")
+    out = tmp_path / "out"
+    command = [sys.executable, str(DISTILL), "--teacher_name_or_path", str(teacher_dir), *QUICK, "--max_steps", "2"]
+    command += ["--train_dir", str(images.parent), "--per_device_train_batch_size", "4", "--output_dir", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    # 2 batches of the 3 files, every one unreadable; the error's line and the traceback hint end the output
+    error = result.stderr.splitlines()[-2]
+    assert error.startswith("error: No training batch held a readable image: 6 unreadable images in 2 batches")
+    assert not (out / "model.safetensors").exists()
+
+
 def test_two_processes_equal_one_process_on_streamed_shards(tmp_path: Path, teacher_dir: Path) -> None:
     pattern = write_shards(tmp_path / "shards", shards=1, per_shard=16)
     common = ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--data_files", pattern, "--streaming", "true"]

@@ -145,7 +145,8 @@ def test_unreadable_teacher_is_named(tmp_path: Path) -> None:
         load_teacher(str(tmp_path / "teacher"))
 
 
-# Two DDP ranks (gloo): at update 2 only rank 0's batch is NaN, at update 3 both ranks' batches are.
+# Two DDP ranks (gloo): at update 2 only rank 0's batch is NaN, at update 3 both ranks' batches are; at
+# update 4 only rank 1's batch has no readable image, at update 5 neither rank's has.
 NONFINITE_WORKER = """
 import sys
 import torch
@@ -163,7 +164,14 @@ class Poisoned(PixelDataset):
         self.reads += 1
         if update == 3 or (update == 2 and self.rank == 0):
             item = {"pixel_values": torch.full_like(item["pixel_values"], float("nan"))}
+        if update == 5 or (update == 4 and self.rank == 1):
+            item = {**item, "unreadable": True}
         return item
+
+def collate(items):  # as ImageCollator does: images that fail to decode are left out and counted
+    kept = [item["pixel_values"] for item in items if "unreadable" not in item]
+    pixel_values = torch.stack(kept) if kept else torch.empty(0, 3, 32, 32)
+    return {"pixel_values": pixel_values, "skipped_images": torch.tensor(len(items) - len(kept))}
 
 class Record(TrainerCallback):
     def __init__(self):
@@ -171,29 +179,32 @@ class Record(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.after.append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
-args = AttnDistillConfig(output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
+args = AttnDistillConfig(output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=5, learning_rate=1e-3,
                          report_to="none", use_cpu=True, save_strategy="no", dataloader_num_workers=0,
                          disable_tqdm=True, seed=0, max_grad_norm=0.0)
 record = Record()
 trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=Poisoned(args.process_index),
-                             callbacks=[record])
+                             data_collator=collate, callbacks=[record])
 trainer.train()
-torch.save({"after": record.after, "nonfinite": trainer.nonfinite_steps}, f"{sys.argv[1]}/rank{args.process_index}.pt")
+result = {"after": record.after, "nonfinite": trainer.nonfinite_steps, "unreadable": trainer.skipped_images}
+torch.save(result, f"{sys.argv[1]}/rank{args.process_index}.pt")
 """
 
 
-def test_nonfinite_skips_agree_across_ranks(tmp_path: Path) -> None:
-    """One rank's NaN batch still lets the update happen (on both ranks); NaN on every rank skips it everywhere."""
+def test_nonfinite_and_unreadable_skips_agree_across_ranks(tmp_path: Path) -> None:
+    """One rank's NaN (or unreadable) batch still lets the update happen on both ranks; on every rank, it is skipped."""
     run_two_processes(NONFINITE_WORKER, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     assert [r["nonfinite"] for r in ranks] == [2, 1]
-    for step in range(3):  # the ranks never diverge
+    assert [r["unreadable"] for r in ranks] == [4, 8]
+    for step in range(5):  # the ranks never diverge
         for name, value in ranks[0]["after"][step].items():
             torch.testing.assert_close(ranks[1]["after"][step][name], value, atol=0, rtol=0)
     after = ranks[0]["after"]
-    assert any(not torch.equal(after[0][k], after[1][k]) for k in after[0])  # rank 1's batch still counted
-    for name, value in after[1].items():  # nothing left to learn from: no update at all
-        torch.testing.assert_close(after[2][name], value, atol=0, rtol=0)
+    for counted, skipped in ((1, 2), (3, 4)):
+        assert any(not torch.equal(after[counted - 1][k], after[counted][k]) for k in after[0])  # one rank's batch
+        for name, value in after[counted].items():  # nothing left to learn from: no update at all
+            torch.testing.assert_close(after[skipped][name], value, atol=0, rtol=0)
 
 
 LOSS_SETTINGS = {"both": (1.0, 0.1), "projector": (1.0, 0.0), "attention": (0.0, 0.1)}

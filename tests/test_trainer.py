@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,13 @@ from transformers import (
 from attndistill_hf.attention import last_cls_attention
 from attndistill_hf.data import EqualStepsIterable
 from attndistill_hf.families import UnsupportedModelError
-from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer, NonFiniteLossError, check_pair
+from attndistill_hf.trainer import (
+    AttnDistillConfig,
+    AttnDistillTrainer,
+    NonFiniteLossError,
+    UnreadableDataError,
+    check_pair,
+)
 
 from helpers import PixelDataset, tiny_student, tiny_teacher
 
@@ -288,6 +295,52 @@ def test_an_update_with_only_nonfinite_batches_changes_nothing(tmp_path: Path) -
     after = run_with_poisoned_second_update(tmp_path)[1].after_step
     assert_same(after[0], after[1])
     assert any(not torch.equal(after[1][k], after[2][k]) for k in after[1])  # training goes on
+
+
+class UnreadableBatches:
+    """A collator whose chosen calls (counting from 1) hold no readable image, as ImageCollator gives them."""
+
+    def __init__(self, unreadable: Container[int]) -> None:
+        self.calls, self.unreadable = 0, unreadable
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        pixel_values = torch.stack([item["pixel_values"] for item in items])
+        if self.calls in self.unreadable:
+            return {"pixel_values": pixel_values[:0], "skipped_images": torch.tensor(len(items))}
+        return {"pixel_values": pixel_values, "skipped_images": torch.tensor(0)}
+
+
+def test_a_batch_without_a_readable_image_is_skipped_and_a_run_without_any_stops(tmp_path: Path) -> None:
+    record = RecordWeights()
+    args = config(tmp_path, max_steps=3)
+    trainer = AttnDistillTrainer(
+        tiny_student(),
+        tiny_teacher(),
+        args,
+        train_dataset=PixelDataset(),
+        data_collator=UnreadableBatches({2}),
+        callbacks=[record],
+    )
+    trainer.train()
+    after = record.after_step
+    assert_same(after[0], after[1])  # the second update had nothing to learn from
+    assert any(not torch.equal(after[1][k], after[2][k]) for k in after[1])
+    assert (trainer.skipped_images, trainer.nonfinite_steps) == (8, 0)
+
+    def unreadable_run(**overrides: int) -> AttnDistillTrainer:
+        return AttnDistillTrainer(
+            tiny_student(),
+            tiny_teacher(),
+            config(tmp_path, **overrides),
+            train_dataset=PixelDataset(),
+            data_collator=UnreadableBatches(range(1, 100)),
+        )
+
+    with pytest.raises(UnreadableDataError, match=r"^3 batches in a row held no readable image \(24 unreadable images"):
+        unreadable_run(max_steps=5, max_consecutive_nonfinite_steps=3).train()
+    with pytest.raises(UnreadableDataError, match=r"^No training batch held a readable image: 16 unreadable images"):
+        unreadable_run(max_steps=2).train()  # fewer batches than the limit in a row
 
 
 def test_fp16_grad_scaler_skips_the_poisoned_update_and_backs_off(tmp_path: Path) -> None:
