@@ -9,22 +9,32 @@ transformers model that ``AutoModel.from_pretrained`` loads without custom code.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTModel
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints, seed_worker
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    TrainOutput,
+    get_last_checkpoint,
+    rotate_checkpoints,
+    seed_worker,
+)
 
 from .attention import (
     install_attention_capture,
@@ -45,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive steps whose loss was NaN or infinite."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint to resume from holds a file that cannot be read (a run killed mid-write, a partial copy)."""
 
 
 class UnreadableDataError(ValueError):
@@ -423,6 +437,62 @@ def exportable_student(student: PreTrainedModel) -> PreTrainedModel:
     return full
 
 
+def _unreadable_file(checkpoint: Path) -> tuple[str, str] | None:
+    """The first file of ``checkpoint`` that cannot be read, and why; None when every one can.
+
+    Cheap checks that a truncated file fails: a safetensors header must cover the file, a torch.save
+    archive ends with its zip directory, a JSON state must parse.
+    """
+    for path in sorted(path for path in checkpoint.rglob("*") if path.is_file()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, framework="pt"):
+                    pass
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except (OSError, ValueError, SafetensorError, zipfile.BadZipFile) as error:
+            return path.relative_to(checkpoint).as_posix(), str(error)
+    return None
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def check_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
+    """Raise :class:`CorruptCheckpointError` when a file of ``checkpoint`` cannot be read.
+
+    The message names the file and the newest complete checkpoint before it in the same run folder,
+    to resume from instead: resuming from a broken checkpoint would otherwise end in a raw traceback
+    of whichever loader reads the file first.
+    """
+    folder = Path(checkpoint)
+    broken = _unreadable_file(folder)
+    if broken is None:
+        return
+    step = _checkpoint_step(folder)
+    earlier = [
+        path
+        for path in folder.parent.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if path.is_dir() and (number := _checkpoint_step(path)) is not None and (step is None or number < step)
+    ]
+    previous = next(
+        (path for path in sorted(earlier, key=_checkpoint_step, reverse=True) if _unreadable_file(path) is None),
+        None,
+    )
+    hint = (
+        f"resume from {previous} instead, the newest complete checkpoint before it"
+        if previous is not None
+        else f"{folder.parent} holds no complete checkpoint before it: start the run afresh"
+    )
+    name, reason = broken
+    raise CorruptCheckpointError(f"Cannot resume from {folder}: {name} is incomplete or corrupt ({reason}); {hint}.")
+
+
 class AttnDistillTrainer(Trainer):
     """Trainer that distills ``teacher`` into ``student`` with the AttnDistill loss.
 
@@ -616,9 +686,16 @@ class AttnDistillTrainer(Trainer):
         self.accelerator.backward(loss)
         return loss.detach()
 
-    def train(self, *args: Any, **kwargs: Any) -> TrainOutput:
-        """``Trainer.train``; a run in which no batch held a readable image stops before anything is exported."""
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
+        """``Trainer.train``, with the checkpoint to resume from checked before anything of it loads
+        (:func:`check_checkpoint`); a run in which no batch held a readable image stops before anything
+        is exported."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True and os.path.isdir(self.args.output_dir):
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str):
+            check_checkpoint(checkpoint)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         counts = torch.tensor([self._readable_batches, self._unreadable_batches, self.skipped_images])
         readable, unreadable, images = self.accelerator.reduce(counts.to(self.args.device), reduction="sum").tolist()
         if unreadable and not readable:

@@ -23,6 +23,7 @@ from attndistill_hf.families import UnsupportedModelError
 from attndistill_hf.trainer import (
     AttnDistillConfig,
     AttnDistillTrainer,
+    CorruptCheckpointError,
     NonFiniteLossError,
     UnreadableDataError,
     check_pair,
@@ -465,6 +466,30 @@ def test_checkpoints_appear_whole_or_not_at_all(tmp_path: Path) -> None:
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
     assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-6")
     assert (tmp_path / "checkpoint-6" / "optimizer.pt").is_file()
+
+
+@pytest.mark.parametrize("broken", ["optimizer.pt", "model.safetensors"])
+def test_a_corrupt_checkpoint_is_named_with_the_newest_complete_one(tmp_path: Path, broken: str) -> None:
+    def trainer(max_steps: int) -> AttnDistillTrainer:
+        args = config(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=1)
+        return AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset())
+
+    def truncate(path: Path) -> None:  # a copy or a disk that gave out half-way
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    trainer(3).train()
+    truncate(tmp_path / "checkpoint-3" / broken)
+    truncate(tmp_path / "checkpoint-2" / "rng_state.pth")  # so checkpoint-1 is the newest complete one
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=rf"^Cannot resume from {tmp_path}/checkpoint-3: {broken} is incomplete or corrupt \(.+\); resume from "
+        rf"{tmp_path}/checkpoint-1 instead, the newest complete checkpoint before it\.$",
+    ):
+        trainer(4).train(resume_from_checkpoint=True)
+    truncate(tmp_path / "checkpoint-1" / "trainer_state.json")
+    with pytest.raises(CorruptCheckpointError, match="holds no complete checkpoint before it: start the run afresh"):
+        trainer(4).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert issubclass(CorruptCheckpointError, ValueError)  # a recipe reports it in one line
 
 
 def test_trainer_checks_the_data_crop_size(tmp_path: Path) -> None:
