@@ -424,13 +424,17 @@ def exportable_student(student: PreTrainedModel) -> PreTrainedModel:
     """The student as ``AutoModel`` builds it, so that loading warns about nothing missing.
 
     Students train without ViT's pooler (unused parameters break DDP), but ``AutoModel`` builds a
-    ViTModel with one. The exported copy carries a freshly initialised pooler; AttnDistill features
-    are the CLS token of ``last_hidden_state``, which the pooler does not touch.
+    ViTModel with one. The exported copy carries a freshly initialised pooler, the same on every
+    export; AttnDistill features are the CLS token of ``last_hidden_state``, which the pooler does not
+    touch.
     """
     if not isinstance(student, ViTModel) or student.pooler is not None:
         return student
-    torch.manual_seed(0)
-    full = ViTModel(student.config).to(next(student.parameters()).device)
+    # A fixed seed in a forked generator: saving a model must not reseed or advance the run's.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        full = ViTModel(student.config)
+    full = full.to(next(student.parameters()).device)
     missing, unexpected = full.load_state_dict(student.state_dict(), strict=False)
     if unexpected or any(not key.startswith("pooler.") for key in missing):
         raise RuntimeError(f"Cannot export the student: missing {missing}, unexpected {unexpected}.")

@@ -207,6 +207,18 @@ def test_logged_terms_and_export(tmp_path: Path) -> None:
     assert not any("projector" in k for k in reloaded.state_dict())
 
 
+def test_export_leaves_the_global_random_state_alone(tmp_path: Path) -> None:
+    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path), train_dataset=PixelDataset())
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    trainer.save_model(str(tmp_path / "first"))
+    assert torch.equal(torch.rand(4), expected)  # the export neither drew from nor reseeded the run's generator
+    trainer.save_model(str(tmp_path / "second"))
+    first, second = (AutoModel.from_pretrained(tmp_path / name).pooler.dense.weight for name in ("first", "second"))
+    assert torch.equal(first, second)  # the added pooler is still the same on every export
+
+
 def test_weight_decay_exempts_biases_and_1d_parameters(tmp_path: Path) -> None:
     trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path), train_dataset=PixelDataset())
     decayed = set(trainer.get_decay_parameter_names(trainer.model))
