@@ -63,7 +63,8 @@ def config_to_flags(values: dict[str, Any]) -> list[str]:
         if isinstance(value, bool):
             flags.append(str(value).lower())
         elif isinstance(value, list | tuple):
-            flags.extend(str(item) for item in value)
+            # Mappings in a list (e.g. distill.py's students) travel as JSON objects.
+            flags.extend(json.dumps(item) if isinstance(item, dict) else str(item) for item in value)
         elif isinstance(value, dict):
             flags.append(json.dumps(value))
         else:

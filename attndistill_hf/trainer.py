@@ -609,7 +609,8 @@ class AttnDistillTrainer(Trainer):
             else:
                 self._consecutive_nonfinite[name] = 0
                 total = total + loss
-                self._accumulate({f"{prefix}loss_proj": loss_proj, f"{prefix}loss_attn": loss_attn})
+                own = {f"{prefix}loss": loss} if prefix else {}  # a single student's loss is the logged "loss"
+                self._accumulate({**own, f"{prefix}loss_proj": loss_proj, f"{prefix}loss_attn": loss_attn})
             terms |= {f"{prefix}loss_proj": loss_proj, f"{prefix}loss_attn": loss_attn}
         return (total, terms) if return_outputs else total
 

@@ -11,10 +11,11 @@ preprocessor_config.json), a model card with the evaluations that were run, and 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,9 +55,33 @@ from attndistill_hf.models import (
     load_teacher,
     patch_grid,
 )
-from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer, check_pair
+from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer, StudentSpec, check_pair, student_specs
 
 logger = logging.getLogger("attndistill_hf.distill")
+
+
+# What one entry of --students may set: its architecture and its loss settings (trainer.StudentSpec).
+STUDENT_MODEL_FIELDS = ("student_preset", "student_name_or_path", "patch_size", "student_sincos_position_embeddings")
+STUDENT_LOSS_FIELDS = tuple(field.name for field in fields(StudentSpec) if field.name != "model")
+STUDENT_FIELDS = (*STUDENT_MODEL_FIELDS, *STUDENT_LOSS_FIELDS, "hub_model_id")
+
+
+def parse_student_entry(entry: str | dict[str, Any]) -> dict[str, Any]:
+    """One ``--students`` entry (a JSON object, or a mapping from a config file), checked field by field."""
+    if isinstance(entry, str):
+        try:
+            entry = json.loads(entry)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--students entry {entry!r} is not a JSON object: {error}.") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ValueError(f"--students entry {entry!r} must be a mapping with a 'name'.")
+    unknown = sorted(set(entry) - {"name", *STUDENT_FIELDS})
+    if unknown:
+        raise ValueError(
+            f"--students entry {entry['name']!r}: unknown field(s) {', '.join(unknown)}; accepted: "
+            f"name, {', '.join(STUDENT_FIELDS)}."
+        )
+    return entry
 
 
 @dataclass
@@ -82,8 +107,21 @@ class DistillModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the Hub repo of the teacher (off: never runs it)."}
     )
+    students: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Several students of the teacher in one run (one teacher forward per batch for all). In a config "
+            "file: a list of mappings; on the command line: one JSON object each. Each has a 'name' (its output "
+            f"folder <output_dir>/<name>) and may set {', '.join(sorted(STUDENT_FIELDS))}; what it leaves out is "
+            "taken from the flags above. hub_model_id defaults to <--hub_model_id>-<name>."
+        },
+    )
 
     def __post_init__(self) -> None:
+        self.student_entries = [parse_student_entry(entry) for entry in self.students or []]
+        names = [entry["name"] for entry in self.student_entries]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--students: every student needs its own name, got {names}.")
         if self.student_name_or_path is None:
             if self.student_preset is None:
                 raise ValueError("Give --student_preset or --student_name_or_path.")
@@ -232,6 +270,23 @@ def load_student(model_args: DistillModelArguments, data_args: DataArguments, te
     )
 
 
+def load_students(
+    model_args: DistillModelArguments, data_args: DataArguments, teacher: PreTrainedModel
+) -> PreTrainedModel | dict[str, StudentSpec]:
+    """The single student, or each ``--students`` entry by name with its own loss settings."""
+    if not model_args.student_entries:
+        return load_student(model_args, data_args, teacher)
+    students = {}
+    for entry in model_args.student_entries:
+        architecture = {key: entry[key] for key in STUDENT_MODEL_FIELDS if key in entry}
+        if "student_name_or_path" in entry and "student_preset" not in entry:
+            architecture["student_preset"] = None
+        own = replace(model_args, **architecture, students=None)
+        losses = {key: entry[key] for key in STUDENT_LOSS_FIELDS if key in entry}
+        students[entry["name"]] = StudentSpec(load_student(own, data_args, teacher), **losses)
+    return students
+
+
 def build_train_dataset(data_args: DataArguments, args: AttnDistillConfig) -> Any:
     """Map-style data as is; a stream sharded per rank, shuffled with the common seed, equal steps per rank."""
     dataset = load_split(data_args, "train", seed=args.seed)
@@ -291,11 +346,17 @@ def build_knn_loaders(
 
 
 def attention_figure(
-    trainer: AttnDistillTrainer, loader: DataLoader, count: int, mean: Any, std: Any, path: Path
+    trainer: AttnDistillTrainer,
+    student: PreTrainedModel,
+    loader: DataLoader,
+    count: int,
+    mean: Any,
+    std: Any,
+    path: Path,
 ) -> str:
     """Teacher vs student last-layer CLS attention on the first evaluation images."""
     pixel_values = next(iter(loader))["pixel_values"][:count].to(trainer.args.device)
-    student = trainer.student.eval()
+    student = student.eval()
     with torch.no_grad():
         _, teacher_maps = last_cls_attention(trainer.teacher, pixel_values)
         _, student_maps = last_cls_attention(student, pixel_values)
@@ -310,6 +371,88 @@ def attention_figure(
         path,
     )
     return path.name
+
+
+def student_log_history(log_history: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The log entries of one student of a multi-student run, its ``<name>/...`` terms under their plain names."""
+    if not name:
+        return log_history
+    prefix = f"{name}/"
+    return [
+        {key.removeprefix(prefix): value for key, value in entry.items() if "/" not in key or key.startswith(prefix)}
+        for entry in log_history
+    ]
+
+
+def publish_student(
+    trainer: AttnDistillTrainer,
+    name: str,
+    student: PreTrainedModel,
+    folder: Path,
+    hub_id: str | None,
+    *,
+    push: bool,
+    started: float,
+    knn_loaders: tuple[DataLoader, DataLoader] | None,
+    model_args: DistillModelArguments,
+    data_args: DataArguments,
+    run_args: DistillRunArguments,
+    argv: list[str] | None,
+    mean: Any,
+    std: Any,
+) -> dict[str, Any]:
+    """One exported student's k-NN results, figures and model card in ``folder``, then its push."""
+    args = trainer.args
+    summary: dict[str, Any] = {}
+    records: list[EvalRecord] = []
+    figures: dict[str, str] = {}
+    if knn_loaders is not None and run_args.final_knn_eval:
+        result = run_knn_eval(student, *knn_loaders, output_json=folder / "knn_results.json")
+        summary["knn"] = result["knn"]
+        records = card_records(result, data_args, bank_limit=run_args.knn_train_samples)
+    history = student_log_history(trainer.state.log_history, name)
+    if any("loss" in entry for entry in history):
+        figures["Training curves"] = plot_training_curves(history, folder / "training_curves.png").name
+    if knn_loaders is not None and run_args.attention_figure_images > 0:
+        figures["Last-layer CLS attention: teacher vs student"] = attention_figure(
+            trainer, student, knn_loaders[1], run_args.attention_figure_images, mean, std, folder / "attention_maps.png"
+        )
+    if run_args.model_card:
+        teacher = unwrap_model(trainer.teacher)
+        write_model_card(
+            folder,
+            model_id_or_name=hub_id or folder.name,
+            teacher=model_args.teacher_name_or_path,
+            student_config=student.config.to_dict(),
+            dataset_name=data_args.source_name,
+            hub_dataset=data_args.train_source == "hub",
+            dataset_split=data_args.eval_split_name,
+            eval_results=records,
+            recipe_text=recipe_text(argv),
+            training_summary={
+                "steps": trainer.state.global_step,
+                "epochs": round(trainer.state.epoch or 0.0, 3),
+                "effective_batch_size": args.total_train_batch_size,
+                "peak_learning_rate": args.learning_rate,
+                "skipped_images": trainer.skipped_images,
+                "nan_skipped_steps": trainer.nonfinite_steps_by_student[name],
+                **({"students_in_this_run": len(trainer.students)} if name else {}),
+                "hardware": hardware_description(args.device, args.world_size),
+                "wall_time_s": round(time.time() - started, 1),
+            },
+            figures=figures,
+            license=run_args.card_license,
+            limitations=run_args.card_limitations,
+            teacher_license=teacher_license(model_args.teacher_name_or_path, teacher.config.model_type),
+        )
+    if push:
+        try:
+            url = push_output_dir(folder, hub_id, private=bool(args.hub_private_repo), token=args.hub_token)
+            logger.info("Pushed to %s", url)
+        except HubPushError as error:
+            logger.error("%s", error)
+            summary["push_error"] = str(error)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -336,9 +479,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mean, std = image_stats(
         load_image_processor(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
     )
-    student = load_student(model_args, data_args, teacher)
+    student = load_students(model_args, data_args, teacher)
+    if isinstance(student, dict) and run_args.knn_eval_steps:
+        raise ValueError("--knn_eval_steps monitors one student; with --students, the final k-NN evaluates each.")
     # A teacher or student whose last attention cannot be captured exactly is refused before any data loads.
-    check_pair(teacher, student, data_args.image_size)
+    for model in student_specs(student).values():
+        check_pair(teacher, model.model, data_args.image_size)
     train_dataset = build_train_dataset(data_args, args)
     if isinstance(train_dataset, EqualStepsIterable):
         args.dataloader_num_workers = dataloader_workers(train_dataset, args.dataloader_num_workers)
@@ -381,58 +527,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.save_state()
 
     summary: dict[str, Any] = {"train": train_result.metrics}
-    records: list[EvalRecord] = []
-    figures: dict[str, str] = {}
-    output_dir = Path(args.output_dir)
     if trainer.is_world_process_zero():
-        dataset_name = data_args.source_name
-        if knn_loaders is not None and run_args.final_knn_eval:
-            result = run_knn_eval(trainer.student, *knn_loaders, output_json=output_dir / "knn_results.json")
-            summary["knn"] = result["knn"]
-            records = card_records(result, data_args, bank_limit=run_args.knn_train_samples)
-        if any("loss" in entry for entry in trainer.state.log_history):
-            figures["Training curves"] = plot_training_curves(
-                trainer.state.log_history, output_dir / "training_curves.png"
-            ).name
-        if knn_loaders is not None and run_args.attention_figure_images > 0:
-            figures["Last-layer CLS attention: teacher vs student"] = attention_figure(
-                trainer, knn_loaders[1], run_args.attention_figure_images, mean, std, output_dir / "attention_maps.png"
+        entries = {entry["name"]: entry for entry in model_args.student_entries}
+        for name, trained in trainer.students.items():
+            folder = Path(args.output_dir) / name if name else Path(args.output_dir)
+            hub_id = entries.get(name, {}).get("hub_model_id") or (
+                f"{args.hub_model_id}-{name}" if name and args.hub_model_id else args.hub_model_id
             )
-        if run_args.model_card:
-            write_model_card(
-                output_dir,
-                model_id_or_name=args.hub_model_id or output_dir.name,
-                teacher=model_args.teacher_name_or_path,
-                student_config=trainer.student.config.to_dict(),
-                dataset_name=dataset_name,
-                hub_dataset=data_args.train_source == "hub",
-                dataset_split=data_args.eval_split_name,
-                eval_results=records,
-                recipe_text=recipe_text(argv),
-                training_summary={
-                    "steps": trainer.state.global_step,
-                    "epochs": round(trainer.state.epoch or 0.0, 3),
-                    "effective_batch_size": args.total_train_batch_size,
-                    "peak_learning_rate": args.learning_rate,
-                    "skipped_images": trainer.skipped_images,
-                    "nan_skipped_steps": trainer.nonfinite_steps,
-                    "hardware": hardware_description(args.device, args.world_size),
-                    "wall_time_s": round(time.time() - started, 1),
-                },
-                figures=figures,
-                license=run_args.card_license,
-                limitations=run_args.card_limitations,
-                teacher_license=teacher_license(model_args.teacher_name_or_path, teacher.config.model_type),
+            published = publish_student(
+                trainer,
+                name,
+                trained,
+                folder,
+                hub_id,
+                push=push,
+                started=started,
+                knn_loaders=knn_loaders,
+                model_args=model_args,
+                data_args=data_args,
+                run_args=run_args,
+                argv=argv,
+                mean=mean,
+                std=std,
             )
-        if push:
-            try:
-                url = push_output_dir(
-                    output_dir, args.hub_model_id, private=bool(args.hub_private_repo), token=args.hub_token
-                )
-                logger.info("Pushed to %s", url)
-            except HubPushError as error:
-                logger.error("%s", error)
-                summary["push_error"] = str(error)
+            if name:
+                summary.setdefault("students", {})[name] = published
+            else:
+                summary.update(published)
     summary["model"] = asdict(model_args)
     return summary
 

@@ -16,7 +16,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer, MultiStudentModule, StudentSpec
 
-from helpers import REPO, PixelDataset, run_two_processes, tiny_student, tiny_teacher
+from helpers import REPO, PixelDataset, load_recipe, run_two_processes, tiny_student, tiny_teacher, write_image_folder
 
 
 def noisy_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -221,3 +221,33 @@ def test_bad_multi_student_settings_are_refused_with_their_reason(tmp_path: Path
             tiny_teacher(),
             run_config(tmp_path),
         )
+
+
+def test_recipe_trains_a_students_list_and_publishes_each_student_in_its_folder(tmp_path: Path) -> None:
+    tiny_teacher(tmp_path / "teacher")
+    images = write_image_folder(tmp_path / "images", per_class=4)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "students:\n"
+        "  - {name: both, student_preset: vit-mini-patch4}\n"
+        "  - {name: attn, student_preset: vit-mini-2heads-patch4, proj_loss_weight: 0.0, hub_model_id: me/attn-only}\n"
+    )
+    out = tmp_path / "out"
+    summary = load_recipe("distill").main(
+        [str(config), "--teacher_name_or_path", str(tmp_path / "teacher"), "--image_size", "32", "--use_cpu", "true"]
+        + ["--train_dir", str(images), "--eval_dir", str(images), "--max_steps", "2", "--logging_steps", "1"]
+        + ["--per_device_train_batch_size", "4", "--output_dir", str(out), "--report_to", "none"]
+        + ["--knn_train_samples", "8", "--disable_tqdm", "true"]
+    )
+    assert set(summary["students"]) == {"both", "attn"}
+    for name, heads in (("both", 4), ("attn", 2)):
+        folder = out / name
+        student = AutoModel.from_pretrained(folder)
+        assert student.config.num_attention_heads == heads
+        assert {"README.md", "knn_results.json", "training_curves.png", "attention_maps.png"} <= {
+            path.name for path in folder.iterdir()
+        }
+        assert "knn" in summary["students"][name]
+    card = (out / "attn" / "README.md").read_text()
+    assert "# me/attn-only" in card and "| Students in this run | 2 |" in card
+    assert "# both" in (out / "both" / "README.md").read_text()
