@@ -314,6 +314,17 @@ def _check_features(features: torch.Tensor, labels: torch.Tensor, name: str) -> 
         raise ValueError(f"{name} labels contain negative ids (unlabelled samples?); k-NN needs class ids >= 0.")
 
 
+def _class_count(num_classes: int | None, *labels: torch.Tensor) -> int:
+    """``num_classes``, or one more than the largest label. A given count must cover every label: a
+    class beyond it could never be predicted, and its samples would count as misses."""
+    inferred = max(int(values.max()) for values in labels) + 1
+    if num_classes is None:
+        return inferred
+    if num_classes < inferred:
+        raise ValueError(f"num_classes={num_classes} but labels go up to {inferred - 1}.")
+    return num_classes
+
+
 @torch.no_grad()
 def knn_accuracy(
     train_features: torch.Tensor,
@@ -353,11 +364,7 @@ def knn_accuracy(
     train = F.normalize(train_features.float(), dim=1)
     train_labels = train_labels.to(device=device, dtype=torch.long)
     num_train = train.shape[0]
-    inferred = int(max(train_labels.max(), test_labels.max())) + 1
-    if num_classes is None:
-        num_classes = inferred
-    elif num_classes < inferred:
-        raise ValueError(f"num_classes={num_classes} but labels go up to {inferred - 1}.")
+    num_classes = _class_count(num_classes, train_labels, test_labels)
 
     effective = {}
     for k in ks:
@@ -638,8 +645,7 @@ def train_linear_probe(
         raise ValueError(
             f"Train features have dimension {train_features.shape[1]}, test features {test_features.shape[1]}."
         )
-    inferred = int(max(train_labels.max(), test_labels.max())) + 1
-    num_classes = num_classes or inferred
+    num_classes = _class_count(num_classes, train_labels, test_labels)
     if config.label_fraction is not None:
         keep = balanced_label_subset(train_labels, config.label_fraction, config.seed)
         train_features, train_labels = train_features[keep], train_labels[keep]
@@ -716,11 +722,8 @@ def train_linear_probe_on_images(
             model, test_loader, kind=kind, dtype=dtype, progress=config.progress, desc="test features"
         )
         dim = test_features.shape[1]
-        if num_classes is None:
-            seen = int(test_labels.max()) + 1
-            if train_labels is not None:
-                seen = max(seen, int(torch.as_tensor(train_labels).max()) + 1)
-            num_classes = seen
+        known = [test_labels] if train_labels is None else [test_labels, torch.as_tensor(train_labels)]
+        num_classes = _class_count(num_classes, *known)
 
         def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             sampler = getattr(train_loader, "sampler", None)

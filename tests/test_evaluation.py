@@ -38,7 +38,7 @@ from attndistill_hf.fashion_mnist import (
     read_fashion_mnist_split,
 )
 
-from helpers import load_recipe, run_two_processes, skip_without_real
+from helpers import load_recipe, run_two_processes, skip_without_real, tiny_student
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -526,6 +526,24 @@ def test_linear_probe_semi_supervised_and_config_checks() -> None:
         LinearProbeConfig(label_fraction=2.0)
     with pytest.raises(ValueError, match="epochs"):
         LinearProbeConfig(epochs=0)
+
+
+def test_linear_probe_refuses_labels_beyond_num_classes() -> None:
+    """As knn_accuracy does: a test label the heads cannot predict would be counted as a miss."""
+    train_x, train_y = separable(400, 4)
+    test_x, test_y = separable(100, 5)
+    keep = train_y < 5  # the training labels fit 5 classes, the test labels go up to 9
+    config = LinearProbeConfig(epochs=1, batch_size=64, lr=1.0, progress=False)
+    with pytest.raises(ValueError, match="num_classes=5 but labels go up to 9"):
+        train_linear_probe(train_x[keep], train_y[keep], test_x, test_y, config, num_classes=5)
+    model = tiny_student()
+    pixels = torch.randn(6, 3, 32, 32)
+    loader = DataLoader(
+        [{"pixel_values": image, "labels": label} for image, label in zip(pixels, [0, 1, 0, 1, 2, 3], strict=True)],
+        batch_size=3,
+    )
+    with pytest.raises(ValueError, match="num_classes=2 but labels go up to 3"):
+        train_linear_probe_on_images(model, loader, loader, "cls", config, num_classes=2)
 
 
 def test_probe_train_transform_is_dinos_eval_linear_view() -> None:
