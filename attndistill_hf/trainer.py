@@ -382,6 +382,13 @@ def student_specs(student: PreTrainedModel | Mapping[str, PreTrainedModel | Stud
     return specs
 
 
+# Private methods of transformers.Trainer that AttnDistillTrainer overrides, with the parameters it relies on.
+PRIVATE_TRAINER_API: dict[str, tuple[str, ...]] = {
+    "_get_output_dir": ("self", "trial"),
+    "_save_checkpoint": ("self", "model", "trial"),
+    "_save": ("self", "output_dir", "state_dict"),
+}
+
 # Students are exported as these plain transformers classes (tested end to end, AutoModel reload included).
 STUDENT_CLASSES = ("ViTModel", "DINOv3ViTModel")
 
@@ -808,7 +815,12 @@ class AttnDistillTrainer(Trainer):
             batch //= max(1, self.args.world_size)  # a per-rank stream holds this rank's examples only
         return max(1, math.ceil(len(self.train_dataset) / batch))
 
-    # ---- checkpoints ------------------------------------------------------------------------------
+    # ---- transformers' private Trainer API ---------------------------------------------------------
+    # The only overrides of private Trainer methods, listed in PRIVATE_TRAINER_API with the parameters
+    # they rely on; tests/test_private_trainer_api.py fails when a transformers release changes them.
+    # transformers 5.24 writes checkpoint-N in place, so a run killed mid-write would leave a half
+    # checkpoint for resume to pick: _get_output_dir + _save_checkpoint stage it and rename it. _save
+    # pickles the arguments into training_args.bin: it must not carry the Hub token.
 
     STAGING_DIR = ".checkpoint-staging"
 
@@ -851,6 +863,14 @@ class AttnDistillTrainer(Trainer):
             )
         self.accelerator.wait_for_everyone()
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """training_args.bin is a pickle of the arguments: never write the Hub token into it."""
+        token, self.args.hub_token = self.args.hub_token, None
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.args.hub_token = token
+
     # ---- saving -----------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -859,14 +879,6 @@ class AttnDistillTrainer(Trainer):
             super().save_model(output_dir, _internal_call=True)
         else:
             self.export_student(output_dir or self.args.output_dir)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # training_args.bin is a pickle of the arguments: never write the Hub token into it.
-        token, self.args.hub_token = self.args.hub_token, None
-        try:
-            super()._save(output_dir, state_dict)
-        finally:
-            self.args.hub_token = token
 
     @property
     def students(self) -> dict[str, PreTrainedModel]:
