@@ -7,7 +7,8 @@ is an error rather than another field. Every field is a dataclass field with a `
 ``--help`` explains all of them.
 
 :func:`run_recipe` runs a recipe's ``main`` so that a mistake in its input ends with one line on stderr
-and exit status 2 instead of a traceback (``ATTNDISTILL_FULL_ERROR=1`` shows the traceback).
+and exit status 2 instead of a traceback (``ATTNDISTILL_FULL_ERROR=1`` shows the traceback), and a
+failed push to the Hub with its retry hint and exit status 1.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .families import UnsupportedModelError
-from .hub import redact
+from .hub import HubPushError, redact
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 FULL_ERROR_VARIABLE = "ATTNDISTILL_FULL_ERROR"
@@ -114,9 +115,14 @@ def run_recipe(main: Callable[[], T]) -> T:
     """``main()``, with a mistake in the recipe's input reported as ``error: ...`` and exit status 2.
 
     A traceback helps nobody who typed a wrong path; set ``ATTNDISTILL_FULL_ERROR=1`` to see it anyway.
+    A failed push to the Hub exits with status 1 and its message, which says how to retry: the local
+    output is complete, but scripts and CI must notice that it was not published.
     """
     try:
         return main()
+    except HubPushError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     except USER_ERRORS as error:
         if os.environ.get(FULL_ERROR_VARIABLE, "") not in ("", "0"):
             raise

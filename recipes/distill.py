@@ -391,7 +391,6 @@ def publish_student(
     folder: Path,
     hub_id: str | None,
     *,
-    push: bool,
     started: float,
     knn_loaders: tuple[DataLoader, DataLoader] | None,
     model_args: DistillModelArguments,
@@ -401,7 +400,7 @@ def publish_student(
     mean: Any,
     std: Any,
 ) -> dict[str, Any]:
-    """One exported student's k-NN results, figures and model card in ``folder``, then its push."""
+    """One exported student's k-NN results, figures and model card in ``folder``."""
     args = trainer.args
     summary: dict[str, Any] = {}
     records: list[EvalRecord] = []
@@ -445,14 +444,31 @@ def publish_student(
             limitations=run_args.card_limitations,
             teacher_license=teacher_license(model_args.teacher_name_or_path, teacher.config.model_type),
         )
-    if push:
+    return summary
+
+
+def push_students(targets: list[tuple[Path, str]], args: AttnDistillConfig) -> None:
+    """Push each student's folder to its Hub repo; a failed push does not stop the others.
+
+    The local folders are complete whatever happens here. Any failure then fails the run with a
+    :class:`HubPushError` that says how to retry each push (exit status 1 from the command line), so
+    that scripts and CI notice that the run was not published.
+    """
+    failures = []
+    for folder, hub_id in targets:
         try:
             url = push_output_dir(folder, hub_id, private=bool(args.hub_private_repo), token=args.hub_token)
             logger.info("Pushed to %s", url)
         except HubPushError as error:
-            logger.error("%s", error)
-            summary["push_error"] = str(error)
-    return summary
+            failures.append(error)
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise HubPushError(
+            "\n".join(str(error) for error in failures),
+            local_dir=Path(args.output_dir),
+            repo_id=", ".join(error.repo_id for error in failures),
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -529,6 +545,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {"train": train_result.metrics}
     if trainer.is_world_process_zero():
         entries = {entry["name"]: entry for entry in model_args.student_entries}
+        targets = []
         for name, trained in trainer.students.items():
             folder = Path(args.output_dir) / name if name else Path(args.output_dir)
             hub_id = entries.get(name, {}).get("hub_model_id") or (
@@ -540,7 +557,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 trained,
                 folder,
                 hub_id,
-                push=push,
                 started=started,
                 knn_loaders=knn_loaders,
                 model_args=model_args,
@@ -554,6 +570,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 summary.setdefault("students", {})[name] = published
             else:
                 summary.update(published)
+            if push and hub_id:
+                targets.append((folder, hub_id))
+        push_students(targets, args)  # last of all, when every student's folder is complete
     summary["model"] = asdict(model_args)
     return summary
 

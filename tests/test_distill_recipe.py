@@ -22,6 +22,7 @@ from transformers import AutoModel
 
 from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, DataArguments
 from attndistill_hf.evaluation import card_records
+from attndistill_hf.hub import HubPushError
 from attndistill_hf.trainer import AttnDistillConfig
 
 from helpers import load_recipe, tiny_teacher, write_image_folder
@@ -319,3 +320,45 @@ def test_a_finished_run_is_refused_unless_overwritten_or_resumed(tmp_path: Path,
         "training_curves.png",
     ]
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_a_failed_push_keeps_the_output_and_exits_non_zero(tmp_path: Path, teacher_dir: Path) -> None:
+    images = write_image_folder(tmp_path / "images", per_class=2)
+    out = tmp_path / "out"
+    command = [sys.executable, str(DISTILL), "--teacher_name_or_path", str(teacher_dir), *QUICK, "--max_steps", "1"]
+    command += ["--train_dir", str(images), "--per_device_train_batch_size", "4", "--output_dir", str(out)]
+    command += ["--push_to_hub", "true", "--hub_model_id", "someone/student"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the real client, refused before any request
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 1
+    assert f"error: Pushing {out} to the Hub repo 'someone/student' failed" in result.stderr
+    assert f"hf upload someone/student {out} ." in result.stderr  # the retry hint
+    for name in ("model.safetensors", "config.json", "README.md"):
+        assert (out / name).is_file(), name
+
+
+def test_every_student_is_pushed_and_any_failed_push_fails_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distill = load_recipe("distill")
+    pushed, failing = [], {"someone/b"}
+
+    def push(folder: Path, repo_id: str, **kwargs: object) -> str:
+        if repo_id in failing:
+            raise HubPushError(f"Pushing {folder} to {repo_id!r} failed (offline).", local_dir=folder, repo_id=repo_id)
+        pushed.append(repo_id)
+        return f"https://huggingface.co/{repo_id}"
+
+    monkeypatch.setattr(distill, "push_output_dir", push)
+    args = AttnDistillConfig(output_dir=str(tmp_path), use_cpu=True)
+    targets = [(tmp_path / name, f"someone/{name}") for name in "abc"]
+    with pytest.raises(HubPushError, match=rf"^Pushing {tmp_path}/b to 'someone/b' failed \(offline\)\.$"):
+        distill.push_students(targets, args)
+    assert pushed == ["someone/a", "someone/c"]  # a failed push does not stop the others
+    failing.add("someone/c")
+    with pytest.raises(HubPushError) as excinfo:
+        distill.push_students(targets, args)
+    assert str(excinfo.value).splitlines() == [
+        f"Pushing {tmp_path}/b to 'someone/b' failed (offline).",
+        f"Pushing {tmp_path}/c to 'someone/c' failed (offline).",
+    ]
