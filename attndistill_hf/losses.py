@@ -134,6 +134,16 @@ def attention_guidance_loss(
     return attention_kl(clamp_and_renormalise(teacher, clamp), clamp_and_renormalise(student, clamp))
 
 
+PROJECTOR_LOSSES = ("mse", "cosine")
+
+
+def check_projector_loss(kind: str) -> str:
+    """``kind`` when it is one of :data:`PROJECTOR_LOSSES`, else a ValueError naming the choices."""
+    if kind not in PROJECTOR_LOSSES:
+        raise ValueError(f"Unknown projector loss {kind!r}; use one of {', '.join(PROJECTOR_LOSSES)}.")
+    return kind
+
+
 def projector_alignment_loss(
     student_cls_projected: torch.Tensor, teacher_cls: torch.Tensor, kind: str = "mse"
 ) -> torch.Tensor:
@@ -148,11 +158,9 @@ def projector_alignment_loss(
         )
     student = student_cls_projected.float()
     teacher = teacher_cls.float()
-    if kind == "mse":
+    if check_projector_loss(kind) == "mse":
         return F.mse_loss(student, teacher)
-    if kind == "cosine":
-        return (2.0 - 2.0 * F.cosine_similarity(student, teacher, dim=-1)).mean()
-    raise ValueError(f"Unknown projector loss kind {kind!r}; use 'mse' or 'cosine'.")
+    return (2.0 - 2.0 * F.cosine_similarity(student, teacher, dim=-1)).mean()
 
 
 def projector_hidden_dims(student_dim: int, depth: int) -> list[int]:
@@ -223,8 +231,7 @@ class AttnDistillLoss(nn.Module):
         clamp: tuple[float, float] = DEFAULT_CLAMP,
     ) -> None:
         super().__init__()
-        if projector_loss not in {"mse", "cosine"}:
-            raise ValueError(f"Unknown projector loss {projector_loss!r}; use 'mse' or 'cosine'.")
+        check_projector_loss(projector_loss)  # before a run starts, not at its first step
         self.projector = AttnDistillProjector(
             student_dim, teacher_dim, depth=projector_depth, hidden_dims=projector_hidden_dims
         )

@@ -47,7 +47,7 @@ from .attention import (
 )
 from .data import EqualStepsIterable, prepare_per_rank_dataloader
 from .families import UnsupportedModelError, cls_feature, family_of
-from .losses import AttnDistillLoss
+from .losses import AttnDistillLoss, check_projector_loss
 from .models import cls_features, load_teacher, patch_grid
 
 logger = logging.getLogger(__name__)
@@ -142,8 +142,7 @@ class AttnDistillConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if self.projector_loss not in {"mse", "cosine"}:
-            raise ValueError(f"projector_loss must be 'mse' or 'cosine', got {self.projector_loss!r}.")
+        check_projector_loss(self.projector_loss)
         if not 0 < self.attn_clamp_min < self.attn_clamp_max <= 1:
             raise ValueError("Need 0 < attn_clamp_min < attn_clamp_max <= 1.")
         if self.proj_loss_weight == 0 and self.attn_loss_weight == 0:
