@@ -518,13 +518,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     processor = build_image_processor(data_args.image_size, mean, std)
 
     knn_loaders = None
-    callbacks = []
     if run_knn:
         knn_loaders = build_knn_loaders(data_args, run_args, args, mean, std)
-        if run_args.knn_eval_steps:
-            callbacks.append(
-                KNNEvaluationCallback(*knn_loaders, every_n_steps=run_args.knn_eval_steps, k=run_args.knn_k)
-            )
     trainer = AttnDistillTrainer(
         student,
         teacher,
@@ -534,10 +529,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_collator=collator,
         batch_transform=batch_transform,
         image_size=data_args.image_size,
-        callbacks=callbacks,
     )
-    for callback in callbacks:
-        callback.attach(trainer)
+    if knn_loaders is not None and run_args.knn_eval_steps:
+        # attach registers it and logs through trainer.log (passed in callbacks= too, it would run twice)
+        KNNEvaluationCallback(*knn_loaders, every_n_steps=run_args.knn_eval_steps, k=run_args.knn_k).attach(trainer)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     trainer.save_state()

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, DataArguments
-from attndistill_hf.evaluation import card_records
+from attndistill_hf.evaluation import KNNEvaluationCallback, card_records
 from attndistill_hf.hub import HubPushError
 from attndistill_hf.trainer import AttnDistillConfig
 
@@ -362,3 +362,27 @@ def test_every_student_is_pushed_and_any_failed_push_fails_the_run(
         f"Pushing {tmp_path}/b to 'someone/b' failed (offline).",
         f"Pushing {tmp_path}/c to 'someone/c' failed (offline).",
     ]
+
+
+def test_the_knn_callback_is_registered_once(
+    tmp_path: Path, teacher_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distill = load_recipe("distill")
+    registered: list[KNNEvaluationCallback] = []
+
+    class Registered(Exception):
+        pass
+
+    class Recording(distill.AttnDistillTrainer):
+        def train(self, *args: object, **kwargs: object) -> None:
+            registered.extend(c for c in self.callback_handler.callbacks if isinstance(c, KNNEvaluationCallback))
+            raise Registered
+
+    monkeypatch.setattr(distill, "AttnDistillTrainer", Recording)
+    images = write_image_folder(tmp_path / "images", per_class=2)
+    with pytest.raises(Registered):
+        distill.main(
+            ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--train_dir", str(images), "--eval_dir", str(images)]
+            + ["--knn_eval_steps", "1", "--max_steps", "1", "--output_dir", str(tmp_path / "out")]
+        )
+    assert len(registered) == 1 and isinstance(registered[0].trainer, Recording)  # logs through trainer.log
