@@ -15,8 +15,8 @@ from that:
 
 Per-rank streaming and Accelerate: by default Accelerate dispatches an iterable dataset from rank 0
 (``dispatch_batches=True``) and, when told not to, re-shards it itself. Both defeat per-rank shards, so a
-trainer that streams sets ``accelerator_config=STREAMING_ACCELERATOR_CONFIG`` and wraps its DataLoader
-with :func:`prepare_per_rank_dataloader` instead of ``accelerator.prepare``.
+trainer that streams turns dispatching off (``AttnDistillConfig`` sets ``dispatch_batches: False``) and
+wraps its DataLoader with :func:`prepare_per_rank_dataloader` instead of ``accelerator.prepare``.
 
 Epochs: ``Trainer`` calls ``set_epoch`` on the prepared DataLoader at the start of each epoch, and
 Accelerate forwards it to the dataset; :class:`EqualStepsIterable` passes it on to the streamed dataset,
@@ -45,9 +45,6 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-# Accelerate must not dispatch batches from rank 0 when every rank streams its own shards.
-STREAMING_ACCELERATOR_CONFIG: dict[str, bool] = {"dispatch_batches": False}
 
 # Column names the webdataset builder gives images and class indices (from the files' extensions).
 WEBDATASET_IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
