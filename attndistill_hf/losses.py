@@ -253,8 +253,10 @@ class AttnDistillLoss(nn.Module):
         student_grid: Grid | None = None,
         validate: bool = False,
     ) -> AttnDistillLossOutput:
-        """Inputs: each model's output (or its CLS token ``[B, D]`` / tokens ``[B, T, D]``, after the
-        final LayerNorm) and its CLS-attention rows ``[B, H, 1 + N]``.
+        """Inputs: each model's output (or its CLS token ``[B, D]`` / tokens ``[B, T, D]``) and its
+        CLS-attention rows ``[B, H, 1 + N]``. The teacher's side is its CLS feature after its final norm;
+        the student's is its last block's tokens *before* its final LayerNorm, as the trainer passes them
+        and as the published code reads them (the projector opens with its own LayerNorm).
 
         The projector is per token, so projecting only the CLS token equals projecting every token and
         taking the CLS token, at a fraction of the cost.
