@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import yaml
 from transformers import HfArgumentParser
@@ -36,8 +37,36 @@ USER_ERRORS = (ValueError, KeyError, OSError, UnsupportedModelError)
 T = TypeVar("T")
 
 
+# argparse's message for a bad value: "argument --max_steps/--max-steps: invalid int value: 'abc'".
+_BAD_VALUE = re.compile(r"^argument --(?P<key>[\w-]+)(?:/--[\w-]+)*: (?P<reason>.*)$", re.DOTALL)
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the description's line breaks (usage examples) and shows every default."""
+
+
+class _ArgumentError(ValueError):
+    """argparse refused a flag or value."""
+
+
+class _Parser(HfArgumentParser):
+    """A mistake in a flag or value is a ValueError (one line from :func:`run_recipe`), not the whole usage
+    text followed by an exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _ArgumentError(message)
+
+
+def _where_set(message: str, config_path: str | None, file_keys: set[str], command_line: Sequence[str]) -> str:
+    """argparse's message for a bad value, naming the field and where it was set: the file, the command line."""
+    match = _BAD_VALUE.match(message)
+    if match is None:
+        return message
+    key, reason = match.group("key"), match.group("reason")
+    if config_path is None or key not in file_keys:
+        return f"--{key}: {reason}"
+    given = any(arg == f"--{key}" or arg.startswith(f"--{key}=") for arg in command_line)
+    return f"{key} in {config_path}{' or on the command line' if given else ''}: {reason}"
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -81,12 +110,12 @@ def parse_config_and_flags(
     Unknown keys in the file or on the command line are errors that name them.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(
-        dataclass_types, description=description, allow_abbrev=False, formatter_class=_HelpFormatter
-    )
+    parser = _Parser(dataclass_types, description=description, allow_abbrev=False, formatter_class=_HelpFormatter)
     _describe_negations(parser)
+    config_path, values, command_line = None, {}, list(args)
     if args and args[0].endswith(CONFIG_SUFFIXES) and not args[0].startswith("-"):
         config_path = args.pop(0)
+        command_line = list(args)
         values = read_config_file(config_path)
         nulls = [key for key, value in values.items() if value is None]
         known = {action.dest for action in parser._actions}
@@ -97,7 +126,10 @@ def parse_config_and_flags(
             )
         parser.set_defaults(**dict.fromkeys(nulls))  # flags given on the command line still win
         args = config_to_flags(values) + args
-    parsed = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    except _ArgumentError as error:
+        raise ValueError(_where_set(str(error), config_path, set(values), command_line)) from None
     *instances, remaining = parsed
     if remaining:
         raise ValueError(f"Unknown arguments: {' '.join(remaining)}. See --help for the accepted fields.")

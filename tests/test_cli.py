@@ -47,6 +47,24 @@ def test_abbreviated_flags_are_unknown(tmp_path: Path) -> None:
         parse_config_and_flags((Fields,), [str(config)])
 
 
+def test_a_bad_value_is_one_line_naming_the_field_and_where_it_was_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: abc\nfinal_eval: maybe\n")
+    with pytest.raises(ValueError, match=rf"^max_steps in {config}: invalid int value: 'abc'$"):
+        parse_config_and_flags((Fields,), [str(config)])
+    config.write_text("final_eval: maybe\n")
+    with pytest.raises(ValueError, match=rf"^final_eval in {config}: Truthy value expected: got maybe"):
+        parse_config_and_flags((Fields,), [str(config)])
+    with pytest.raises(ValueError, match=r"^--max_steps: invalid int value: 'x'$"):
+        parse_config_and_flags((Fields,), ["--max_steps", "x"])
+    config.write_text("max_steps: abc\n")  # overridden, but still read
+    with pytest.raises(ValueError, match=rf"^max_steps in {config} or on the command line: invalid int value: 'abc'$"):
+        parse_config_and_flags((Fields,), [str(config), "--max_steps", "4"])
+    assert capsys.readouterr().err == ""  # no usage text
+
+
 def test_help_says_what_a_negated_flag_does(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_config_and_flags((Fields,), ["--help"], description="Usage:\n    line one\n    line two")
