@@ -147,6 +147,11 @@ class AttnDistillConfig(TrainingArguments):
             raise ValueError("Need 0 < attn_clamp_min < attn_clamp_max <= 1.")
         if self.proj_loss_weight == 0 and self.attn_loss_weight == 0:
             raise ValueError("Both loss weights are 0: nothing to train.")
+        # Found here rather than by the optimizer, which would refuse it without a flag's name, after loading.
+        for name in ("learning_rate", "base_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{name} must not be negative, got {value}.")
         lr_given = self.learning_rate is not None
         if not lr_given:
             self.learning_rate = self.base_learning_rate

@@ -94,6 +94,13 @@ def test_published_defaults_no_clipping_and_the_effective_batch(tmp_path: Path, 
         )
 
 
+def test_a_negative_learning_rate_is_named_before_anything_loads(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^--learning_rate must not be negative, got -0\.1\.$"):
+        AttnDistillConfig(output_dir=str(tmp_path), use_cpu=True, learning_rate=-0.1)
+    with pytest.raises(ValueError, match=r"^--base_learning_rate must not be negative, got -0\.0001\.$"):
+        AttnDistillConfig(output_dir=str(tmp_path), use_cpu=True, base_learning_rate=-1e-4)
+
+
 def test_projector_reads_the_last_block_before_the_final_norm(tmp_path: Path) -> None:
     """The published student projects its last block's tokens; its final norm stays out of the loss, untrained."""
     trainer = AttnDistillTrainer(
