@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -211,15 +212,33 @@ def resume_checkpoint(value: str | None, output_dir: str) -> str | None:
     return value
 
 
-def prepare_output_dir(output_dir: str, *, overwrite: bool, resume: str | None) -> None:
-    """Refuse, empty or keep ``output_dir`` before anything loads, as the transformers examples do.
+def prepare_output_dir(output_dir: str, *, overwrite: bool, resume: str | None) -> Path | None:
+    """Check ``output_dir`` before anything loads: a folder (created if missing) that can be written,
+    refused, emptied or kept as :func:`refuse_or_empty` decides. Returns the topmost folder created
+    here, which a run that fails before writing anything removes again (:func:`main`)."""
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file, not a folder.")
+    refuse_or_empty(folder, overwrite=overwrite, resume=resume)
+    created = next((path for path in reversed([folder, *folder.parents]) if not path.exists()), None)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # found now, not when the model is saved after training
+            pass
+    except OSError as error:
+        raise ValueError(f"Cannot write to --output_dir {output_dir}: {error.strerror or error}.") from None
+    return created
+
+
+def refuse_or_empty(folder: Path, *, overwrite: bool, resume: str | None) -> None:
+    """Refuse, empty or keep the output ``folder``, as the transformers examples do.
 
     A folder that holds a run is refused unless it is replaced (``overwrite``: emptied first, so that
     none of the old run's k-NN results, figures or checkpoints end up beside the new model, in a push
     or in a later resume) or continued from one of its checkpoints (``resume``). A non-empty folder
     that holds no run is never emptied.
     """
-    folder = Path(output_dir)
+    output_dir = str(folder)
     entries = sorted(entry.name for entry in folder.iterdir()) if folder.is_dir() else []
     if not entries:
         return
@@ -478,9 +497,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
     started = time.time()
     resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    created = None
     with args.main_process_first(desc="checking the output folder"):
         if args.should_save:  # the processes that write into it
-            prepare_output_dir(args.output_dir, overwrite=run_args.overwrite_output_dir, resume=resume)
+            created = prepare_output_dir(args.output_dir, overwrite=run_args.overwrite_output_dir, resume=resume)
+    try:
+        return run(model_args, data_args, run_args, args, argv, resume=resume, started=started)
+    except BaseException:
+        # A refusal (fp16 on a CPU, an unsupported model, ...) leaves no empty output folder behind.
+        if created is not None and not any(path.is_file() for path in created.rglob("*")):
+            shutil.rmtree(created)
+        raise
+
+
+def run(
+    model_args: DistillModelArguments,
+    data_args: DataArguments,
+    run_args: DistillRunArguments,
+    args: AttnDistillConfig,
+    argv: list[str] | None,
+    *,
+    resume: str | None,
+    started: float,
+) -> dict[str, Any]:
+    """The run, once its output folder is ready: load, train, export, evaluate, publish."""
     run_knn = data_args.eval_source is not None and bool(run_args.knn_eval_steps or run_args.final_knn_eval)
     # A split missing from a Hub dataset fails here, before the teacher, the data or any training.
     check_hub_split(data_args, "train")

@@ -242,6 +242,40 @@ def test_input_mistakes_are_found_before_the_teacher_loads(tmp_path: Path, monke
         distill.main([*base, "--train_dir", str(tmp_path), "--push_to_hub", "true"])
 
 
+def test_an_unusable_output_folder_is_named_before_the_teacher_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distill = load_recipe("distill")
+
+    def too_late(*args: object, **kwargs: object) -> None:
+        raise AssertionError("reached before the output folder was checked")
+
+    monkeypatch.setattr(distill, "load_teacher", too_late)
+    base = ["--teacher_name_or_path", "unused", *QUICK, "--train_dir", str(write_image_folder(tmp_path / "images"))]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    with pytest.raises(ValueError, match=rf"^--output_dir {a_file} is a file, not a folder\.$"):
+        distill.main([*base, "--output_dir", str(a_file)])
+    with pytest.raises(ValueError, match=rf"^Cannot write to --output_dir {a_file}/out: "):
+        distill.main([*base, "--output_dir", str(a_file / "out")])
+    if os.geteuid() != 0:  # root writes into any folder
+        read_only = tmp_path / "read-only"
+        read_only.mkdir(mode=0o555)
+        with pytest.raises(ValueError, match=rf"^Cannot write to --output_dir {read_only}: Permission denied"):
+            distill.main([*base, "--output_dir", str(read_only)])
+
+
+def test_a_refused_run_leaves_no_output_folder_behind(tmp_path: Path, teacher_dir: Path) -> None:
+    distill = load_recipe("distill")
+    out = tmp_path / "new" / "out"
+    with pytest.raises(ValueError, match="fp16 needs a gradient scaler"):
+        distill.main(
+            ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--train_dir", str(write_image_folder(tmp_path / "i"))]
+            + ["--max_steps", "1", "--fp16", "true", "--output_dir", str(out)]
+        )
+    assert not (tmp_path / "new").exists()  # neither the folder nor the parent created for it
+
+
 def test_unlabelled_eval_data_is_refused_before_training(tmp_path: Path, teacher_dir: Path) -> None:
     distill = load_recipe("distill")
     labelled = write_image_folder(tmp_path / "train")
