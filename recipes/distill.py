@@ -530,7 +530,12 @@ def run(
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/vit-tiny-attndistill).")
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed below with the model card, not mid-run
-    teacher = load_teacher(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    # transformers' default attention backend: sdpa for every supported family; a class without sdpa (a
+    # CNN, say) then loads, and check_pair refuses it as no ViT-family encoder, instead of the load failing
+    # with advice to pass attn_implementation, which this recipe has no flag for.
+    teacher = load_teacher(
+        model_args.teacher_name_or_path, attn_implementation=None, trust_remote_code=model_args.trust_remote_code
+    )
     # The teacher's normalisation (ImageNet's when it ships no image processor).
     mean, std = image_stats(
         load_image_processor(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)

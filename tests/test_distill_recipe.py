@@ -18,10 +18,11 @@ import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModel
+from transformers import AutoModel, ResNetConfig, ResNetModel
 
 from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, DataArguments
 from attndistill_hf.evaluation import KNNEvaluationCallback, card_records
+from attndistill_hf.families import UnsupportedModelError
 from attndistill_hf.hub import HubPushError
 from attndistill_hf.trainer import AttnDistillConfig
 
@@ -274,6 +275,20 @@ def test_a_refused_run_leaves_no_output_folder_behind(tmp_path: Path, teacher_di
             + ["--max_steps", "1", "--fp16", "true", "--output_dir", str(out)]
         )
     assert not (tmp_path / "new").exists()  # neither the folder nor the parent created for it
+
+
+def test_a_cnn_teacher_is_refused_as_not_a_vit_family_encoder(tmp_path: Path) -> None:
+    distill = load_recipe("distill")
+    teacher = tmp_path / "resnet"
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1])).save_pretrained(teacher)
+    with pytest.raises(UnsupportedModelError) as refused:
+        distill.main(
+            ["--teacher_name_or_path", str(teacher), *QUICK, "--train_dir", str(write_image_folder(tmp_path / "i"))]
+            + ["--max_steps", "1", "--output_dir", str(tmp_path / "out")]
+        )
+    message = str(refused.value)
+    assert message.startswith("Unsupported teacher: ResNetModel is not supported: it is not a ViT-family encoder")
+    assert "attn_implementation" not in message  # no advice about a flag the recipe does not have
 
 
 def test_unlabelled_eval_data_is_refused_before_training(tmp_path: Path, teacher_dir: Path) -> None:
