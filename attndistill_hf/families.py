@@ -74,7 +74,7 @@ def _timm_layout(model: nn.Module) -> TokenLayout:
     return TokenLayout(leading=int(model.timm_model.num_prefix_tokens))
 
 
-def _refuse_beit(model: nn.Module) -> str | None:
+def _refuse_mean_pooling(model: nn.Module) -> str | None:
     if getattr(model.config, "use_mean_pooling", False):
         return (
             "use_mean_pooling=True: its normalised feature is the mean of the patch tokens and its CLS token is "
@@ -132,7 +132,18 @@ FAMILIES: dict[str, Family] = {
             feature="pooler_output",
             interpolates_on_request=True,
         ),
-        Family("BeitModel", "interface", "BeitAttention", _cls_only, interpolates_on_request=True, refuse=_refuse_beit),
+        Family(
+            "BeitModel",
+            "interface",
+            "BeitAttention",
+            _cls_only,
+            interpolates_on_request=True,
+            refuse=_refuse_mean_pooling,
+        ),
+        # q/k RMS norms after the projections (use_qk_norm); like BEiT, mean pooling leaves the CLS unnormalised.
+        Family("InternVLVisionModel", "interface", "InternVLVisionAttention", _cls_only, refuse=_refuse_mean_pooling),
+        # RoPE, q/k norms, grouped keys in some layers, registers; the final RMS norm normalises the CLS.
+        Family("Sapiens2Model", "interface", "Sapiens2Attention", _registers),
         Family(
             "YolosModel",
             "interface",

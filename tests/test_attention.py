@@ -30,10 +30,14 @@ from transformers import (
     Dinov2WithRegistersModel,
     DINOv3ViTConfig,
     DINOv3ViTModel,
+    InternVLVisionConfig,
+    InternVLVisionModel,
     MetaClip2VisionConfig,
     MetaClip2VisionModel,
     ResNetConfig,
     ResNetModel,
+    Sapiens2Config,
+    Sapiens2Model,
     SiglipVisionConfig,
     SiglipVisionModel,
     TimmWrapperConfig,
@@ -121,6 +125,20 @@ FAMILIES = {
             attn_implementation=impl,
         ),
         0,
+    ),
+    "internvl": (
+        lambda impl: InternVLVisionModel._from_config(
+            InternVLVisionConfig(**TINY, use_qk_norm=True, use_mean_pooling=False), attn_implementation=impl
+        ),
+        0,
+    ),
+    # Grouped keys in the last block: 2 key/value heads for 4 query heads.
+    "sapiens2": (
+        lambda impl: Sapiens2Model._from_config(
+            Sapiens2Config(**TINY, num_register_tokens=4, num_key_value_heads_per_layer=[4, 2]),
+            attn_implementation=impl,
+        ),
+        4,
     ),
     "yolos": (
         lambda impl: YolosModel._from_config(
@@ -245,9 +263,10 @@ def _projection_hook_capture(model: nn.Module, pixels: torch.Tensor) -> torch.Te
     return kept_keys / kept_keys.sum(-1, keepdim=True)
 
 
-@pytest.mark.parametrize("family", ["dinov3", "beit"])
+@pytest.mark.parametrize("family", ["dinov3", "beit", "internvl"])
 def test_projection_hooks_were_wrong_where_q_k_or_logits_change_after_them(family: str) -> None:
-    """DINOv3 rotates q/k (RoPE) after the projections; BEiT adds a relative position bias to the logits.
+    """DINOv3 rotates q/k (RoPE) after the projections, InternVL normalises them; BEiT adds a relative position
+    bias to the logits.
     The old projection-hook capture misses both, and this comparison catches it."""
     fast, reference = pair(family)
     pixels = torch.randn(2, 3, 32, 32)
