@@ -265,9 +265,8 @@ def _projection_hook_capture(model: nn.Module, pixels: torch.Tensor) -> torch.Te
 
 @pytest.mark.parametrize("family", ["dinov3", "beit", "internvl"])
 def test_projection_hooks_were_wrong_where_q_k_or_logits_change_after_them(family: str) -> None:
-    """DINOv3 rotates q/k (RoPE) after the projections, InternVL normalises them; BEiT adds a relative position
-    bias to the logits.
-    The old projection-hook capture misses both, and this comparison catches it."""
+    """DINOv3 rotates q/k (RoPE) after the projections, InternVL normalises them, BEiT adds a relative position
+    bias to the logits: the old projection-hook capture misses each of them, and this comparison catches it."""
     fast, reference = pair(family)
     pixels = torch.randn(2, 3, 32, 32)
     _, truth = eager_last_cls_attention(reference, pixels)
