@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, decode_image
+from .data.decoding import decode_image
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # Start-of-frame markers (baseline, extended, progressive, lossless and their arithmetic variants).

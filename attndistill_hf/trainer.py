@@ -45,7 +45,7 @@ from .attention import (
     unwrap_model,
     verify_capture,
 )
-from .data import EqualStepsIterable, prepare_per_rank_dataloader
+from .data.streaming import EqualStepsIterable, prepare_per_rank_dataloader
 from .families import UnsupportedModelError, cls_feature, family_of
 from .losses import AttnDistillLoss, check_projector_loss
 from .models import cls_features, load_teacher, patch_grid

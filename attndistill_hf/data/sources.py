@@ -1,57 +1,34 @@
-"""Training and evaluation images: sources, per-rank streaming, the published transforms, a robust collator.
+"""Where the images come from: ``DataArguments``, Hub / folder / shard sources, loading a split, counting it.
 
-Distillation needs no labels, only many images, read fast and never stopping a run. The design follows
-from that:
-
-* Images stay encoded in the dataset (``datasets.Image(decode=False)``) and are decoded in the collator,
-  inside the DataLoader workers, where a corrupt file can be caught, skipped and counted. The count
-  travels inside the batch (``skipped_images``) because workers are separate processes.
-* Streaming (``--streaming``) reads shards as they come. Every rank reads its own shards
-  (``split_dataset_by_node``), shuffles with the same seed (so shard assignment agrees across ranks) and
-  is truncated or cycled to the same number of batches (:class:`EqualStepsIterable`): a rank that ran
-  out early would leave the others blocked in a collective forever.
-* Augmentation is the published one: RandomResizedCrop(scale 0.2-1, bicubic) + flip + the teacher's
-  normalisation; evaluation resizes to 256/224 of the crop and centre-crops.
-
-Per-rank streaming and Accelerate: by default Accelerate dispatches an iterable dataset from rank 0
-(``dispatch_batches=True``) and, when told not to, re-shards it itself. Both defeat per-rank shards, so a
-trainer that streams turns dispatching off (``AttnDistillConfig`` sets ``dispatch_batches: False``) and
-wraps its DataLoader with :func:`prepare_per_rank_dataloader` instead of ``accelerator.prepare``.
-
-Epochs: ``Trainer`` calls ``set_epoch`` on the prepared DataLoader at the start of each epoch, and
-Accelerate forwards it to the dataset; :class:`EqualStepsIterable` passes it on to the streamed dataset,
-whose shuffle order (buffer and shard order) then changes. The epoch lives in shared memory, so it also
-reaches persistent DataLoader workers.
+A split is loaded with its image column cast to ``datasets.Image(decode=False)``: examples carry the encoded
+bytes (or a path) and :class:`~attndistill_hf.data.transforms.ImageCollator` decodes them in the DataLoader
+workers, where a corrupt file can be caught, skipped and counted. Streams have no ``len()``;
+:func:`count_examples` reads their size from shard footers, file lists or dataset info, so that every rank
+can be given the same number of steps (:func:`~attndistill_hf.data.streaming.steps_per_epoch`).
 """
 
 from __future__ import annotations
 
 import functools
 import glob
-import io
-import math
 import os
 import tarfile
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from .streaming import dataloader_workers
+from .transforms import _DEFAULT_IMAGE_COLUMN, IMAGENET_MEAN, IMAGENET_STD, ImageCollator, eval_transform
 
 # Column names the webdataset builder gives images and class indices (from the files' extensions).
 WEBDATASET_IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 WEBDATASET_LABEL_KEYS: tuple[str, ...] = ("cls",)
 
 _SHARD_BUILDERS: dict[str, str] = {".parquet": "parquet", ".tar": "webdataset"}
-_DEFAULT_IMAGE_COLUMN = "image"
 _DEFAULT_LABEL_COLUMN = "label"
 
 
@@ -477,8 +454,40 @@ def load_split(
     return ds
 
 
+def eval_view_loader(
+    data_args: DataArguments,
+    split: Literal["train", "eval"],
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    streaming: bool | None = None,
+    limit: int | None = None,
+    seed: int = DEFAULT_SUBSET_SEED,
+) -> tuple[torch.utils.data.DataLoader, Any]:
+    """Labelled images of ``split`` with the evaluation view (resize + centre crop), unshuffled.
+
+    What every k-NN memory bank and test set is read with. ``limit`` keeps at most N examples, a random
+    subset drawn with ``seed`` like ``max_*_samples`` (see :func:`load_split`), so that a class-sorted
+    source (an image folder) still gives a bank of every class. Returns ``(loader, dataset)``.
+    """
+    dataset = load_split(data_args, split, streaming=streaming, limit=limit, seed=seed)
+    collator = ImageCollator(
+        eval_transform(data_args.image_size, mean, std), data_args.image_column, data_args.label_column
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=dataloader_workers(dataset, num_workers),
+        collate_fn=collator,
+    )
+    return loader, dataset
+
+
 # --------------------------------------------------------------------------------------------------
-# Sizes and steps (streaming has no len())
+# Sizes (streaming has no len())
 # --------------------------------------------------------------------------------------------------
 
 
@@ -545,468 +554,3 @@ def count_examples(data_args: DataArguments, split: Literal["train", "eval"] = "
     if count is not None and limit is not None:
         count = min(count, limit)
     return count
-
-
-def steps_per_epoch(num_examples: int, world_size: int, per_device_batch: int, *, drop_last: bool = True) -> int:
-    """Batches every rank runs in one epoch, the same on all ranks.
-
-    ``drop_last=True`` leaves out the remainder that does not fill a global batch (``world_size x
-    per_device_batch``); ``False`` rounds up and the ranks repeat a few examples to fill the last one.
-    """
-    for name, value in (
-        ("num_examples", num_examples),
-        ("world_size", world_size),
-        ("per_device_batch", per_device_batch),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    global_batch = world_size * per_device_batch
-    steps = num_examples // global_batch if drop_last else math.ceil(num_examples / global_batch)
-    if steps == 0:
-        raise ValueError(
-            f"{num_examples} examples do not fill one global batch of {global_batch} "
-            f"({world_size} ranks x {per_device_batch}); lower the batch size or pass drop_last=False"
-        )
-    return steps
-
-
-# --------------------------------------------------------------------------------------------------
-# Streaming per rank
-# --------------------------------------------------------------------------------------------------
-
-
-def shard_stream(
-    ds: Any, *, rank: int, world_size: int, seed: int, buffer_size: int = 10_000, shuffle: bool = True
-) -> Any:
-    """This rank's part of a streamed dataset, shuffled with a seed common to all ranks.
-
-    ``split_dataset_by_node`` gives each rank whole shards when their number divides by ``world_size``,
-    else every ``world_size``-th example of all shards; both are disjoint and cover everything. The seed
-    must be the same on every rank: the shard order it draws decides which shards a rank gets.
-    """
-    from datasets import IterableDataset
-    from datasets.distributed import split_dataset_by_node
-
-    if not isinstance(ds, IterableDataset):
-        raise TypeError(f"shard_stream expects a streamed datasets.IterableDataset, got {type(ds).__name__}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
-    if shuffle and buffer_size < 1:
-        raise ValueError(f"buffer_size must be positive, got {buffer_size}")
-    if world_size > 1:
-        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    if shuffle:
-        ds = ds.shuffle(seed=seed, buffer_size=buffer_size)
-    return ds
-
-
-class EqualStepsIterable(torch.utils.data.IterableDataset):
-    """Yields exactly ``steps x per_device_batch`` examples of a stream, in whole batches per worker.
-
-    Ranks' shards rarely hold the same number of examples; a rank that stops early leaves the others
-    waiting in a collective. This wrapper cuts a long stream and cycles a short one (the repeats are
-    this rank's own examples, in the same order), so every rank yields ``steps`` batches. With
-    DataLoader workers the batches are divided among the workers that own shards (the stream gives
-    workers beyond ``num_shards`` nothing), whole batches each, so no partial batch appears.
-
-    ``len()`` is known, so ``Trainer`` can count epochs. ``set_epoch`` is forwarded to the stream.
-    """
-
-    def __init__(self, dataset: Any, steps: int, per_device_batch: int) -> None:
-        super().__init__()
-        if steps < 1 or per_device_batch < 1:
-            raise ValueError(f"steps and per_device_batch must be positive, got {steps} and {per_device_batch}")
-        self.dataset = dataset
-        self.steps = steps
-        self.per_device_batch = per_device_batch
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.steps * self.per_device_batch
-
-    @property
-    def num_shards(self) -> int | None:
-        """Shards of the wrapped stream for this rank (the useful maximum of DataLoader workers)."""
-        return getattr(self.dataset, "num_shards", None)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Forward the epoch to the stream, which reseeds its shuffle with it."""
-        self.epoch = epoch
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def _quota(self) -> int:
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        shards = self.num_shards
-        active = min(workers, shards) if shards else workers
-        if worker >= active:
-            return 0
-        batches = self.steps // active + (1 if worker < self.steps % active else 0)
-        return batches * self.per_device_batch
-
-    def __iter__(self) -> Iterator[Any]:
-        quota = self._quota()
-        emitted = 0
-        while emitted < quota:
-            produced = 0
-            for example in self.dataset:
-                yield example
-                produced += 1
-                emitted += 1
-                if emitted >= quota:
-                    return
-            if produced == 0:
-                raise RuntimeError(
-                    "The stream gave this rank/worker no examples, so it cannot fill its batches; use fewer "
-                    "DataLoader workers (see dataloader_workers) or more shards"
-                )
-
-
-def dataloader_workers(ds: Any, requested: int) -> int:
-    """DataLoader workers worth starting for ``ds``: a stream cannot feed more workers than it has shards.
-
-    Warns and returns the shard count when ``requested`` exceeds it (the surplus workers would sit idle).
-    """
-    if requested < 0:
-        raise ValueError(f"the number of workers cannot be negative, got {requested}")
-    shards = getattr(ds, "num_shards", None)
-    streamed = isinstance(ds, torch.utils.data.IterableDataset) or type(ds).__name__ == "IterableDataset"
-    if streamed and shards and requested > shards:
-        warnings.warn(
-            f"{requested} DataLoader workers requested but this rank's stream has {shards} shard(s); "
-            f"using {shards}. Write the data in more shards to read it with more workers.",
-            stacklevel=2,
-        )
-        return shards
-    return requested
-
-
-def prepare_per_rank_dataloader(accelerator: Any, dataloader: torch.utils.data.DataLoader) -> Any:
-    """Device placement for a DataLoader that already reads only this rank's data.
-
-    ``accelerator.prepare`` would shard an iterable dataset again (``.shard`` or ``IterableDatasetShard``)
-    and each rank would see a fraction of its own part. Preparing as a single process keeps the stream
-    whole; the loader is still registered with the accelerator so that ``save_state`` knows it. RNG
-    states are not synchronised: each rank draws its own augmentations.
-    """
-    from accelerate.data_loader import prepare_data_loader
-
-    prepared = prepare_data_loader(
-        dataloader,
-        accelerator.device,
-        num_processes=1,
-        process_index=0,
-        put_on_device=accelerator.device_placement,
-        rng_types=None,
-        dispatch_batches=False,
-        non_blocking=getattr(accelerator, "non_blocking", False),
-        use_stateful_dataloader=getattr(accelerator, "use_stateful_dataloader", False),
-    )
-    registry = getattr(accelerator, "_dataloaders", None)
-    if isinstance(registry, list):
-        registry.append(prepared)
-    return prepared
-
-
-# --------------------------------------------------------------------------------------------------
-# Decoding and colour
-# --------------------------------------------------------------------------------------------------
-
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
-_ALPHA_MODES = frozenset({"RGBA", "LA", "La", "RGBa", "PA"})
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB as the models expect.
-
-    Transparent images are composited on white, as viewers show them (dropping alpha would reveal
-    whatever colour hides under transparent pixels, often black). 16-bit images are scaled to 8 bits
-    (PIL's own conversion clips them, turning most of the image white). 32-bit integer images are treated
-    as 16-bit when they exceed 255; float images as [0, 1] when they fit in it, else [0, 255].
-    """
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in _SIXTEEN_BIT_MODES or mode == "I":
-        values = np.asarray(image).astype(np.float32)
-        if mode in _SIXTEEN_BIT_MODES or values.max(initial=0) > 255:
-            values = values / 257.0
-        return Image.fromarray(np.clip(values.round(), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if mode == "F":
-        values = np.asarray(image).astype(np.float32)
-        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
-            values = values * 255.0
-        return Image.fromarray(np.clip(values.round(), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _open(source: Any) -> Image.Image | None:
-    try:
-        with Image.open(source) as image:
-            image.load()
-            return to_rgb(image) if image.mode != "RGB" else image.copy()
-    except Exception:  # corrupt data raises many types in PIL (OSError, SyntaxError, struct.error, ...)
-        return None
-
-
-def decode_image(value: Any) -> Image.Image | None:
-    """Decode one image value to RGB, or return None when it cannot be decoded (never raises for bad data).
-
-    Accepts what ``datasets`` gives with ``Image(decode=False)`` (``{"bytes": ..., "path": ...}``), raw
-    bytes, a file path, or a PIL image. Truncated, corrupt, missing or empty data gives None so the
-    caller can skip and count it. Raises ``TypeError`` only for a value that is no image at all (a
-    misconfigured column).
-    """
-    if value is None:
-        return None
-    if isinstance(value, Image.Image):
-        try:
-            value.load()
-            return to_rgb(value)
-        except Exception:
-            return None
-    if isinstance(value, Mapping):
-        data, path = value.get("bytes"), value.get("path")
-        if data:
-            return decode_image(bytes(data))
-        if path:
-            return _open(path)
-        return None
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return _open(io.BytesIO(bytes(value))) if len(value) else None
-    if isinstance(value, (str, os.PathLike)):
-        return _open(value)
-    raise TypeError(
-        f"Cannot read an image from a {type(value).__name__}; the image column must hold image bytes, "
-        "paths or {'bytes', 'path'} dicts"
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Transforms
-# --------------------------------------------------------------------------------------------------
-
-
-def _stats_triplet(value: Any, name: str) -> tuple[float, float, float]:
-    if isinstance(value, (int, float)):
-        values = [float(value)] * 3
-    else:
-        values = [float(v) for v in value]
-        if len(values) == 1:
-            values *= 3
-    if len(values) != 3:
-        raise ValueError(f"image {name} must have 1 or 3 values (one per RGB channel), got {len(values)}")
-    return values[0], values[1], values[2]
-
-
-def image_stats(
-    image_processor: Any = None,
-) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Normalisation (mean, std) per RGB channel that the teacher was trained with.
-
-    Read from a transformers image processor (or its dict form): ``image_mean`` / ``image_std``; a
-    processor with ``do_normalize=False`` expects unnormalised [0, 1] pixels, i.e. mean 0 and std 1.
-    Without a processor or without stats, ImageNet's (the teachers of the paper all use them).
-    """
-    if image_processor is None:
-        return IMAGENET_MEAN, IMAGENET_STD
-
-    def get(key: str) -> Any:
-        if isinstance(image_processor, Mapping):
-            return image_processor.get(key)
-        return getattr(image_processor, key, None)
-
-    if get("do_normalize") is False:
-        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    mean, std = get("image_mean"), get("image_std")
-    if mean is None or std is None:
-        return IMAGENET_MEAN, IMAGENET_STD
-    mean3, std3 = _stats_triplet(mean, "mean"), _stats_triplet(std, "std")
-    if min(std3) <= 0:
-        raise ValueError(f"image std must be positive, got {std3}")
-    return mean3, std3
-
-
-def _check_transform_args(image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std need 3 values each (RGB), got {list(mean)} and {list(std)}")
-    if min(std) <= 0:
-        raise ValueError(f"std must be positive, got {list(std)}")
-
-
-def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[Any]:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-
-
-def train_transform(
-    image_size: int,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    *,
-    scale: tuple[float, float] = (0.2, 1.0),
-) -> v2.Compose:
-    """The published training view: RandomResizedCrop(image_size, scale=(0.2, 1), bicubic) + flip + normalise.
-
-    Works on PIL images of any mode (converted to RGB first); images smaller than the crop are upsampled.
-    Returns a float tensor [3, image_size, image_size].
-    """
-    _check_transform_args(image_size, mean, std)
-    return v2.Compose(
-        [
-            v2.Lambda(to_rgb, Image.Image),
-            v2.RandomResizedCrop(image_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip(),
-            *_to_normalised_tensor(mean, std),
-        ]
-    )
-
-
-def eval_transform(
-    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> v2.Compose:
-    """The evaluation view of DINO's protocol, scaled to ``image_size``: resize the short side to
-    round(image_size x 256 / 224) (bicubic), centre-crop ``image_size``, normalise."""
-    _check_transform_args(image_size, mean, std)
-    return v2.Compose(
-        [
-            v2.Lambda(to_rgb, Image.Image),
-            v2.Resize(round(image_size * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(image_size),
-            *_to_normalised_tensor(mean, std),
-        ]
-    )
-
-
-def probe_train_transform(
-    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> v2.Compose:
-    """The training view of DINO's linear evaluation: RandomResizedCrop(image_size) at torchvision's defaults
-    (scale (0.08, 1), bilinear) + horizontal flip + normalise.
-
-    Not the distillation view (``train_transform``: scale (0.2, 1), bicubic). The probe is scored
-    on ``eval_transform`` (resize 256/224 bicubic, centre crop). Returns a float tensor
-    [3, image_size, image_size] for a PIL image of any mode.
-    """
-    _check_transform_args(image_size, mean, std)
-    return v2.Compose(
-        [
-            v2.Lambda(to_rgb, Image.Image),
-            v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BILINEAR),
-            v2.RandomHorizontalFlip(),
-            *_to_normalised_tensor(mean, std),
-        ]
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Collator
-# --------------------------------------------------------------------------------------------------
-
-
-def _label(example: Mapping[str, Any], column: str) -> int:
-    if column not in example:
-        raise KeyError(f"Example has no label column {column!r}; its columns are {sorted(example)}")
-    value = example[column]
-    try:
-        return int(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"Label {value!r} in column {column!r} is not a class index") from err
-
-
-class ImageCollator:
-    """Decodes, augments and batches examples in the DataLoader workers; undecodable images are skipped.
-
-    Returns ``{"pixel_values": float [B', 3, H, W], "labels": long [B'] (with a label column),
-    "skipped_images": long scalar}`` where B' = B minus the images that failed to decode. The count rides
-    in the batch because workers are other processes; the trainer pops and sums it.
-
-    When every image of a batch fails, ``pixel_values`` has 0 rows (the right H and W) and
-    ``labels`` 0 entries; the trainer skips such a batch. ``fill_skipped=True`` instead keeps the batch
-    size constant (static shapes for ``torch.compile``, equal work across ranks) by adding fresh random
-    views of the batch's decoded images in place of the failed ones; the count still reports the failures.
-    """
-
-    def __init__(
-        self,
-        transform: Callable[[Image.Image], torch.Tensor],
-        image_column: str = _DEFAULT_IMAGE_COLUMN,
-        label_column: str | None = None,
-        *,
-        fill_skipped: bool = False,
-    ) -> None:
-        self.transform = transform
-        self.image_column = image_column
-        self.label_column = label_column
-        self.fill_skipped = fill_skipped
-        self._empty_shape: tuple[int, ...] | None = None
-
-    def _output_shape(self) -> tuple[int, ...]:
-        # Every transform used here gives a fixed shape whatever the input; measure it once.
-        if self._empty_shape is None:
-            self._empty_shape = tuple(self.transform(Image.new("RGB", (64, 64), (128, 128, 128))).shape)
-        return self._empty_shape
-
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        images: list[Image.Image] = []
-        labels: list[int] = []
-        for example in examples:
-            if self.image_column not in example:
-                raise KeyError(f"Example has no image column {self.image_column!r}; its columns are {sorted(example)}")
-            image = decode_image(example[self.image_column])
-            if image is None:
-                continue
-            images.append(image)
-            if self.label_column is not None:
-                labels.append(_label(example, self.label_column))
-        skipped = len(examples) - len(images)
-        sources = list(range(len(images)))
-        if self.fill_skipped and images and skipped:
-            sources += [i % len(images) for i in range(skipped)]
-        if sources:
-            pixel_values = torch.stack([self.transform(images[i]) for i in sources])
-        else:
-            pixel_values = torch.empty((0, *self._output_shape()), dtype=torch.float32)
-        batch = {"pixel_values": pixel_values}
-        if self.label_column is not None:
-            batch["labels"] = torch.tensor([labels[i] for i in sources], dtype=torch.long)
-        batch["skipped_images"] = torch.tensor(skipped, dtype=torch.long)
-        return batch
-
-
-def eval_view_loader(
-    data_args: DataArguments,
-    split: Literal["train", "eval"],
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    *,
-    batch_size: int,
-    num_workers: int = 0,
-    streaming: bool | None = None,
-    limit: int | None = None,
-    seed: int = DEFAULT_SUBSET_SEED,
-) -> tuple[torch.utils.data.DataLoader, Any]:
-    """Labelled images of ``split`` with the evaluation view (resize + centre crop), unshuffled.
-
-    What every k-NN memory bank and test set is read with. ``limit`` keeps at most N examples, a random
-    subset drawn with ``seed`` like ``max_*_samples`` (see :func:`load_split`), so that a class-sorted
-    source (an image folder) still gives a bank of every class. Returns ``(loader, dataset)``.
-    """
-    dataset = load_split(data_args, split, streaming=streaming, limit=limit, seed=seed)
-    collator = ImageCollator(
-        eval_transform(data_args.image_size, mean, std), data_args.image_column, data_args.label_column
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=dataloader_workers(dataset, num_workers),
-        collate_fn=collator,
-    )
-    return loader, dataset

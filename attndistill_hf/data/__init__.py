@@ -1,0 +1,82 @@
+"""Training and evaluation images: sources, per-rank streaming, the published transforms, a robust collator.
+
+Distillation needs no labels, only many images, read fast and never stopping a run. The design follows
+from that:
+
+* Images stay encoded in the dataset (``datasets.Image(decode=False)``) and are decoded in the collator,
+  inside the DataLoader workers, where a corrupt file can be caught, skipped and counted. The count
+  travels inside the batch (``skipped_images``) because workers are separate processes.
+* Streaming (``--streaming``) reads shards as they come. Every rank reads its own shards, shuffles with
+  the same seed and is truncated or cycled to the same number of batches, so that no rank leaves the
+  others blocked in a collective.
+* Augmentation is the published one: RandomResizedCrop(scale 0.2-1, bicubic) + flip + the teacher's
+  normalisation; evaluation resizes to 256/224 of the crop and centre-crops.
+
+The modules:
+
+* :mod:`.sources`: ``DataArguments``, Hub / folder / shard sources, :func:`load_split`,
+  :func:`count_examples` and the evaluation-view loader.
+* :mod:`.streaming`: each rank's part of a stream, equal steps on every rank, DataLoader workers and device
+  placement (what the trainer needs).
+* :mod:`.decoding`: image bytes, files and PIL images to 8-bit RGB; None for what cannot be decoded.
+* :mod:`.transforms`: the teacher's normalisation, the training and evaluation views, :class:`ImageCollator`.
+
+The public names of all four are importable from here (``from attndistill_hf.data import load_split``).
+"""
+
+from .decoding import decode_image, to_rgb
+from .sources import (
+    DEFAULT_SUBSET_SEED,
+    WEBDATASET_IMAGE_KEYS,
+    WEBDATASET_LABEL_KEYS,
+    DataArguments,
+    check_hub_split,
+    column_names,
+    count_examples,
+    eval_view_loader,
+    load_split,
+    require_label_column,
+)
+from .streaming import (
+    EqualStepsIterable,
+    dataloader_workers,
+    prepare_per_rank_dataloader,
+    shard_stream,
+    steps_per_epoch,
+)
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageCollator,
+    eval_transform,
+    image_stats,
+    probe_train_transform,
+    train_transform,
+)
+
+__all__ = [
+    "DEFAULT_SUBSET_SEED",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "WEBDATASET_IMAGE_KEYS",
+    "WEBDATASET_LABEL_KEYS",
+    "DataArguments",
+    "EqualStepsIterable",
+    "ImageCollator",
+    "check_hub_split",
+    "column_names",
+    "count_examples",
+    "dataloader_workers",
+    "decode_image",
+    "eval_transform",
+    "eval_view_loader",
+    "image_stats",
+    "load_split",
+    "prepare_per_rank_dataloader",
+    "probe_train_transform",
+    "require_label_column",
+    "shard_stream",
+    "steps_per_epoch",
+    "to_rgb",
+    "train_transform",
+]

@@ -1,0 +1,218 @@
+"""The teacher's normalisation, the published views, and the collator that decodes, augments and batches.
+
+Augmentation is the published one: RandomResizedCrop(scale 0.2-1, bicubic) + flip + the teacher's
+normalisation; evaluation resizes to 256/224 of the crop and centre-crops; the linear probe trains on DINO's
+view. :class:`ImageCollator` decodes in the DataLoader workers, where a corrupt file can be skipped, and
+carries the count of skipped images inside the batch (``skipped_images``) because workers are separate
+processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from .decoding import decode_image, to_rgb
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# The image column's name in datasets' image builders; sources rename webdataset columns to it.
+_DEFAULT_IMAGE_COLUMN = "image"
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation and views
+# --------------------------------------------------------------------------------------------------
+
+
+def _stats_triplet(value: Any, name: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        values = [float(value)] * 3
+    else:
+        values = [float(v) for v in value]
+        if len(values) == 1:
+            values *= 3
+    if len(values) != 3:
+        raise ValueError(f"image {name} must have 1 or 3 values (one per RGB channel), got {len(values)}")
+    return values[0], values[1], values[2]
+
+
+def image_stats(
+    image_processor: Any = None,
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Normalisation (mean, std) per RGB channel that the teacher was trained with.
+
+    Read from a transformers image processor (or its dict form): ``image_mean`` / ``image_std``; a
+    processor with ``do_normalize=False`` expects unnormalised [0, 1] pixels, i.e. mean 0 and std 1.
+    Without a processor or without stats, ImageNet's (the teachers of the paper all use them).
+    """
+    if image_processor is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+
+    def get(key: str) -> Any:
+        if isinstance(image_processor, Mapping):
+            return image_processor.get(key)
+        return getattr(image_processor, key, None)
+
+    if get("do_normalize") is False:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    mean, std = get("image_mean"), get("image_std")
+    if mean is None or std is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    mean3, std3 = _stats_triplet(mean, "mean"), _stats_triplet(std, "std")
+    if min(std3) <= 0:
+        raise ValueError(f"image std must be positive, got {std3}")
+    return mean3, std3
+
+
+def _check_transform_args(image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values each (RGB), got {list(mean)} and {list(std)}")
+    if min(std) <= 0:
+        raise ValueError(f"std must be positive, got {list(std)}")
+
+
+def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[Any]:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def train_transform(
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    scale: tuple[float, float] = (0.2, 1.0),
+) -> v2.Compose:
+    """The published training view: RandomResizedCrop(image_size, scale=(0.2, 1), bicubic) + flip + normalise.
+
+    Works on PIL images of any mode (converted to RGB first); images smaller than the crop are upsampled.
+    Returns a float tensor [3, image_size, image_size].
+    """
+    _check_transform_args(image_size, mean, std)
+    return v2.Compose(
+        [
+            v2.Lambda(to_rgb, Image.Image),
+            v2.RandomResizedCrop(image_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
+
+
+def eval_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> v2.Compose:
+    """The evaluation view of DINO's protocol, scaled to ``image_size``: resize the short side to
+    round(image_size x 256 / 224) (bicubic), centre-crop ``image_size``, normalise."""
+    _check_transform_args(image_size, mean, std)
+    return v2.Compose(
+        [
+            v2.Lambda(to_rgb, Image.Image),
+            v2.Resize(round(image_size * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
+
+
+def probe_train_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> v2.Compose:
+    """The training view of DINO's linear evaluation: RandomResizedCrop(image_size) at torchvision's defaults
+    (scale (0.08, 1), bilinear) + horizontal flip + normalise.
+
+    Not the distillation view (``train_transform``: scale (0.2, 1), bicubic). The probe is scored
+    on ``eval_transform`` (resize 256/224 bicubic, centre crop). Returns a float tensor
+    [3, image_size, image_size] for a PIL image of any mode.
+    """
+    _check_transform_args(image_size, mean, std)
+    return v2.Compose(
+        [
+            v2.Lambda(to_rgb, Image.Image),
+            v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BILINEAR),
+            v2.RandomHorizontalFlip(),
+            *_to_normalised_tensor(mean, std),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Collator
+# --------------------------------------------------------------------------------------------------
+
+
+def _label(example: Mapping[str, Any], column: str) -> int:
+    if column not in example:
+        raise KeyError(f"Example has no label column {column!r}; its columns are {sorted(example)}")
+    value = example[column]
+    try:
+        return int(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"Label {value!r} in column {column!r} is not a class index") from err
+
+
+class ImageCollator:
+    """Decodes, augments and batches examples in the DataLoader workers; undecodable images are skipped.
+
+    Returns ``{"pixel_values": float [B', 3, H, W], "labels": long [B'] (with a label column),
+    "skipped_images": long scalar}`` where B' = B minus the images that failed to decode. The count rides
+    in the batch because workers are other processes; the trainer pops and sums it.
+
+    When every image of a batch fails, ``pixel_values`` has 0 rows (the right H and W) and
+    ``labels`` 0 entries; the trainer skips such a batch. ``fill_skipped=True`` instead keeps the batch
+    size constant (static shapes for ``torch.compile``, equal work across ranks) by adding fresh random
+    views of the batch's decoded images in place of the failed ones; the count still reports the failures.
+    """
+
+    def __init__(
+        self,
+        transform: Callable[[Image.Image], torch.Tensor],
+        image_column: str = _DEFAULT_IMAGE_COLUMN,
+        label_column: str | None = None,
+        *,
+        fill_skipped: bool = False,
+    ) -> None:
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+        self.fill_skipped = fill_skipped
+        self._empty_shape: tuple[int, ...] | None = None
+
+    def _output_shape(self) -> tuple[int, ...]:
+        # Every transform used here gives a fixed shape whatever the input; measure it once.
+        if self._empty_shape is None:
+            self._empty_shape = tuple(self.transform(Image.new("RGB", (64, 64), (128, 128, 128))).shape)
+        return self._empty_shape
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        images: list[Image.Image] = []
+        labels: list[int] = []
+        for example in examples:
+            if self.image_column not in example:
+                raise KeyError(f"Example has no image column {self.image_column!r}; its columns are {sorted(example)}")
+            image = decode_image(example[self.image_column])
+            if image is None:
+                continue
+            images.append(image)
+            if self.label_column is not None:
+                labels.append(_label(example, self.label_column))
+        skipped = len(examples) - len(images)
+        sources = list(range(len(images)))
+        if self.fill_skipped and images and skipped:
+            sources += [i % len(images) for i in range(skipped)]
+        if sources:
+            pixel_values = torch.stack([self.transform(images[i]) for i in sources])
+        else:
+            pixel_values = torch.empty((0, *self._output_shape()), dtype=torch.float32)
+        batch = {"pixel_values": pixel_values}
+        if self.label_column is not None:
+            batch["labels"] = torch.tensor([labels[i] for i in sources], dtype=torch.long)
+        batch["skipped_images"] = torch.tensor(skipped, dtype=torch.long)
+        return batch
