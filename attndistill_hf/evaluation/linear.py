@@ -35,12 +35,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .attention import run_model, unwrap_model
-from .data.sources import DataArguments, count_examples
-from .data.transforms import image_stats
-from .families import cls_feature, token_layout
-from .hub import EvalRecord, add_eval_records, records_from_results
-from .models import final_norm, load_image_processor, load_teacher
+from ..attention import run_model, unwrap_model
+from ..data.sources import DataArguments, count_examples
+from ..data.transforms import image_stats
+from ..families import cls_feature, token_layout
+from ..hub import EvalRecord, add_eval_records, records_from_results
+from ..models import final_norm, load_image_processor, load_teacher
 
 logger = logging.getLogger(__name__)
 
