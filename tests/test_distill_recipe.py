@@ -15,11 +15,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, constants
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, ResNetConfig, ResNetModel
 
+from attndistill_hf.cli import run_recipe
 from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, DataArguments
 from attndistill_hf.evaluation import KNNEvaluationCallback, card_records
 from attndistill_hf.families import UnsupportedModelError
@@ -57,6 +58,16 @@ def run(args: list[str], processes: int = 0) -> subprocess.CompletedProcess:
     result = subprocess.run(command + args, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def exit_status(argv: list[str]) -> int | str | None:
+    """``python recipes/distill.py ARGV`` run in this process (faster than a subprocess): its exit status."""
+    distill = load_recipe("distill")
+    try:
+        run_recipe(lambda: distill.main(argv))
+    except SystemExit as stopped:
+        return stopped.code
+    return 0
 
 
 QUICK = ["--student_preset", "vit-tiny-patch16", "--image_size", "32", "--patch_size", "8", "--use_cpu", "true"]
@@ -102,19 +113,18 @@ def test_corrupt_images_are_counted(tmp_path: Path, teacher_dir: Path) -> None:
     assert all(np.isfinite(e["loss"]) for e in logs)
 
 
-def test_a_folder_of_only_unreadable_images_stops_in_one_line(tmp_path: Path, teacher_dir: Path) -> None:
+def test_a_folder_of_only_unreadable_images_stops_in_one_line(
+    tmp_path: Path, teacher_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     images = tmp_path / "images" / "class0"
     images.mkdir(parents=True)
     for index in range(3):
         (images / f"{index}.png").write_bytes(b"\x89PNG\r\n\x1a\n-not-an-image")
     out = tmp_path / "out"
-    command = [sys.executable, str(DISTILL), "--teacher_name_or_path", str(teacher_dir), *QUICK, "--max_steps", "2"]
-    command += ["--train_dir", str(images.parent), "--per_device_train_batch_size", "4", "--output_dir", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert result.returncode == 2, result.stderr[-3000:]
+    argv = ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--max_steps", "2", "--train_dir", str(images.parent)]
+    assert exit_status([*argv, "--per_device_train_batch_size", "4", "--output_dir", str(out)]) == 2
     # 2 batches of the 3 files, every one unreadable; the error's line and the traceback hint end the output
-    error = result.stderr.splitlines()[-2]
+    error = capsys.readouterr().err.splitlines()[-2]
     assert error.startswith("error: No training batch held a readable image: 6 unreadable images in 2 batches")
     assert not (out / "model.safetensors").exists()
 
@@ -313,9 +323,9 @@ def test_card_names_local_data_by_name_and_publishes_no_local_path(tmp_path: Pat
     out = tmp_path / "out"
     config = tmp_path / "run.yaml"  # a config's path that a flag overrides is in the card's recipe too
     config.write_text(f"teacher_name_or_path: {teacher_dir}\noutput_dir: {tmp_path / 'elsewhere'}\n")
-    run(
-        [str(config), *QUICK, "--train_dir", str(images), "--eval_dir", str(val), "--max_steps", "1"]
-        + ["--per_device_train_batch_size", "4", "--save_steps", "1", "--output_dir", str(out)]
+    argv = [str(config), *QUICK, "--train_dir", str(images), "--eval_dir", str(val), "--max_steps", "1"]
+    assert (
+        exit_status([*argv, "--per_device_train_batch_size", "4", "--save_steps", "1", "--output_dir", str(out)]) == 0
     )
     card = ModelCard.load(out / "README.md")
     assert "split: val" in card.content and "split: test" not in card.content
@@ -332,33 +342,33 @@ def test_card_names_local_data_by_name_and_publishes_no_local_path(tmp_path: Pat
     assert scanned >= 6  # card, configs, k-NN results, trainer states
 
 
-def test_a_finished_run_is_refused_unless_overwritten_or_resumed(tmp_path: Path, teacher_dir: Path) -> None:
+def test_a_finished_run_is_refused_unless_overwritten_or_resumed(
+    tmp_path: Path, teacher_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     images = write_image_folder(tmp_path / "images", per_class=2)
     out = tmp_path / "out"
     common = ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--train_dir", str(images), "--output_dir", str(out)]
     common += ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--attention_figure_images", "0"]
-    run([*common, "--eval_dir", str(images), "--max_steps", "2", "--save_steps", "1"])
+    assert exit_status([*common, "--eval_dir", str(images), "--max_steps", "2", "--save_steps", "1"]) == 0
     first = {path.relative_to(out).as_posix(): path.read_bytes() for path in out.rglob("*") if path.is_file()}
     assert {"knn_results.json", "checkpoint-1/optimizer.pt", "checkpoint-2/optimizer.pt"} <= first.keys()
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    again = subprocess.run(
-        [sys.executable, str(DISTILL), *common, "--max_steps", "2"], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    assert again.returncode == 2
-    assert again.stderr.startswith(f"error: --output_dir {out} holds an earlier run (")
-    assert "--overwrite_output_dir true" in again.stderr and "--resume_from_checkpoint last" in again.stderr
-    assert len(again.stderr.splitlines()) == 2  # the error and the hint for the traceback
+    capsys.readouterr()
+    assert exit_status([*common, "--max_steps", "2"]) == 2
+    refused = capsys.readouterr().err
+    assert refused.startswith(f"error: --output_dir {out} holds an earlier run (")
+    assert "--overwrite_output_dir true" in refused and "--resume_from_checkpoint last" in refused
+    assert len(refused.splitlines()) == 2  # the error and the hint for the traceback
     assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first
 
-    run([*common, "--max_steps", "4", "--save_steps", "1", "--resume_from_checkpoint", "last"])
+    assert exit_status([*common, "--max_steps", "4", "--save_steps", "1", "--resume_from_checkpoint", "last"]) == 0
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     logged = [entry for entry in history if "loss" in entry]
     assert [entry["step"] for entry in logged] == [1, 2, 3, 4]  # steps 1-2 come from checkpoint-2
     first_logs = json.loads(first["trainer_state.json"])["log_history"]
     assert logged[:2] == [entry for entry in first_logs if "loss" in entry]
 
-    run([*common, "--max_steps", "1", "--save_strategy", "no", "--overwrite_output_dir", "true"])
+    assert exit_status([*common, "--max_steps", "1", "--save_strategy", "no", "--overwrite_output_dir", "true"]) == 0
     files = sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file())
     assert files == [
         "README.md",
@@ -371,17 +381,18 @@ def test_a_finished_run_is_refused_unless_overwritten_or_resumed(tmp_path: Path,
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
 
 
-def test_a_failed_push_keeps_the_output_and_exits_non_zero(tmp_path: Path, teacher_dir: Path) -> None:
+def test_a_failed_push_keeps_the_output_and_exits_non_zero(
+    tmp_path: Path, teacher_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the real client, refused before any request
     images = write_image_folder(tmp_path / "images", per_class=2)
     out = tmp_path / "out"
-    command = [sys.executable, str(DISTILL), "--teacher_name_or_path", str(teacher_dir), *QUICK, "--max_steps", "1"]
-    command += ["--train_dir", str(images), "--per_device_train_batch_size", "4", "--output_dir", str(out)]
-    command += ["--push_to_hub", "true", "--hub_model_id", "someone/student"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the real client, refused before any request
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert result.returncode == 1
-    assert f"error: Pushing {out} to the Hub repo 'someone/student' failed" in result.stderr
-    assert f"hf upload someone/student {out} ." in result.stderr  # the retry hint
+    argv = ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--max_steps", "1", "--train_dir", str(images)]
+    argv += ["--per_device_train_batch_size", "4", "--output_dir", str(out)]
+    assert exit_status([*argv, "--push_to_hub", "true", "--hub_model_id", "someone/student"]) == 1
+    stderr = capsys.readouterr().err
+    assert f"error: Pushing {out} to the Hub repo 'someone/student' failed" in stderr
+    assert f"hf upload someone/student {out} ." in stderr  # the retry hint
     for name in ("model.safetensors", "config.json", "README.md"):
         assert (out / name).is_file(), name
 
