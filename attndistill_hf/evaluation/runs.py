@@ -1,0 +1,326 @@
+"""The complete evaluations the recipes (and the demo) run: model loading, k-NN and linear runs, results.
+
+The only part of the evaluation that knows about ``DataArguments``, teacher loading and model cards: the
+protocols themselves work on models and loaders.
+
+- ``EvalArguments`` / ``load_eval_setup``: the model to evaluate, loaded frozen with its normalisation.
+- ``run_knn_eval`` / ``run_linear_eval``: features, protocol, a printed table and a results JSON.
+- ``card_records`` / ``add_results_to_card``: the results as model-card records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data.sources import DataArguments, count_examples
+from ..data.transforms import image_stats
+from ..hub import EvalRecord, add_eval_records, records_from_results
+from ..models import load_image_processor, load_teacher
+from .features import FeatureKind, _check_kind, _train_test_features, is_main_process
+from .knn import DEFAULT_KNN_KS, knn_accuracy
+from .linear import (
+    LinearProbeConfig,
+    ProbeFeatureKind,
+    probe_feature_kind,
+    train_linear_probe,
+    train_linear_probe_on_images,
+)
+
+logger = logging.getLogger(__name__)
+
+
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+
+
+@dataclass
+class EvalArguments:
+    """The model to evaluate and how to run it (shared by ``recipes/eval_knn.py`` and ``recipes/eval_linear.py``)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Model directory or Hub id to evaluate (teacher or student; any AutoModel vision backbone)."},
+    )
+    feature_kind: str | None = field(
+        default=None,
+        metadata={
+            "help": "Features: 'cls' (final CLS, DINO's k-NN), 'last4_cls' (CLS of the last 4 blocks, each through "
+            "the final norm: DINO's ViT-S/T probe) or 'cls+avgpool' (CLS + mean patch token: ViT-B probe). "
+            "Unset: 'cls' for k-NN; for the linear probe DINO's choice for the model ('auto'): 'cls+avgpool' "
+            "when its hidden_size is 768 or more (ViT-B), else 'last4_cls'. The results record the kind used."
+        },
+    )
+    batch_size: int = field(default=256, metadata={"help": "Images per forward pass (and per probe SGD step)."})
+    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes decoding images."})
+    output_json: str | None = field(default=None, metadata={"help": "Write the results to this JSON file."})
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cache extracted features here (safetensors) and reuse them on the next run with the same "
+            "model, feature kind and dataset size."
+        },
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention backend to load the model with ('sdpa', 'eager', ...)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the Hub repository (only for repositories you trust)."}
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "Autocast precision: 'auto' (bf16 on GPU, fp32 on CPU), 'bf16', 'fp16' or 'fp32'."},
+    )
+    num_classes: int | None = field(
+        default=None,
+        metadata={"help": "Number of classes; read from the label column's ClassLabel feature or the labels if unset."},
+    )
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    add_to_card: bool = field(
+        default=False,
+        metadata={
+            "help": "Add the results to the model card (README.md) of --model_name_or_path, a local folder written "
+            "by recipes/distill.py; an earlier result of the same evaluation is replaced."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            raise ValueError("--model_name_or_path is required: the model directory or Hub id to evaluate.")
+        if self.add_to_card and not (Path(self.model_name_or_path) / "README.md").is_file():
+            raise ValueError(
+                f"--add_to_card needs a local model folder with a model card; {self.model_name_or_path!r} has no "
+                "README.md. Evaluate the output folder of recipes/distill.py, or drop --add_to_card."
+            )
+        if self.feature_kind is not None:
+            _check_kind(self.feature_kind)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}.")
+        for name in ("batch_size",):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.num_workers < 0:
+            raise ValueError(f"--num_workers cannot be negative, got {self.num_workers}.")
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+
+def class_count(dataset: Any, label_column: str) -> int | None:
+    """Number of classes a ``ClassLabel`` label column declares (None for a plain integer column).
+
+    Declared classes beat the labels seen: a small test subset may miss a class the probe must still output.
+    """
+    feature = (getattr(dataset, "features", None) or {}).get(label_column)
+    return getattr(feature, "num_classes", None)
+
+
+@dataclass
+class EvalSetup:
+    """What both evaluation recipes start from: the frozen model, its normalisation, the results' metadata."""
+
+    model: nn.Module
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    metadata: dict[str, Any]
+
+
+def load_eval_setup(eval_args: EvalArguments, data_args: DataArguments) -> EvalSetup:
+    """Load ``eval_args.model_name_or_path`` frozen in eval mode, with the normalisation it was trained with.
+
+    Loading goes through ``models.load_teacher`` (``AutoModel.from_pretrained``, MAE masking switched
+    off), so any teacher or student checkpoint is evaluated the same way. ``metadata`` (model, data
+    source, normalisation) heads every results JSON.
+    """
+    name = eval_args.model_name_or_path
+    trust = eval_args.trust_remote_code
+    model = load_teacher(name, attn_implementation=eval_args.attn_implementation, trust_remote_code=trust, role="model")
+    configured = getattr(model.config, "image_size", None)
+    if isinstance(configured, int) and configured != data_args.image_size:
+        logger.warning(
+            "The model was configured for %d px images and is evaluated at --image_size %d "
+            "(position embeddings are interpolated).",
+            configured,
+            data_args.image_size,
+        )
+    mean, std = image_stats(load_image_processor(name, trust_remote_code=trust))
+    metadata = {
+        "model": name,
+        "data": {key: value for key, value in asdict(data_args).items() if value is not None},
+        "image_mean": list(mean),
+        "image_std": list(std),
+    }
+    return EvalSetup(model, mean, std, metadata)
+
+
+def card_records(
+    results: Mapping[str, Any], data_args: DataArguments, *, bank_limit: int | None = None
+) -> list[EvalRecord]:
+    """Model-card records of k-NN or linear-probe results on ``data_args``' data.
+
+    A k-NN memory bank drawn as a subset (``bank_limit`` or ``--max_train_samples``) that is smaller than
+    the whole train split is named with its size, so that a subset's number never passes for DINO's
+    protocol, whose bank is every train image. The whole split's size comes from the files or
+    ``--num_train_examples``; when it is unknown, a subset bank is named with its own size.
+    """
+    records = records_from_results(results, data_args.source_name, data_args.eval_split_name)
+    limits = [n for n in (bank_limit, data_args.max_train_samples) if n is not None]
+    if "knn" not in results or not limits:
+        return records
+    bank = results["num_train"]
+    whole = count_examples(replace(data_args, max_train_samples=None), "train")
+    if whole is not None and bank >= whole:
+        return records
+    note = f"memory bank: {bank} of {whole} train images" if whole else f"memory bank: {bank} train images"
+    return [replace(record, metric_name=f"{record.metric_name}, {note}") for record in records]
+
+
+def add_results_to_card(eval_args: EvalArguments, data_args: DataArguments, results: Mapping[str, Any]) -> None:
+    """With ``--add_to_card``: the results become records of the evaluated folder's model card."""
+    if eval_args.add_to_card:
+        records = card_records(results, data_args)
+        path = add_eval_records(eval_args.model_name_or_path, records)
+        logger.info("Added %d result(s) to %s", len(records), path)
+
+
+def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A plain-text table (markdown-compatible) of the results."""
+    cells = [[str(h) for h in header]] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) + " |" for row in cells
+    ]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return "\n".join(lines)
+
+
+def _write_json(
+    results: Mapping[str, Any], output_json: str | os.PathLike[str] | None, accelerator: Any | None
+) -> None:
+    if output_json is not None and is_main_process(accelerator):
+        path = Path(output_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run_knn_eval(
+    model: nn.Module,
+    train_loader: Iterable[Any],
+    test_loader: Iterable[Any],
+    *,
+    kind: FeatureKind = "cls",
+    ks: Sequence[int] = DEFAULT_KNN_KS,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    accelerator: Any | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    output_json: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    print_table: bool = True,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The full k-NN evaluation: extract (or load cached) features, weighted k-NN for every k, table + JSON.
+
+    Both loaders should use the eval preprocessing (resize + center crop). The model is put in eval
+    mode for the duration and restored afterwards. Returns ``{"knn": {k: {"top1", "top5"}}, ...}`` with
+    string keys for k, as written to ``output_json``.
+    """
+    train, test = _train_test_features(
+        model, train_loader, test_loader, kind, cache_dir, accelerator=accelerator, dtype=dtype, progress=progress
+    )
+    scores = knn_accuracy(*train, *test, ks=ks, temperature=temperature, num_classes=num_classes, progress=progress)
+    results: dict[str, Any] = {
+        **(extra or {}),
+        "protocol": "knn",
+        "kind": kind,
+        "temperature": temperature,
+        "num_train": int(train[0].shape[0]),
+        "num_test": int(test[0].shape[0]),
+        "feature_dim": int(train[0].shape[1]),
+        "knn": {str(k): score for k, score in scores.items()},
+    }
+    if print_table and is_main_process(accelerator):
+        rows = [(k, score["top1"], score["top5"]) for k, score in scores.items()]
+        print(format_table(rows, ("k", "top-1 (%)", "top-5 (%)")))
+    _write_json(results, output_json, accelerator)
+    return results
+
+
+def run_linear_eval(
+    model: nn.Module,
+    train_loader: DataLoader,
+    test_loader: Iterable[Any],
+    *,
+    kind: ProbeFeatureKind = "auto",
+    config: LinearProbeConfig | None = None,
+    augment: bool = True,
+    train_labels: torch.Tensor | Sequence[int] | None = None,
+    num_classes: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    output_json: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | None = None,
+    print_table: bool = True,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The full linear (or semi-supervised) evaluation, as a table and JSON.
+
+    ``augment=True`` is the faithful path (``train_loader`` applies ``probe_train_transform`` and the
+    frozen backbone runs every epoch); ``augment=False`` extracts ``train_loader``'s features once
+    (cacheable in ``cache_dir``; give it eval preprocessing) and trains on them. ``kind="auto"`` resolves
+    with ``probe_feature_kind`` from the model's config; the results' ``"kind"`` is the feature used.
+    """
+    config = config or LinearProbeConfig()
+    feature_kind = probe_feature_kind(kind, getattr(model, "config", None))
+    how = "DINO's choice for this model's width" if kind == "auto" else "as requested"
+    logger.info("Linear-probe features: %s (%s)", feature_kind, how)
+    if augment:
+        report = train_linear_probe_on_images(
+            model,
+            train_loader,
+            test_loader,
+            feature_kind,
+            config,
+            train_labels=train_labels,
+            num_classes=num_classes,
+            dtype=dtype,
+        )
+    else:
+        train, test = _train_test_features(
+            model, train_loader, test_loader, feature_kind, cache_dir, dtype=dtype, progress=config.progress
+        )
+        report = train_linear_probe(*train, *test, config, num_classes=num_classes)
+    results: dict[str, Any] = {
+        **(extra or {}),
+        "protocol": "semi-supervised" if config.label_fraction is not None else "linear",
+        "kind": feature_kind,
+        "augment": augment,
+        **report,
+        "config": {key: value for key, value in asdict(config).items() if key != "progress"},
+    }
+    if print_table:
+        rows = [(lr, score["top1"], score["top5"]) for lr, score in report["per_lr"].items()]
+        print(format_table(rows, ("lr", "top-1 (%)", "top-5 (%)")))
+        best = f"lr {report['lr']:g}, top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}%"
+        print(f"best ({feature_kind} features): {best}")
+        best_epoch = report["best_epoch"]
+        print(
+            f"best over the scored epochs (DINO's number, chosen on the test set): epoch {best_epoch['epoch']}, "
+            f"lr {best_epoch['lr']:g}, top-1 {best_epoch['top1']:.2f}%"
+        )
+    _write_json(results, output_json, None)
+    return results
