@@ -10,38 +10,31 @@ needs this library's model code, which is the point: a distilled student is an o
 
 The data flags are the library's ``DataArguments`` (``--dataset_name``, ``--train_dir`` / ``--eval_dir``,
 ``--data_files`` / ``--eval_data_files``, columns, sample limits, ``--image_size``), read by the same
-loader and collator as distillation, so undecodable images are skipped and counted rather than fatal.
+loader as distillation. As in transformers' image-classification example, each split gets its own view
+(the training augmentation, the deterministic evaluation view) and one collator batches both;
+undecodable images are skipped and counted rather than fatal (``attndistill_hf.finetune``).
 A ``.yaml`` / ``.json`` config file may come first; flags after it override its values.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from datasets import ClassLabel, Dataset
-from torch import nn
-from transformers import (
-    AutoImageProcessor,
-    EvalPrediction,
-    Trainer,
-    TrainingArguments,
-    ViTForImageClassification,
-)
+from transformers import AutoImageProcessor, TrainingArguments, ViTForImageClassification
 
 from attndistill_hf.cli import parse_config_and_flags, run_recipe
 from attndistill_hf.data import (
     DataArguments,
-    ImageCollator,
     eval_transform,
     image_stats,
     load_split,
     require_label_column,
     train_transform,
 )
+from attndistill_hf.finetune import FinetuneTrainer, ViewTransform, accuracy, collate_views, label_names
 from attndistill_hf.models import check_model_location
 
 logger = logging.getLogger(__name__)
@@ -61,110 +54,6 @@ class ModelArguments:
         self.student_dir = check_model_location(self.student_dir, role="student")
 
 
-def label_names(train: Dataset, label_column: str, num_labels: int | None) -> list[str]:
-    """Class names for ``id2label``: the ClassLabel names, or ``class_<i>`` for plain integer labels.
-
-    The class count comes from the ClassLabel feature when there is one (rare classes absent from a
-    subset still get a logit), else from the largest label seen; ``num_labels`` may only enlarge it.
-    """
-    feature = train.features[label_column]
-    if isinstance(feature, ClassLabel):
-        names = list(feature.names)
-    else:
-        labels = train[label_column]
-        if not labels:
-            raise ValueError("The train split is empty: no labels to infer the number of classes from.")
-        names = [f"class_{i}" for i in range(int(max(labels)) + 1)]
-    if num_labels is not None:
-        if num_labels < len(names):
-            raise ValueError(f"num_labels={num_labels} but the labels need at least {len(names)} classes.")
-        names += [f"class_{i}" for i in range(len(names), num_labels)]
-    return names
-
-
-class FinetuneTrainer(Trainer):
-    """The stock ``Trainer``, adapted to the library's image collator (which skips undecodable images).
-
-    - Evaluation batches use their own collator (the deterministic eval view): the stock Trainer has one
-      ``data_collator`` for every loader, so evaluation would otherwise see the training augmentation.
-    - ``skipped_images`` is popped from each batch before the model sees it and summed per phase. The
-      count rides in the batch, not in the collator, because DataLoader workers are other processes.
-    - A batch whose images all failed to decode is not run (a mean over zero rows is NaN and would
-      poison the weights); training takes a zero loss step on it instead.
-    - ``interpolate_pos_encoding`` is passed when the crop size differs from the student's resolution.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        eval_data_collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
-        interpolate_pos_encoding: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.eval_data_collator = eval_data_collator
-        self.interpolate_pos_encoding = interpolate_pos_encoding
-        self.skipped_images = {"train": 0, "eval": 0}
-
-    def _model_inputs(self, inputs: dict[str, Any], phase: str) -> dict[str, Any]:
-        skipped = inputs.pop("skipped_images", None)
-        if skipped is not None:
-            self.skipped_images[phase] += int(torch.as_tensor(skipped).sum())
-        if self.interpolate_pos_encoding:
-            inputs["interpolate_pos_encoding"] = True
-        return inputs
-
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        inputs = self._model_inputs(inputs, "train" if model.training else "eval")
-        if inputs["pixel_values"].shape[0] == 0:
-            logger.warning("Every image of a batch failed to decode; taking a zero step.")
-            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-            return (zero, None) if return_outputs else zero
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def prediction_step(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        inputs = self._model_inputs(inputs, "eval")
-        if inputs["pixel_values"].shape[0] == 0:
-            return None, None, None
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-
-    def _with_eval_collator(self, make: Callable[[], torch.utils.data.DataLoader]) -> torch.utils.data.DataLoader:
-        if self.eval_data_collator is None:
-            return make()
-        train_collator = self.data_collator
-        self.data_collator = self.eval_data_collator
-        try:
-            return make()
-        finally:
-            self.data_collator = train_collator
-
-    def get_eval_dataloader(self, eval_dataset: Any = None) -> torch.utils.data.DataLoader:
-        return self._with_eval_collator(lambda: super(FinetuneTrainer, self).get_eval_dataloader(eval_dataset))
-
-    def get_test_dataloader(self, test_dataset: Any) -> torch.utils.data.DataLoader:
-        return self._with_eval_collator(lambda: super(FinetuneTrainer, self).get_test_dataloader(test_dataset))
-
-
-def accuracy(prediction: EvalPrediction) -> dict[str, float]:
-    """Top-1 accuracy of the logits against the labels."""
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    return {
-        "accuracy": torch.as_tensor(logits).argmax(-1).eq(torch.as_tensor(prediction.label_ids)).float().mean().item()
-    }
-
-
 def parse_args(
     args: Sequence[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -179,7 +68,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         raise ValueError("Fine-tuning reads a prepared (map-style) dataset; drop --streaming.")
     if data_args.gpu_augment:
         raise ValueError("--gpu_augment is for distillation; fine-tuning augments in the DataLoader workers.")
-    # The collator needs the image column, which the Trainer would otherwise drop as unused by forward.
+    # The split views read the image column, which the Trainer would otherwise drop as unused by forward.
     training_args.remove_unused_columns = False
 
     train = load_split(data_args, "train")
@@ -203,16 +92,17 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
             "Fine-tuning at %d px, the student was trained at %s px: interpolating positions.", size, configured
         )
     mean, std = image_stats(processor)
-    train_collator = ImageCollator(train_transform(size, mean, std), data_args.image_column, data_args.label_column)
-    eval_collator = ImageCollator(eval_transform(size, mean, std), data_args.image_column, data_args.label_column)
+    columns = (data_args.image_column, data_args.label_column)
+    train = train.with_transform(ViewTransform(train_transform(size, mean, std), *columns))
+    if evaluation is not None:
+        evaluation = evaluation.with_transform(ViewTransform(eval_transform(size, mean, std), *columns))
 
     trainer = FinetuneTrainer(
         model=model,
         args=training_args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=train_collator,
-        eval_data_collator=eval_collator,
+        data_collator=collate_views,
         interpolate_pos_encoding=interpolate,
         processing_class=processor,
         compute_metrics=accuracy,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import EvalPrediction, ViTForImageClassification, ViTImageProcessor, ViTModel
+
+from attndistill_hf.data import eval_transform
+from attndistill_hf.finetune import ViewTransform, accuracy, collate_views, label_names
 
 from helpers import load_recipe, tiny_student
 
@@ -55,17 +59,34 @@ def write_split(path: Path, per_class: int, seed: int, corrupt: int = 0) -> Path
 def test_accuracy_is_top1_of_the_logits() -> None:
     logits = np.array([[0.1, 2.0, 0.0], [3.0, 0.0, 1.0], [0.0, 0.2, 0.1], [0.0, 0.0, 5.0]])
     labels = np.array([1, 0, 2, 2])
-    assert finetune.accuracy(EvalPrediction(predictions=logits, label_ids=labels)) == {"accuracy": 0.75}
+    assert accuracy(EvalPrediction(predictions=logits, label_ids=labels)) == {"accuracy": 0.75}
 
 
 def test_label_names_from_classlabel_or_integers() -> None:
     with_names = Dataset.from_dict({"label": [0, 1]}, features=Features({"label": ClassLabel(names=["a", "b", "c"])}))
-    assert finetune.label_names(with_names, "label", None) == ["a", "b", "c"]
+    assert label_names(with_names, "label", None) == ["a", "b", "c"]
     plain = Dataset.from_dict({"label": [0, 3, 1]})
-    assert finetune.label_names(plain, "label", None) == ["class_0", "class_1", "class_2", "class_3"]
-    assert finetune.label_names(plain, "label", 6)[-2:] == ["class_4", "class_5"]
+    assert label_names(plain, "label", None) == ["class_0", "class_1", "class_2", "class_3"]
+    assert label_names(plain, "label", 6)[-2:] == ["class_4", "class_5"]
     with pytest.raises(ValueError, match="at least 4"):
-        finetune.label_names(plain, "label", 3)
+        label_names(plain, "label", 3)
+
+
+def test_split_view_skips_undecodable_images_and_the_collator_counts_them() -> None:
+    view = ViewTransform(eval_transform(16), "image", "label")
+    buffer = io.BytesIO()
+    Image.new("L", (20, 24), 90).save(buffer, format="PNG")
+    good = {"bytes": buffer.getvalue(), "path": None}
+    batch = view({"image": [good, {"bytes": b"not an image", "path": None}, good], "label": [3, 1, 4]})
+    assert batch["pixel_values"][1] is None and batch["labels"] == [3, 1, 4]
+    # The evaluation view is deterministic: the same image gives the same pixels.
+    torch.testing.assert_close(batch["pixel_values"][0], batch["pixel_values"][2])
+    examples = [{"pixel_values": pixels, "labels": label} for pixels, label in zip(*batch.values(), strict=True)]
+    collated = collate_views(examples)
+    assert collated["pixel_values"].shape == (2, 3, 16, 16)
+    assert collated["labels"].tolist() == [3, 4] and int(collated["skipped_images"]) == 1
+    empty = collate_views(examples[1:2])
+    assert empty["pixel_values"].shape[0] == 0 and empty["labels"].numel() == 0 and int(empty["skipped_images"]) == 1
 
 
 def test_saved_student_loads_as_classifier_with_ten_labels(tmp_path: Path) -> None:
