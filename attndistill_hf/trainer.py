@@ -588,8 +588,6 @@ class AttnDistillTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.batch_transform is not None:
-            inputs = self.batch_transform(inputs)
         skipped = inputs.get("skipped_images")
         if skipped is not None:
             self.skipped_images += int(skipped.sum())
@@ -663,6 +661,9 @@ class AttnDistillTrainer(Trainer):
         return sum((p.sum() * 0.0 for p in member.parameters() if p.requires_grad), bad_loss.new_zeros(()))
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if self.batch_transform is not None:
+            # Before the empty-batch check: GPU decoding may find nothing readable in a batch too.
+            inputs = self.batch_transform(inputs)
         pixel_values = inputs.get("pixel_values")
         if pixel_values is not None and pixel_values.shape[0] == 0:
             loss = self._skip_unreadable_batch(model, inputs)

@@ -363,6 +363,28 @@ def test_a_batch_without_a_readable_image_is_skipped_and_a_run_without_any_stops
         unreadable_run(max_steps=2).train()  # fewer batches than the limit in a row
 
 
+def test_a_batch_transform_that_decodes_nothing_is_skipped_like_an_unreadable_batch(tmp_path: Path) -> None:
+    """GPU decoding (a batch_transform) can find no readable image in a batch too: skipped, no crash."""
+    record = RecordWeights()
+    unreadable = UnreadableBatches({2})
+
+    def decode(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return unreadable([{"pixel_values": image} for image in batch["pixel_values"]])
+
+    trainer = AttnDistillTrainer(
+        tiny_student(),
+        tiny_teacher(),
+        config(tmp_path, max_steps=3),
+        train_dataset=PixelDataset(),
+        batch_transform=decode,
+        callbacks=[record],
+    )
+    trainer.train()
+    after = record.after_step
+    assert_same(after[0], after[1])  # the second update had nothing to learn from
+    assert (trainer.skipped_images, trainer.nonfinite_steps) == (8, 0)
+
+
 def test_fp16_grad_scaler_skips_the_poisoned_update_and_backs_off(tmp_path: Path) -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     after = run_with_poisoned_second_update(tmp_path, scaler)[1].after_step
