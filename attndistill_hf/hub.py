@@ -465,7 +465,7 @@ def _usage_snippet(model_ref: str) -> str:
         '    outputs = model(**processor(images=image, return_tensors="pt"))\n'
         "features = outputs.last_hidden_state[:, 0]  # CLS token after the final LayerNorm\n"
         "\n"
-        "# Fine-tuning on a labelled dataset: a fresh classification head on the distilled backbone.\n"
+        "# Fine-tuning on a labelled dataset: a fresh classification head on this backbone.\n"
         "from transformers import ViTForImageClassification\n"
         f"classifier = ViTForImageClassification.from_pretrained({ref}, num_labels=10)"
     )
@@ -501,6 +501,59 @@ def write_model_card(output_dir: str | Path, **card_kwargs: Any) -> Path:
     return path
 
 
+def build_teacher_card(
+    *,
+    model_name: str,
+    description: str,
+    provenance: Sequence[str],
+    recipe_text: str,
+    training_summary: Mapping[str, Any],
+    eval_results: Sequence[EvalRecord],
+    evaluation: str,
+    limitations: str,
+    datasets: Sequence[str] = (),
+    extra_tags: Iterable[str] = (),
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """The model card of a teacher trained by this library (the demo's supervised ViT).
+
+    ``description`` opens the card; ``provenance`` lists how it was made (data, objective,
+    augmentation), one bullet each; ``recipe_text`` is the recipe as its config file reads;
+    ``eval_results`` become ``model-index`` entries and the results table, introduced by
+    ``evaluation`` (the protocol). ``datasets`` are Hub dataset ids. Like the student's card, every
+    number comes from the arguments and the text passes through :func:`redact`.
+    """
+    records = list(eval_results)
+    card_data = ModelCardData(
+        model_name=_public_name(model_name),
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        license=license,
+        datasets=list(datasets) or None,
+        tags=list(dict.fromkeys(["vit", "teacher", *extra_tags])),
+        eval_results=[record.to_eval_result() for record in records] or None,
+    )
+    sections = [
+        f"# {_public_name(model_name)}",
+        description,
+        "## How it was made",
+        "\n".join(f"- {item}" for item in provenance),
+        "## Training recipe",
+        _code_block(publish_local_paths(recipe_text), "yaml"),
+        "## Training summary",
+        _summary_table(training_summary),
+        "## Results",
+        evaluation,
+        _results_table(records),
+        "## How to use",
+        _code_block(_usage_snippet("path/to/this/folder"), "python"),
+        "## Limitations",
+        limitations,
+    ]
+    body = "\n\n".join(sections) + "\n"
+    return ModelCard(redact(f"---\n{card_data.to_yaml()}\n---\n\n{body}"))
+
+
 def add_eval_records(model_dir: str | Path, records: Sequence[EvalRecord]) -> Path:
     """Add evaluation results to the model card of a local model folder (``model_dir/README.md``).
 
@@ -524,7 +577,7 @@ def add_eval_records(model_dir: str | Path, records: Sequence[EvalRecord]) -> Pa
     merged = [new.pop(key(record), record) for record in before]  # re-measured results keep their place
     merged += list(new.values())
     card.data.eval_results = [record.to_eval_result() for record in merged] or None
-    text = _replace_section(card.text, "Results", _results_table(merged))
+    text = set_section(card.text, "Results", _results_table(merged))
     if merged and not before:  # the card said no evaluation was run; local data is named in the text only
         unmeasured = re.escape(_limitations_text(None, "DATASET", [])).replace("DATASET", "(?P<dataset>[^`]*)")
         text = re.sub(unmeasured, lambda match: _limitations_text(None, match["dataset"], merged), text)
@@ -533,12 +586,19 @@ def add_eval_records(model_dir: str | Path, records: Sequence[EvalRecord]) -> Pa
     return path
 
 
-def _replace_section(text: str, title: str, body: str) -> str:
-    """``text`` with the body of its ``## title`` section replaced (the section is appended when missing)."""
+def set_section(text: str, title: str, body: str, *, before: str | None = None) -> str:
+    """Markdown ``text`` with the body of its ``## title`` section replaced.
+
+    A missing section is inserted before the ``## before`` section when ``text`` has one, else appended;
+    setting a section twice therefore replaces it rather than adding a copy.
+    """
     heading = f"## {title}\n"
     start = text.find(heading)
     if start < 0:
-        return f"{text.rstrip()}\n\n{heading}\n{body}\n"
+        anchor = text.find(f"## {before}\n") if before else -1
+        if anchor < 0:
+            return f"{text.rstrip()}\n\n{heading}\n{body}\n"
+        return f"{text[:anchor]}{heading}\n{body}\n\n{text[anchor:]}"
     end = text.find("\n## ", start + len(heading))
     rest = text[end:] if end >= 0 else "\n"
     return f"{text[:start]}{heading}\n{body}\n{rest}"

@@ -4,8 +4,8 @@
     python recipes/ablation.py --seeds 0 1 2 3 --max_steps 300
 
 The demo teacher (``recipes/train_teacher.py``: supervised ViT, 4 layers, width 96, 4 heads, patch 4,
-on Fashion-MNIST) is distilled into students of width 64 and 4 layers (the ``vit-mini-*`` presets) that
-differ from it as the method's three cases do:
+on Fashion-MNIST; trained here when it is not cached yet) is distilled into students of width 64 and 4
+layers (the ``vit-mini-*`` presets) that differ from it as the method's three cases do:
 
 - ``same``:  ``vit-mini-patch4``, 4 heads, patch 4: head-to-head KL on the same 8x8 grid (case a);
 - ``heads``: ``vit-mini-2heads-patch4``, 2 heads, patch 4: the heads of both sides fused into one map (case c);
@@ -18,6 +18,7 @@ Every configuration runs for every seed (student initialisation, data order and 
 with it), and the k-NN top-1 of each student on the held-out test images is reported as mean ± sample
 standard deviation over the seeds, next to the teacher and an untrained student of each architecture.
 
+Each run is started as the demo starts its distillation (``recipes/distill.py`` in a process of its own).
 Results go to ``<output_root>/ablation/results.json`` after every run (an interrupted ablation resumes
 where it stopped; a run is redone only when its settings change) and to ``docs/results.md``.
 """
@@ -32,7 +33,6 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -43,18 +43,22 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel
 
+from attndistill_hf.cli import read_config_file, run_recipe
+from attndistill_hf.demo_pipeline import (
+    FULL,
+    LAUNCHERS,
+    TeacherRunArguments,
+    knn_loaders,
+    launch_distillation,
+    path_overrides,
+    train_teacher,
+    untrained_student,
+)
+from attndistill_hf.evaluation import run_knn_eval
+from attndistill_hf.fashion_mnist import prepare_fashion_mnist
+from attndistill_hf.hardware import hardware_description
+
 RECIPES = Path(__file__).resolve().parent
-if str(RECIPES) not in sys.path:  # the demo's stages live next to this file
-    sys.path.insert(0, str(RECIPES))
-
-import distill  # noqa: E402
-from demo import FULL, path_overrides  # noqa: E402
-from train_teacher import TeacherRunArguments, hardware_description, knn_loaders, train_teacher  # noqa: E402
-
-from attndistill_hf.cli import read_config_file, run_recipe  # noqa: E402
-from attndistill_hf.evaluation import run_knn_eval  # noqa: E402
-from attndistill_hf.fashion_mnist import prepare_fashion_mnist  # noqa: E402
-from attndistill_hf.models import build_student  # noqa: E402
 
 logger = logging.getLogger("attndistill_hf.ablation")
 
@@ -91,8 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Run this invocation's runs again even when results.json has them (other step counts are kept).",
     )
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="auto",
+        help="How distill.py runs: 'accelerate launch' (auto: when the command exists) or plain python.",
+    )
     parser.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
     return parser
+
+
+# The loss settings in which the three configs of a case differ (one student each in the case's run).
+LOSS_KEYS = ("proj_loss_weight", "attn_loss_weight")
 
 
 def case_of(config: dict[str, Any]) -> str:
@@ -159,6 +173,11 @@ def _case_label(case: str) -> tuple[str, str]:
     return label, student
 
 
+def _run_count(runs: Sequence[dict[str, Any]]) -> int:
+    """Distillation processes behind ``runs`` (each trained ``students_in_run`` of them)."""
+    return round(sum(1 / r.get("students_in_run", 1) for r in runs))
+
+
 def _schedule_section(steps: int, runs: Sequence[dict[str, Any]], state: dict[str, Any]) -> list[str]:
     """One table (and its plain comparisons) for the runs of one schedule length."""
     command = "python recipes/ablation.py" + ("" if steps == state["config_steps"] else f" --max_steps {steps}")
@@ -166,8 +185,9 @@ def _schedule_section(steps: int, runs: Sequence[dict[str, Any]], state: dict[st
     lines = [
         f"## {steps} steps: k-NN top-1 (%) on the held-out test images",
         "",
-        f"`{command}`. Distillation: {state['settings'][steps]}. {len(runs)} runs, "
-        f"{statistics.mean(times):.0f} s of distillation per run on average ({sum(times) / 60:.1f} min in all).",
+        f"`{command}`. Distillation: {state['settings'][steps]}. {len(runs)} students in {_run_count(runs)} runs "
+        f"(the loss settings of a case and seed train side by side against one teacher forward per batch), "
+        f"{statistics.mean(times):.0f} s of distillation per student on average ({sum(times) / 60:.1f} min in all).",
         "",
         "| attention case | student | loss | k=10 | k=20 | k=200 | k=20 per seed |",
         "|---|---|---|---|---|---|---|",
@@ -242,7 +262,8 @@ def render_results(state: dict[str, Any]) -> str:
         "augmentation). Cells are mean ± sample standard deviation over the seeds.",
         f"- **Machine**: {state['hardware']}; Python {platform.python_version()}, torch {torch.__version__}.",
         f"- **Date**: {date_text}.",
-        f"- **Budget**: {len(runs)} distillation runs, {sum(r['distill_time_s'] for r in runs) / 60:.1f} min of "
+        f"- **Budget**: {len(runs)} students in {_run_count(runs)} distillation runs, "
+        f"{sum(r['distill_time_s'] for r in runs) / 60:.1f} min of "
         f"distillation in all (wall clock); the last invocation took {state['total_time_s'] / 60:.1f} min"
         f"{_load_note(state['load_average'])}.",
         "",
@@ -261,9 +282,6 @@ def render_results(state: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("MPLBACKEND", "Agg")
     progress = not args.no_progress
     started = time.time()
     root, data_dir = Path(args.output_root), Path(args.data_dir)
@@ -304,39 +322,55 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stored: dict[str, dict[str, Any]] = {run["key"]: run for run in previous.get("runs", [])}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     steps = args.max_steps or default_steps
-    jobs = [(path, seed) for path in config_paths for seed in args.seeds]
+    # One distillation run per case and seed trains the case's students of every loss setting side by side
+    # (distill.py --students: one teacher forward per batch); each student equals its own single-student run.
+    case_paths: dict[str, list[str]] = {}
+    for path in config_paths:
+        case_paths.setdefault(case_of(configs[path]), []).append(path)
+    jobs = [(case, seed) for case in case_paths for seed in args.seeds]
     if args.rerun:  # this invocation's runs again; runs of other schedule lengths stay in the report
-        for path, seed in jobs:
-            stored.pop(key_for(path, steps, seed), None)
+        for path in config_paths:
+            for seed in args.seeds:
+                stored.pop(key_for(path, steps, seed), None)
     bar = tqdm(jobs, desc=f"ablation runs ({steps} steps)", unit="run", disable=not progress)
-    for path, seed in bar:
-        config = configs[path]
-        case, loss = case_of(config), loss_of(config)
-        key = key_for(path, steps, seed)
-        bar.set_postfix_str(f"{case}-{loss} seed {seed}")
-        if key in stored:
+    for case, seed in bar:
+        missing = [path for path in case_paths[case] if key_for(path, steps, seed) not in stored]
+        bar.set_postfix_str(f"{case} seed {seed}")
+        if not missing:
             continue
-        output_dir = root / "ablation" / f"{case}-{loss}-{steps}steps-seed{seed}"
-        run_started = time.time()
-        distill.main(  # a run that is not in the report is (re)run from scratch
-            [path, *overrides_for(config, steps), "--seed", str(seed), "--output_dir", str(output_dir)]
-            + ["--overwrite_output_dir", "true", "--disable_tqdm", "true"]
+        students = {loss_of(configs[path]): path for path in missing}
+        entries = [
+            json.dumps({"name": loss, **{key: configs[path][key] for key in LOSS_KEYS if key in configs[path]}})
+            for loss, path in students.items()
+        ]
+        output_dir = root / "ablation" / f"{case}-{steps}steps-seed{seed}"
+        base = missing[0]  # the case's configs differ in their loss weights only, which each student sets
+        distill_time = launch_distillation(  # a run that is not in the report is (re)run from scratch
+            RECIPES / "distill.py",
+            base,
+            [*overrides_for(configs[base], steps), "--seed", str(seed), "--output_dir", str(output_dir)]
+            + ["--overwrite_output_dir", "true", "--disable_tqdm", "true", "--students", *entries],
+            launcher=args.launcher,
+            quiet=True,
         )
-        distill_time = time.time() - run_started
-        student = AutoModel.from_pretrained(output_dir).eval()
-        record = {
-            "key": key,
-            "config": Path(path).name,
-            "case": case,
-            "loss": loss,
-            "seed": seed,
-            "max_steps": steps,
-            "knn": knn_top1(student, bank, test),
-            "distill_time_s": round(distill_time, 1),
-            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        }
-        tqdm.write(f"{record['config']} seed {seed}, {steps} steps: k-NN top-1 (k=20) {record['knn'][MAIN_K]:.2f}%")
-        stored[key] = record
+        for loss, path in students.items():
+            student = AutoModel.from_pretrained(output_dir / loss).eval()
+            key = key_for(path, steps, seed)
+            record = {
+                "key": key,
+                "config": Path(path).name,
+                "case": case,
+                "loss": loss,
+                "seed": seed,
+                "max_steps": steps,
+                "knn": knn_top1(student, bank, test),
+                # The run's wall time, shared out over the students it trained.
+                "distill_time_s": round(distill_time / len(students), 1),
+                "students_in_run": len(students),
+                "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            }
+            tqdm.write(f"{record['config']} seed {seed}, {steps} steps: k-NN top-1 (k=20) {record['knn'][MAIN_K]:.2f}%")
+            stored[key] = record
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps({"runs": list(stored.values())}, indent=2) + "\n")
 
@@ -351,12 +385,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if record["key"] == key_for(path, record_steps, record["seed"]):
             selected.append({"max_steps": record_steps, "date": today, **record})
 
-    # Each case's student at initialisation: its preset built with each seed, as distill.py builds it.
-    presets = {case: preset for preset, (case, _) in CASES.items()}
+    # Each case's student at initialisation, built with each seed as distill.py builds it from the case's configs.
+    case_configs = {case_of(config): config for config in configs.values()}
     untrained = []
-    for case in CASE_ORDER:
+    for case in (case for case in CASE_ORDER if case in case_configs):
         for seed in args.seeds:
-            model = build_student(presets[case], image_size=FULL.teacher.image_size, seed=seed).eval()
+            model = untrained_student(case_configs[case], FULL.teacher.image_size, seed)
             untrained.append({"case": case, "seed": seed, "knn": knn_top1(model, bank, test)})
 
     reference = configs[config_paths[0]]

@@ -7,10 +7,12 @@ Four stages, each with a progress bar, all offline:
 
 1. **Data**: Fashion-MNIST written as parquet shards (``recipes/prepare_fashion_mnist.py``), a
    class-balanced subset of the train split and a held-out subset of the test split.
-2. **Teacher**: a small supervised ViT (patch 4, 4 heads) trained by ``recipes/train_teacher.py``, or
-   reused when ``<output_root>/demo-teacher`` already holds one made with the same recipe and data.
+2. **Teacher**: a small supervised ViT (patch 4, 4 heads) trained with ``Trainer`` as
+   ``recipes/train_teacher.py`` trains it, or reused when ``<output_root>/demo-teacher`` already holds
+   one made with the same recipe and data.
 3. **Distillation**: ``accelerate launch --num_processes 1 --cpu recipes/distill.py
-   recipes/configs/demo.yaml`` (plain ``python`` when the ``accelerate`` command is missing). No labels.
+   recipes/configs/demo.yaml`` (plain ``python`` when the ``accelerate`` command is missing), started
+   as ``recipes/ablation.py`` starts its runs. No labels.
    The student is the config's preset ``vit-mini-2heads-patch8``: a smaller ViT with 2 heads and patch 8,
    so the attention guidance needs both of its shape adaptations (the teacher's 8x8 maps resized to the
    student's 4x4 grid, and the heads of both sides fused into one map).
@@ -28,69 +30,35 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModel
 
-RECIPES = Path(__file__).resolve().parent
-if str(RECIPES) not in sys.path:  # the teacher recipe lives next to this file
-    sys.path.insert(0, str(RECIPES))
-
-from train_teacher import (  # noqa: E402
-    KNN_KS,
-    TeacherRecipe,
+from attndistill_hf.cli import read_config_file, run_recipe
+from attndistill_hf.demo_pipeline import (
+    FULL,
+    LAUNCHERS,
+    QUICK,
     TeacherRunArguments,
-    hardware_description,
     knn_loaders,
+    launch_distillation,
+    path_overrides,
     train_teacher,
+    untrained_student,
 )
-
-from attndistill_hf.cli import read_config_file, run_recipe  # noqa: E402
-from attndistill_hf.evaluation import run_knn_eval  # noqa: E402
-from attndistill_hf.fashion_mnist import prepare_fashion_mnist  # noqa: E402
-from attndistill_hf.models import build_student  # noqa: E402
+from attndistill_hf.evaluation import DEFAULT_KNN_KS, run_knn_eval
+from attndistill_hf.fashion_mnist import prepare_fashion_mnist
+from attndistill_hf.hardware import hardware_description
+from attndistill_hf.hub import set_section
 
 logger = logging.getLogger("attndistill_hf.demo")
 
+RECIPES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPES / "configs" / "demo.yaml"
-
-
-@dataclass(frozen=True)
-class DemoScale:
-    """How much data and how many steps a demo run uses."""
-
-    max_train: int
-    max_test: int
-    teacher: TeacherRecipe
-    distill_overrides: tuple[str, ...] = ()
-
-
-# The full demo: about 4 minutes on 2 CPU cores from a cold start (teacher training included), well inside 10.
-FULL = DemoScale(max_train=10_000, max_test=2_000, teacher=TeacherRecipe())
-# --quick: a small slice that still shows the effect, for the test suite (under 2 minutes on 2 cores).
-QUICK = DemoScale(
-    max_train=2_000,
-    max_test=500,
-    teacher=TeacherRecipe(max_steps=400, warmup_steps=30),
-    distill_overrides=(
-        "--max_steps",
-        "400",
-        "--warmup_steps",
-        "30",
-        "--logging_steps",
-        "20",
-        "--card_limitations",
-        "Quick test run of the demo (2,000 Fashion-MNIST images, 400 steps): a check, not a model to use.",
-    ),
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hub", action="store_true", help="Read Fashion-MNIST from the Hub instead of IDX files.")
     parser.add_argument(
         "--launcher",
-        choices=("auto", "accelerate", "python"),
+        choices=LAUNCHERS,
         default="auto",
         help="How distill.py runs: 'accelerate launch' (auto: when the command exists) or plain python.",
     )
@@ -127,70 +95,11 @@ def _stage(index: int, title: str) -> float:
     return time.time()
 
 
-def distill_command(launcher: str) -> list[str]:
-    """``accelerate launch`` on one CPU process, or the plain interpreter when accelerate's CLI is missing."""
-    script = str(RECIPES / "distill.py")
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    accelerate = shutil.which("accelerate", path=search)
-    if launcher == "accelerate" and accelerate is None:
-        raise FileNotFoundError("--launcher accelerate: the `accelerate` command was not found.")
-    if launcher != "python" and accelerate is not None:
-        return [
-            accelerate,
-            "launch",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--cpu",
-            "--num_cpu_threads_per_process",
-            str(torch.get_num_threads()),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            script,
-        ]
-    return [sys.executable, script]
-
-
-def _path_arg(path: Path, workdir: Path) -> str:
-    """``path`` relative to the distillation's working directory, so no local path reaches the model card."""
-    return os.path.relpath(path.resolve(), workdir)
-
-
-def path_overrides(config: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """Flags for the values that differ from the config file (so a default run's card shows just the file)."""
-    flags: list[str] = []
-    for key, value in wanted.items():
-        current = config.get(key)
-        if isinstance(value, list):
-            if current != value and [current] != value:
-                flags += [f"--{key}", *value]
-        elif current != value:
-            flags += [f"--{key}", str(value)]
-    return flags
-
-
-def run_distillation(command: list[str], config_path: str, overrides: Sequence[str], workdir: Path) -> float:
-    """Run distill.py as a subprocess (its progress bars show); returns the wall time, raises on failure."""
-    full = [*command, config_path, *overrides]
-    print(f"$ (cd {workdir}) " + " ".join(full), flush=True)
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("MPLBACKEND", "Agg")
-    started = time.time()
-    subprocess.run(full, check=True, env=env, cwd=workdir)
-    return time.time() - started
-
-
 def evaluate(
     name: str, model: torch.nn.Module, loaders: tuple[Any, Any], progress: bool
 ) -> dict[str, dict[str, float]]:
     print(f"k-NN of the {name}", flush=True)
-    result = run_knn_eval(model, *loaders, ks=KNN_KS, progress=progress, print_table=False)
+    result = run_knn_eval(model, *loaders, ks=DEFAULT_KNN_KS, progress=progress, print_table=False)
     return result["knn"]
 
 
@@ -208,10 +117,10 @@ def _architecture(config: Any) -> str:
 
 def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     """The demo's comparison as a Markdown table (k-NN top-1 in %, one column per k)."""
-    header = "| model | architecture | params | " + " | ".join(f"k={k}" for k in KNN_KS) + " |"
-    lines = [header, "|" + "---|" * (3 + len(KNN_KS))]
+    header = "| model | architecture | params | " + " | ".join(f"k={k}" for k in DEFAULT_KNN_KS) + " |"
+    lines = [header, "|" + "---|" * (3 + len(DEFAULT_KNN_KS))]
     for row in rows:
-        scores = " | ".join(f"{row['knn'][str(k)]['top1']:.2f}" for k in KNN_KS)
+        scores = " | ".join(f"{row['knn'][str(k)]['top1']:.2f}" for k in DEFAULT_KNN_KS)
         lines.append(f"| {row['model']} | {row['architecture']} | {row['params'] / 1e6:.2f} M | {scores} |")
     return "\n".join(lines)
 
@@ -223,21 +132,6 @@ def check_student_preset(config: dict[str, Any], config_path: str) -> None:
             f"{config_path}: the demo compares the distilled student with the same preset untrained; "
             "name the student by student_preset (and give no student_name_or_path)."
         )
-
-
-def untrained_student(config: dict[str, Any], image_size: int, seed: int) -> torch.nn.Module:
-    """distill.py's student at initialisation: the config's preset and patch size, built with the same seed."""
-    preset, patch_size = config["student_preset"], config.get("patch_size")
-    return build_student(preset, image_size=image_size, patch_size=patch_size, seed=seed).eval()
-
-
-def add_to_card(readme: Path, table: str, details: str) -> None:
-    """Insert the comparison into the student's model card, before its Limitations section."""
-    section = f"## Demo comparison\n\n{details}\n\n{table}\n\n"
-    text = readme.read_text()
-    marker = "## Limitations"
-    text = text.replace(marker, section + marker, 1) if marker in text else text.rstrip() + "\n\n" + section
-    readme.write_text(text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,24 +171,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     times["teacher_s"] = time.time() - t0
 
     t0 = _stage(3, f"Distillation -> {student_dir}")
-    # distill.py runs where the output root and the data meet (the repository for a default run), and is
-    # given paths relative to it: the card it writes quotes its command line.
-    workdir = Path(os.path.commonpath([root.resolve(), data_dir.resolve()]))
+    # A default run passes no override, so the card quotes the config file alone (and the card names any
+    # local path by its last component).
     overrides = path_overrides(
         config,
         {
-            "teacher_name_or_path": _path_arg(teacher_dir, workdir),
-            "output_dir": _path_arg(student_dir, workdir),
-            "data_files": [_path_arg(data_dir / "train-*.parquet", workdir)],
-            "eval_data_files": [_path_arg(data_dir / "test-*.parquet", workdir)],
+            "teacher_name_or_path": str(teacher_dir),
+            "output_dir": str(student_dir),
+            "data_files": [str(data_dir / "train-*.parquet")],
+            "eval_data_files": [str(data_dir / "test-*.parquet")],
             "knn_train_samples": scale.max_train,
         },
     )
     overrides += list(scale.distill_overrides)
     if args.no_progress:
         overrides += ["--disable_tqdm", "true"]
-    config_path = str(Path(args.config).resolve())
-    times["distill_s"] = run_distillation(distill_command(args.launcher), config_path, overrides, workdir)
+    times["distill_s"] = launch_distillation(RECIPES / "distill.py", args.config, overrides, launcher=args.launcher)
 
     t0 = _stage(4, "k-NN on the held-out test images: teacher, distilled student, untrained student")
     mean, std = teacher_record["image_mean"], teacher_record["image_std"]
@@ -308,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "model": "teacher (supervised)",
             "architecture": _architecture(teacher_config),
             "params": teacher_record["num_parameters"],
-            "knn": teacher_record["knn"]["knn"],  # measured by train_teacher.py on the same data, same protocol
+            "knn": teacher_record["knn"]["knn"],  # measured at the end of its training: same data, same protocol
         },
         {
             "model": "distilled student (AttnDistill)",
@@ -344,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "num_test": scale.max_test,
     }
     (student_dir / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    add_to_card(student_dir / "README.md", table, details)
+    readme = student_dir / "README.md"
+    readme.write_text(set_section(readme.read_text(), "Demo comparison", f"{details}\n\n{table}", before="Limitations"))
     print("\n" + table)
     print(f"\n{details}\nStudent (Hub-ready): {student_dir}")
     return results

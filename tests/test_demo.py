@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import set_seed
 
 from attndistill_hf.cli import read_config_file
-from attndistill_hf.data import DataArguments
+from attndistill_hf.data import DataArguments, train_transform
+from attndistill_hf.demo_pipeline import (
+    FULL,
+    QUICK,
+    ClassificationCollator,
+    TeacherRecipe,
+    TeacherRunArguments,
+    launch_distillation,
+    path_overrides,
+    recipe_hash,
+    teacher_classifier,
+    teacher_training_arguments,
+    train_teacher,
+    untrained_student,
+)
 from attndistill_hf.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, SOURCE_FILES
-from attndistill_hf.models import STUDENT_PRESETS, build_student
+from attndistill_hf.hub import set_section
+from attndistill_hf.models import LAYER_NORM_EPS, STUDENT_PRESETS, build_student
+
+from helpers import encode, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "configs"
@@ -24,14 +40,6 @@ needs_real = pytest.mark.skipif(
     not all((Path(DEBIAN_FASHION_MNIST_DIR) / name).is_file() for pair in SOURCE_FILES.values() for name in pair),
     reason="Fashion-MNIST IDX files are not installed (Debian package dataset-fashion-mnist)",
 )
-
-
-def load_recipe(name: str) -> ModuleType:
-    """Import recipes/<name>.py by its plain name, as the recipes import each other."""
-    recipes = str(REPO / "recipes")
-    if recipes not in sys.path:
-        sys.path.insert(0, recipes)
-    return importlib.import_module(name)
 
 
 # ---- The demo, end to end ------------------------------------------------------------------------
@@ -80,12 +88,9 @@ def test_quick_demo_distilled_student_beats_untrained(tmp_path: Path) -> None:
     # The teacher's card states its measured k-NN; a second request with the same recipe reuses it.
     teacher_card = (tmp_path / "demo-teacher" / "README.md").read_text()
     assert "supervised" in teacher_card and f"{teacher['20']['top1']:.2f}" in teacher_card
-    train_teacher = load_recipe("train_teacher")
-    again = train_teacher.train_teacher(
-        demo.QUICK.teacher,
-        train_teacher.TeacherRunArguments(
-            data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "demo-teacher"), progress=False
-        ),
+    again = train_teacher(
+        QUICK.teacher,
+        TeacherRunArguments(data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "demo-teacher"), progress=False),
     )
     assert again["reused"]
     assert again["knn"]["knn"] == json.loads(json.dumps(results["rows"][0]["knn"]))
@@ -95,30 +100,55 @@ def test_quick_demo_distilled_student_beats_untrained(tmp_path: Path) -> None:
 # ---- Pieces (fast) -------------------------------------------------------------------------------
 
 
-def test_random_resized_crop_flip_is_seeded_and_shaped() -> None:
-    train_teacher = load_recipe("train_teacher")
-    images = torch.rand(6, 1, 28, 28)
-    first = train_teacher.random_resized_crop_flip(images, 32, (0.35, 1.0), torch.Generator().manual_seed(1))
-    second = train_teacher.random_resized_crop_flip(images, 32, (0.35, 1.0), torch.Generator().manual_seed(1))
-    assert first.shape == (6, 1, 32, 32)
-    torch.testing.assert_close(first, second)
-    # Bilinear resampling of a crop inside the image never leaves the input's value range.
-    assert first.min() >= 0.0 and first.max() <= 1.0
+def test_teacher_batches_are_seeded_labelled_views_of_the_library_transform() -> None:
+    recipe = TeacherRecipe()
+    view = train_transform(recipe.image_size, [0.3] * 3, [0.35] * 3, scale=(recipe.crop_scale_min, 1.0))
+    collate = ClassificationCollator(view)
+    rng = np.random.default_rng(0)
+    examples = [
+        {"image": {"bytes": encode(Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)), "PNG")}, "label": i}
+        for i in range(6)
+    ]
+    torch.manual_seed(1)
+    first = collate(examples)
+    torch.manual_seed(1)
+    second = collate(examples)
+    # What ViTForImageClassification.forward takes, nothing more (no skipped-image count).
+    assert set(first) == {"pixel_values", "labels"}
+    assert first["pixel_values"].shape == (6, 3, 32, 32)
+    assert first["labels"].tolist() == list(range(6))
+    torch.testing.assert_close(first["pixel_values"], second["pixel_values"])
+    # Grayscale images are repeated over the three channels.
+    assert torch.equal(first["pixel_values"][:, 0], first["pixel_values"][:, 2])
+
+
+def test_teacher_is_trained_by_trainer_with_the_recipe() -> None:
+    recipe = TeacherRecipe()
+    model = teacher_classifier(recipe)
+    config = model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (4, 96, 4)
+    assert (config.patch_size, config.image_size, config.num_labels) == (4, 32, 10)
+    assert config.layer_norm_eps == LAYER_NORM_EPS
+    # Fixed sin-cos position embeddings: frozen, so Trainer's optimizer leaves them out.
+    assert not model.vit.embeddings.position_embeddings.requires_grad
+    torch.testing.assert_close(teacher_classifier(recipe).state_dict(), model.state_dict())  # seeded
+    args = teacher_training_arguments(recipe, TeacherRunArguments(output_dir="unused"))
+    assert (args.max_steps, args.per_device_train_batch_size, args.warmup_steps) == (2400, 32, 100)
+    assert (args.learning_rate, args.weight_decay, args.label_smoothing_factor) == (1e-3, 0.05, 0.1)
+    assert args.lr_scheduler_type == "cosine" and args.max_grad_norm == 1.0 and args.seed == recipe.seed
 
 
 def test_recipe_hash_follows_recipe_and_data() -> None:
-    train_teacher = load_recipe("train_teacher")
-    recipe = train_teacher.TeacherRecipe()
-    base = train_teacher.recipe_hash(recipe, "data-a")
-    assert base == train_teacher.recipe_hash(train_teacher.TeacherRecipe(), "data-a")
-    assert base != train_teacher.recipe_hash(recipe, "data-b")
-    assert base != train_teacher.recipe_hash(train_teacher.TeacherRecipe(max_steps=recipe.max_steps + 1), "data-a")
+    recipe = TeacherRecipe()
+    base = recipe_hash(recipe, "data-a")
+    assert base == recipe_hash(TeacherRecipe(), "data-a")
+    assert base != recipe_hash(recipe, "data-b")
+    assert base != recipe_hash(TeacherRecipe(max_steps=recipe.max_steps + 1), "data-a")
 
 
 def test_demo_config_matches_the_demo() -> None:
     config = read_config_file(CONFIGS / "demo.yaml")
-    demo = load_recipe("demo")
-    assert config["knn_train_samples"] == demo.FULL.max_train
+    assert config["knn_train_samples"] == FULL.max_train
     assert config["teacher_name_or_path"] == "outputs/demo-teacher"
     # The student is a named preset: the file alone says what is trained, nothing is generated for it.
     assert config["student_preset"] == "vit-mini-2heads-patch8" and "student_name_or_path" not in config
@@ -128,16 +158,16 @@ def test_demo_config_matches_the_demo() -> None:
         "output_dir": "outputs/demo-student",
         "data_files": ["data/fashion_mnist/train-*.parquet"],
     }
-    assert demo.path_overrides(config, wanted) == []
-    assert demo.path_overrides(config, {"output_dir": "elsewhere"}) == ["--output_dir", "elsewhere"]
+    assert path_overrides(config, wanted) == []
+    assert path_overrides(config, {"output_dir": "elsewhere"}) == ["--output_dir", "elsewhere"]
     # Both shape adaptations are exercised: fewer heads and a larger patch than the teacher.
-    student, teacher = STUDENT_PRESETS[config["student_preset"]], demo.FULL.teacher
+    student, teacher = STUDENT_PRESETS[config["student_preset"]], FULL.teacher
     assert student["num_attention_heads"] < teacher.num_attention_heads
     assert student["patch_size"] > teacher.patch_size
 
 
 def test_demo_untrained_baseline_is_the_distilled_student_at_initialisation() -> None:
-    demo, distill = load_recipe("demo"), load_recipe("distill")
+    distill = load_recipe("distill")
     config = read_config_file(CONFIGS / "demo.yaml")
     image_size, seed = int(config["image_size"]), int(config["seed"])
     teacher = build_student("vit-mini-patch4", image_size=image_size)
@@ -145,7 +175,7 @@ def test_demo_untrained_baseline_is_the_distilled_student_at_initialisation() ->
     set_seed(seed)
     model_args = distill.DistillModelArguments(teacher_name_or_path="unused", student_preset=config["student_preset"])
     initial = distill.load_student(model_args, DataArguments(image_size=image_size), teacher)
-    baseline = demo.untrained_student(config, image_size, seed)
+    baseline = untrained_student(config, image_size, seed)
     assert not baseline.training
     assert initial.state_dict().keys() == baseline.state_dict().keys()
     for name, tensor in initial.state_dict().items():
@@ -160,6 +190,22 @@ def test_demo_refuses_a_student_that_is_not_a_preset() -> None:
             demo.check_student_preset(config, "demo.yaml")
 
 
+def test_card_sections_go_before_limitations_and_are_replaced() -> None:
+    card = "---\nlicense: x\n---\n\n# m\n\n## Results\n\nr\n\n## Limitations\n\nl\n"
+    once = set_section(card, "Demo comparison", "table 1", before="Limitations")
+    assert once == card.replace("## Limitations", "## Demo comparison\n\ntable 1\n\n## Limitations")
+    # A second demo run replaces its comparison instead of adding another one.
+    assert set_section(once, "Demo comparison", "table 2", before="Limitations") == once.replace("table 1", "table 2")
+    assert set_section("# m\n", "Demo comparison", "t", before="Limitations") == "# m\n\n## Demo comparison\n\nt\n"
+
+
+def test_a_failed_distillation_ends_in_one_error(tmp_path: Path) -> None:
+    with pytest.raises(ChildProcessError, match="distillation exited with status 2"):
+        launch_distillation(
+            REPO / "recipes" / "distill.py", tmp_path / "missing.yaml", [], launcher="python", quiet=True
+        )
+
+
 def test_ablation_configs_cover_three_cases_times_three_losses() -> None:
     ablation = load_recipe("ablation")
     cells = set()
@@ -169,7 +215,7 @@ def test_ablation_configs_cover_three_cases_times_three_losses() -> None:
         assert path.stem == f"ablation_{case}_{loss}"
         cells.add((case, loss))
         # Each case's preset differs from the teacher exactly as the case says.
-        student, teacher = STUDENT_PRESETS[config["student_preset"]], load_recipe("demo").FULL.teacher
+        student, teacher = STUDENT_PRESETS[config["student_preset"]], FULL.teacher
         heads, patch = student["num_attention_heads"], student["patch_size"]
         assert (heads < teacher.num_attention_heads) == (case == "heads")
         assert (patch > teacher.patch_size) == (case == "patch")

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from attndistill_hf.gpu_augment import (
     GpuAugment,
     RawBytesCollator,
@@ -102,6 +103,64 @@ def test_crop_boxes_follow_random_resized_crop() -> None:
     assert abs(area.mean().item() - reference_mean_area()) < 0.02
     # Positions are uniform over the free space: the mean centre is the image centre.
     assert abs((top + h / 2).mean().item() - 128) < 3 and abs((left + w / 2).mean().item() - 128) < 3
+
+
+def cpu_crop_boxes(height: int, width: int, n: int, scale: tuple[float, float]) -> torch.Tensor:
+    """``n`` boxes (top, left, height, width) drawn by the RandomResizedCrop of the CPU path's training view."""
+    crop = next(step for step in train_transform(32, scale=scale).transforms if isinstance(step, v2.RandomResizedCrop))
+    image = [tv_tensors.Image(torch.empty(3, height, width, dtype=torch.uint8))]
+    torch.manual_seed(0)
+    boxes = (crop.make_params(image) for _ in range(n))
+    return torch.tensor([[box["top"], box["left"], box["height"], box["width"]] for box in boxes], dtype=torch.float64)
+
+
+def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest gap between the empirical distribution functions of two samples (Kolmogorov-Smirnov)."""
+    points = torch.cat([a, b]).unique()
+    cdf_a = torch.searchsorted(a.sort().values, points, right=True) / len(a)
+    cdf_b = torch.searchsorted(b.sort().values, points, right=True) / len(b)
+    return float((cdf_a - cdf_b).abs().max())
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "scale"),
+    [
+        (256, 256, (0.2, 1.0)),  # the published view on a large image
+        (28, 28, (0.35, 1.0)),  # the demo teacher's view of a Fashion-MNIST image: whole-pixel rounding matters
+        (60, 300, (0.2, 1.0)),  # a wide image: many draws do not fit, and the centred fallback box is common
+    ],
+)
+def test_gpu_crop_boxes_sample_the_distribution_of_the_cpu_transform(
+    height: int, width: int, scale: tuple[float, float]
+) -> None:
+    """sample_crop_boxes is the batched twin of torchvision's RandomResizedCrop in data.train_transform."""
+    n = 20_000
+    cpu = cpu_crop_boxes(height, width, n, scale)
+    gpu = sample_crop_boxes(
+        torch.full((n,), height), torch.full((n,), width), scale=scale, generator=torch.Generator().manual_seed(0)
+    ).double()
+
+    def statistics(boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+        top, left, h, w = boxes.unbind(1)
+        return {
+            "area fraction": h * w / (height * width),
+            "log aspect ratio": torch.log(w / h),
+            "centre x": (left + w / 2) / width,
+            "centre y": (top + h / 2) / height,
+        }
+
+    quantiles = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
+    for name, ours in statistics(gpu).items():
+        theirs = statistics(cpu)[name]
+        # Sampling error of 20,000 draws: about 0.003 on the means (all statistics lie in [-0.3, 1]) and
+        # 0.014 on the distribution functions (Kolmogorov-Smirnov at p = 0.001); the bounds leave room.
+        assert abs(ours.mean() - theirs.mean()) < 0.01, (name, ours.mean(), theirs.mean())
+        assert abs(ours.std() - theirs.std()) < 0.01, (name, ours.std(), theirs.std())
+        assert ks_distance(ours, theirs) < 0.025, (name, ks_distance(ours, theirs))
+        # Quantiles: within one whole-pixel step of the box (the 28 px image's area takes discrete values).
+        step = 0.08 if height < 64 else 0.02
+        gap = (torch.quantile(ours, quantiles) - torch.quantile(theirs, quantiles)).abs().max()
+        assert gap < step, (name, gap)
 
 
 def test_crop_box_fallback_for_extreme_shapes_and_center_boxes() -> None:
