@@ -18,7 +18,9 @@ Every configuration runs for every seed (student initialisation, data order and 
 with it), and the k-NN top-1 of each student on the held-out test images is reported as mean ± sample
 standard deviation over the seeds, next to the teacher and an untrained student of each architecture.
 
-Each run is started as the demo starts its distillation (``recipes/distill.py`` in a process of its own).
+The three loss settings of a case train side by side in one run per seed (``distill.py --students``: one
+teacher forward per batch for the three students, each of which trains exactly as it would alone). Each
+run is started as the demo starts its distillation (``recipes/distill.py`` in a process of its own).
 Results go to ``<output_root>/ablation/results.json`` after every run (an interrupted ablation resumes
 where it stopped; a run is redone only when its settings change) and to ``docs/results.md``.
 """
