@@ -111,9 +111,9 @@ class DemoScale:
     distill_overrides: tuple[str, ...] = ()
 
 
-# The full demo: about 4 minutes on 2 CPU cores from a cold start (teacher training included), well inside 10.
+# The full demo: about 7 minutes on 2 idle CPU cores from a cold start, 4 of them training the teacher.
 FULL = DemoScale(max_train=10_000, max_test=2_000, teacher=TeacherRecipe())
-# --quick: a small slice that still shows the effect, for the test suite (under 2 minutes on 2 cores).
+# --quick: a small slice that still shows the effect, for the test suite (a few minutes on 2 cores).
 QUICK = DemoScale(
     max_train=2_000,
     max_test=500,
