@@ -88,6 +88,8 @@ class _Capture:
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
     slots: set[str] = field(default_factory=lambda: {"attention"})
+    # (patch grid, attention backend) pairs that verify_capture has proved; a model is probed once per pair.
+    verified: set[tuple[tuple[int, int], str | None]] = field(default_factory=set)
 
 
 def find_last_attention(model: nn.Module) -> AttentionSite:
@@ -320,8 +322,13 @@ def last_cls_attention(
 def verify_capture(model: nn.Module, grid: tuple[int, int]) -> None:
     """One forward pass of a blank image at the ``grid`` of patches, in eval mode and without gradients:
     the capture must see the last attention module's kernel inputs and give a CLS row over ``1 + rows x cols``
-    keys. Raises :class:`UnsupportedModelError` otherwise (the pre-flight check of a distillation run)."""
+    keys. Raises :class:`UnsupportedModelError` otherwise (the pre-flight check of a distillation run).
+    A proof holds for the model's grid and attention backend: a second call with both unchanged runs nothing."""
     plain = unwrap_model(model)
+    capture = install_attention_capture(plain)
+    proof = (tuple(grid), getattr(capture.model_config, "_attn_implementation", None))
+    if proof in capture.verified:  # e.g. the teacher of several students, or a recipe's check before the trainer's
+        return
     parameter = next(plain.parameters())
     patch_h, patch_w = patch_size(plain)
     if type(plain).__name__ == "TimmWrapperModel":
@@ -344,6 +351,7 @@ def verify_capture(model: nn.Module, grid: tuple[int, int]) -> None:
             f"{type(plain).__name__} is not supported: its last attention has {attention.shape[-1]} CLS and patch "
             f"keys where a {grid[0]}x{grid[1]} patch grid gives {expected}; it has tokens the library cannot place."
         )
+    capture.verified.add(proof)
 
 
 def eager_last_cls_attention(

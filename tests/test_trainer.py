@@ -451,10 +451,24 @@ def test_pair_checks_name_the_problem() -> None:
         check_pair(tiny_teacher(), dinov2, 32)
 
 
+def test_pair_check_probes_a_model_once_per_grid_and_backend() -> None:
+    """The teacher of several students, and a recipe's check before the trainer's, cost one probe forward."""
+    teacher, forwards = tiny_teacher(), []
+    teacher.register_forward_pre_hook(lambda *_: forwards.append(None))
+    for _ in range(3):
+        check_pair(teacher, tiny_student(), 32)
+    assert len(forwards) == 1
+    check_pair(teacher, tiny_student(image_size=48), 48)  # another grid: probed again
+    assert len(forwards) == 2
+    teacher.set_attn_implementation("eager")  # another backend: probed again
+    check_pair(teacher, tiny_student(), 32)
+    assert len(forwards) == 3
+
+
 def test_pair_check_runs_the_capture_once_and_catches_what_structure_cannot() -> None:
     """A model whose last attention passes something the capture does not reproduce is refused up front."""
-    teacher = tiny_teacher()
-    check_pair(teacher, tiny_student(), 32)  # a supported pair passes
+    check_pair(tiny_teacher(), tiny_student(), 32)  # a supported pair passes
+    teacher = tiny_teacher()  # the same teacher, its last attention passing softcap to the kernel
     attention = teacher.layers[-1].attention
     original = attention.forward
     attention.forward = lambda hidden_states, *args, **kwargs: original(hidden_states, *args, softcap=30.0, **kwargs)
