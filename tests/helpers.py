@@ -49,6 +49,17 @@ def load_recipe(name: str) -> ModuleType:
     return load_script(REPO / "recipes" / f"{name}.py", f"recipe_{name}")
 
 
+# One block of width 32 on 32 px crops, patch 8: the config fields of a tiny encoder of any ViT family.
+TINY_ENCODER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
 def tiny_teacher(path: Path | None = None, *, heads: int = 4, patch: int = 4, image_size: int = 32) -> ViTModel:
     """A random ViT teacher (48 wide, 2 blocks); saved with an image processor when ``path`` is given."""
     torch.manual_seed(123)

@@ -24,7 +24,7 @@ from attndistill_hf.attention import eager_last_cls_attention, last_cls_attentio
 from attndistill_hf.models import build_student
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
 
-from helpers import REPO, PixelDataset, load_recipe, write_image_folder
+from helpers import REPO, TINY_ENCODER, PixelDataset, load_recipe, write_image_folder
 
 
 def dinov3_teacher(path: Path | None = None, attn_implementation: str = "sdpa") -> DINOv3ViTModel:
@@ -148,16 +148,7 @@ def test_dinov3_configs_name_released_checkpoints_and_dinov3_students() -> None:
 
 def test_recipe_refuses_an_uncapturable_teacher_in_one_line_before_data_loads(tmp_path: Path) -> None:
     teacher = tmp_path / "data2vec"
-    Data2VecVisionModel(
-        Data2VecVisionConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
-        )
-    ).save_pretrained(teacher)
+    Data2VecVisionModel(Data2VecVisionConfig(**TINY_ENCODER)).save_pretrained(teacher)
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(REPO / "recipes" / "distill.py"), "--teacher_name_or_path", str(teacher)]

@@ -29,7 +29,7 @@ from attndistill_hf.trainer import (
     check_pair,
 )
 
-from helpers import PixelDataset, tiny_student, tiny_teacher
+from helpers import TINY_ENCODER, PixelDataset, tiny_student, tiny_teacher
 
 
 def config(tmp_path: Path, **overrides) -> AttnDistillConfig:
@@ -425,28 +425,10 @@ def test_pair_checks_name_the_problem() -> None:
         check_pair(tiny_teacher(), tiny_student(), 30)
     with pytest.raises(UnsupportedModelError, match="Unsupported teacher: Linear is not supported: it is not a ViT"):
         check_pair(torch.nn.Linear(2, 2), tiny_student(), 32)
-    data2vec = Data2VecVisionModel(
-        Data2VecVisionConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
-        )
-    )
+    data2vec = Data2VecVisionModel(Data2VecVisionConfig(**TINY_ENCODER))
     with pytest.raises(UnsupportedModelError, match=r"Unsupported teacher: Data2VecVisionModel .* bypasses"):
         check_pair(data2vec, tiny_student(), 32)
-    dinov2 = Dinov2Model(
-        Dinov2Config(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
-        )
-    )
+    dinov2 = Dinov2Model(Dinov2Config(**TINY_ENCODER))
     with pytest.raises(UnsupportedModelError, match=r"Unsupported student: Dinov2Model; students are .* ViTModel"):
         check_pair(tiny_teacher(), dinov2, 32)
 
