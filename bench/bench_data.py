@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from PIL import Image
 
 from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, ImageCollator, train_transform
 from attndistill_hf.gpu_augment import GpuAugment, RawBytesCollator
+from attndistill_hf.hardware import hardware_description
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         "path": path,
                         "workers": workers,
                         "device": device.type,
-                        "device_name": torch.cuda.get_device_name(device)
-                        if device.type == "cuda"
-                        else platform.processor() or platform.machine(),
+                        "device_name": hardware_description(device),
                         "batch_size": args.batch_size,
                         "image_size": args.image_size,
                         "images": images,

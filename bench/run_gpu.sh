@@ -6,9 +6,11 @@
 #   2. img/s and peak memory of naive, default and floor for every pair (batch 256, 224 px, bf16);
 #   3. the default step under torch.compile (inductor) for ViT-S/16 -> ViT-T/16;
 #   4. profiles of the default and the compiled step of that pair (where the time goes);
-#   5. the input pipeline on 4,096 ImageNet-sized JPEGs, batch 256: PIL workers (1, 4 and every core, to
+#   5. one run with 1, 2, 3 students of one teacher against one run per student (ViT-S/16 -> ViT-T/16,
+#      batch 128, bf16), with peak memory;
+#   6. the input pipeline on 4,096 ImageNet-sized JPEGs, batch 256: PIL workers (1, 4 and every core, to
 #      show how they scale) and GPU decoding;
-#   6. bench/report.py: the tables and every target checked, as Markdown.
+#   7. bench/report.py: the tables and every target checked, as Markdown.
 # Each stage prints how long it took, so the next run can be sized.
 #
 #   bench/run_gpu.sh [RESULTS_DIR]      (default bench/results)
@@ -28,12 +30,14 @@ if [ "${REHEARSAL:-0}" = 1 ]; then
     step_args=(--device cpu --tiny --threads 1 --batch_size 2 --image_size 32 --warmup 1 --steps 1 --check_batch 2)
     compile_args=(--compile_backend aot_eager)
     data_args=(--device cpu --num_images 8 --width 64 --height 48 --image_size 16 --batch_size 4 --warmup_epochs 0)
+    students_args=(--sizes tiny --threads 1 --warmup 0 --steps 1)
     workers=2
 else
     device=cuda
     step_args=()
     compile_args=(--compile_backend inductor)
     data_args=(--num_images 4096 --batch_size 256 --epochs 2)
+    students_args=(--sizes paper --batch_size 128 --bf16 --warmup 3 --steps 10)
 fi
 tag="$(date +%F)-$("$python" -c "import sys, torch
 sys.path.insert(0, 'bench')
@@ -64,6 +68,8 @@ for mode in default default+compile; do
     stage "profile $mode" "$logs/profile-${mode/+/-}.txt" "$python" bench/bench_step.py --pairs s16-t16 \
         --profile "$mode" "${compile_args[@]}" "${step_args[@]}" --no_json
 done
+stage "several students" "$logs/students.txt" "$python" bench/bench_students.py "${students_args[@]}" \
+    --json "$results/$tag-students.json"
 counts=1  # worker counts 1, 4 and $workers, each once and none above $workers
 for n in 4 "$workers"; do [ "$n" -gt "${counts##*,}" ] && [ "$n" -le "$workers" ] && counts+=",$n"; done
 stage "input pipeline" "$logs/data.txt" "$python" bench/bench_data.py --num_workers "$counts" \

@@ -147,7 +147,8 @@ class DistillRunArguments:
     knn_eval_steps: int | None = field(
         default=None,
         metadata={
-            "help": "Run a k-NN evaluation every N steps (logged as eval_knn_top1, a monitor on the bank below)."
+            "help": "Run a k-NN evaluation every N steps (logged as eval_knn_top1, or <name>/eval_knn_top1 for each "
+            "of several students: a monitor on the bank below)."
         },
     )
     knn_train_samples: int = field(
@@ -541,8 +542,6 @@ def run(
         load_image_processor(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
     )
     student = load_students(model_args, data_args, teacher)
-    if isinstance(student, dict) and run_args.knn_eval_steps:
-        raise ValueError("--knn_eval_steps monitors one student; with --students, the final k-NN evaluates each.")
     # A teacher or student whose last attention cannot be captured exactly is refused before any data loads.
     for model in student_specs(student).values():
         check_pair(teacher, model.model, data_args.image_size)
@@ -576,8 +575,16 @@ def run(
         image_size=data_args.image_size,
     )
     if knn_loaders is not None and run_args.knn_eval_steps:
-        # attach registers it and logs through trainer.log (passed in callbacks= too, it would run twice)
-        KNNEvaluationCallback(*knn_loaders, every_n_steps=run_args.knn_eval_steps, k=run_args.knn_k).attach(trainer)
+        # One monitor per student, logged as <name>/eval_knn_top1 beside its loss terms. attach registers
+        # it and logs through trainer.log (passed in callbacks= too, it would run twice).
+        for name, trained in trainer.students.items():
+            KNNEvaluationCallback(
+                *knn_loaders,
+                every_n_steps=run_args.knn_eval_steps,
+                k=run_args.knn_k,
+                metric_name=f"{name}/eval_knn_top1" if name else "eval_knn_top1",
+                feature_model=lambda _model, trained=trained: trained,
+            ).attach(trainer)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     trainer.save_state()

@@ -218,6 +218,8 @@ def test_gpu_script_rehearsal_on_cpu(bench: ModuleType, tmp_path: Path) -> None:
     assert len(steps) == 3 * len(bench.PAIRS) and {row["mode"] for row in steps} == {"naive", "default", "floor"}
     (compiled,) = json.loads((tmp_path / f"{tag}-compile.json").read_text())
     assert (compiled["mode"], compiled["compile_backend"]) == ("default+compile", "aot_eager")
+    students = json.loads((tmp_path / f"{tag}-students.json").read_text())
+    assert [(row["size"], row["students"]) for row in students] == [("tiny", 1), ("tiny", 2), ("tiny", 3)]
     data = json.loads((tmp_path / f"{tag}-data.json").read_text())
     assert [(row["path"], row["workers"]) for row in data] == [("cpu", 1), ("cpu", 2), ("gpu", 1), ("gpu", 2)]
     report = (logs / "report.md").read_text()
@@ -233,6 +235,7 @@ def test_gpu_script_rehearsal_on_cpu(bench: ModuleType, tmp_path: Path) -> None:
         "== default+compile",
         "== profile default",
         "== profile default+compile",
+        "== several students",
         "== input pipeline",
         "== report",
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -240,9 +241,11 @@ def test_recipe_trains_a_students_list_and_publishes_each_student_in_its_folder(
         [str(config), "--teacher_name_or_path", str(tmp_path / "teacher"), "--image_size", "32", "--use_cpu", "true"]
         + ["--train_dir", str(images), "--eval_dir", str(images), "--max_steps", "2", "--logging_steps", "1"]
         + ["--per_device_train_batch_size", "4", "--output_dir", str(out), "--report_to", "none"]
-        + ["--knn_train_samples", "8", "--disable_tqdm", "true"]
+        + ["--knn_train_samples", "8", "--disable_tqdm", "true", "--knn_eval_steps", "1"]
     )
     assert set(summary["students"]) == {"both", "attn"}
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    monitored = {name: [e for e in history if f"{name}/eval_knn_top1" in e] for name in ("both", "attn")}
     for name, heads in (("both", 4), ("attn", 2)):
         folder = out / name
         student = AutoModel.from_pretrained(folder)
@@ -251,6 +254,10 @@ def test_recipe_trains_a_students_list_and_publishes_each_student_in_its_folder(
             path.name for path in folder.iterdir()
         }
         assert "knn" in summary["students"][name]
+        # Each student's own monitor, at every step; at the end it is the final evaluation of that student.
+        assert [entry["step"] for entry in monitored[name]] == [1, 2]
+        final = json.loads((folder / "knn_results.json").read_text())
+        assert monitored[name][-1][f"{name}/eval_knn_top1"] == pytest.approx(final["knn"]["20"]["top1"])
     card = (out / "attn" / "README.md").read_text()
     assert "# me/attn-only" in card and "| Students in this run | 2 |" in card
     assert "# both" in (out / "both" / "README.md").read_text()
