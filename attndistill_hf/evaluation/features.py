@@ -38,19 +38,19 @@ _CACHE_FORMAT = "attndistill_hf.features.v1"
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
     if kind not in FEATURE_KINDS:
         raise ValueError(f"Unknown feature kind {kind!r}; choose one of {FEATURE_KINDS}.")
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+def evaluation_autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on CUDA by default (as the published runs evaluate in mixed precision), else full precision.
 
     An explicit ``dtype`` forces autocast with it on any device; ``torch.float32`` turns it off.
@@ -90,7 +90,7 @@ def compute_features(model: nn.Module, pixel_values: torch.Tensor, kind: Feature
     - "cls+avgpool": final CLS concatenated with the mean of the final patch tokens, every other token
       (CLS, registers, distillation or detection tokens) excluded (DINO's ViT-B probe feature), 2 x hidden.
     """
-    _check_kind(kind)
+    check_kind(kind)
     if kind == "last4_cls":
         outputs = run_model(model, pixel_values, output_hidden_states=True)
         hidden_states = getattr(outputs, "hidden_states", None)
@@ -131,7 +131,7 @@ def _model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _dataset_length(dataloader: Iterable[Any]) -> int | None:
+def loader_length(dataloader: Iterable[Any]) -> int | None:
     dataset = getattr(dataloader, "dataset", None)
     try:
         return len(dataset) if dataset is not None else None
@@ -201,15 +201,15 @@ def extract_features(
     the same kind, weights and dataset size loads it without running the model; a cache that does not
     match raises instead of being silently reused or overwritten.
     """
-    _check_kind(kind)
+    check_kind(kind)
     cache = Path(cache_path) if cache_path is not None else None
     fingerprint = _model_fingerprint(model) if cache is not None else ""
-    expected = _dataset_length(dataloader)
+    expected = loader_length(dataloader)
     if cache is not None and cache.is_file():
         logger.info("Loading cached %s features from %s", kind, cache)
         return _load_cache(cache, kind, fingerprint, expected)
 
-    device = accelerator.device if accelerator is not None else _model_device(model)
+    device = accelerator.device if accelerator is not None else model_device(model)
     features: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     is_main = accelerator is None or accelerator.is_local_main_process
@@ -233,7 +233,7 @@ def extract_features(
         if batch_labels is None:
             batch_labels = torch.full((pixel_values.shape[0],), -1, dtype=torch.long)
         batch_labels = torch.as_tensor(batch_labels).to(device=device, dtype=torch.long)
-        with _autocast(device, dtype):
+        with evaluation_autocast(device, dtype):
             batch_features = compute_features(model, pixel_values, kind)
         batch_features = batch_features.float()
         if accelerator is not None:
@@ -275,7 +275,7 @@ def is_main_process(accelerator: Any | None) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_features(features: torch.Tensor, labels: torch.Tensor, name: str) -> None:
+def check_features(features: torch.Tensor, labels: torch.Tensor, name: str) -> None:
     if features.ndim != 2:
         raise ValueError(f"{name} features must be 2-D [N, D], got shape {tuple(features.shape)}.")
     if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
@@ -291,7 +291,7 @@ def _check_features(features: torch.Tensor, labels: torch.Tensor, name: str) -> 
         raise ValueError(f"{name} labels contain negative ids (unlabelled samples?); k-NN needs class ids >= 0.")
 
 
-def _class_count(num_classes: int | None, *labels: torch.Tensor) -> int:
+def num_classes_of(num_classes: int | None, *labels: torch.Tensor) -> int:
     """``num_classes``, or one more than the largest label. A given count must cover every label: a
     class beyond it could never be predicted, and its samples would count as misses."""
     inferred = max(int(values.max()) for values in labels) + 1
@@ -311,7 +311,7 @@ def _cache_file(cache_dir: str | os.PathLike[str] | None, split: str, kind: str)
     return None if cache_dir is None else Path(cache_dir) / f"{split}-{kind.replace('+', '_')}.safetensors"
 
 
-def _train_test_features(
+def train_test_features(
     model: nn.Module,
     train_loader: Iterable[Any],
     test_loader: Iterable[Any],

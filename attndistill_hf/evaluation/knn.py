@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..attention import unwrap_model
-from .features import FeatureKind, _check_features, _check_kind, _class_count, _train_test_features
+from .features import FeatureKind, check_features, check_kind, num_classes_of, train_test_features
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def knn_accuracy(
     ``chunk_size`` rows (automatic: about 512 MiB of similarities) so ImageNet-size sets fit in memory;
     computation happens on ``train_features``' device.
     """
-    _check_features(train_features, train_labels, "train")
-    _check_features(test_features, test_labels, "test")
+    check_features(train_features, train_labels, "train")
+    check_features(test_features, test_labels, "test")
     if train_features.shape[1] != test_features.shape[1]:
         raise ValueError(
             f"Train features have dimension {train_features.shape[1]}, test features {test_features.shape[1]}."
@@ -73,7 +73,7 @@ def knn_accuracy(
     train = F.normalize(train_features.float(), dim=1)
     train_labels = train_labels.to(device=device, dtype=torch.long)
     num_train = train.shape[0]
-    num_classes = _class_count(num_classes, train_labels, test_labels)
+    num_classes = num_classes_of(num_classes, train_labels, test_labels)
 
     effective = {}
     for k in ks:
@@ -159,7 +159,7 @@ class KNNEvaluationCallback(TrainerCallback):
             raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps}.")
         if k < 1:
             raise ValueError(f"k must be positive, got {k}.")
-        _check_kind(kind)
+        check_kind(kind)
         self.train_loader, self.test_loader = train_loader, test_loader
         self.every_n_steps, self.k, self.temperature, self.kind = every_n_steps, k, temperature, kind
         self.train_labels, self.test_labels, self.num_classes = train_labels, test_labels, num_classes
@@ -178,7 +178,7 @@ class KNNEvaluationCallback(TrainerCallback):
     def evaluate(self, model: nn.Module) -> float:
         """k-NN top-1 (percent) of ``model`` (unwrapped with ``feature_model``) on the held-out loaders."""
         backbone = self.feature_model(model)
-        (train_features, train_labels), (test_features, test_labels) = _train_test_features(
+        (train_features, train_labels), (test_features, test_labels) = train_test_features(
             backbone,
             self.train_loader,
             self.test_loader,

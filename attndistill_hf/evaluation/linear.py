@@ -21,15 +21,15 @@ from tqdm.auto import tqdm
 from .features import (
     FEATURE_KINDS,
     FeatureKind,
-    _autocast,
-    _check_features,
-    _check_kind,
-    _class_count,
-    _dataset_length,
-    _model_device,
+    check_features,
+    check_kind,
     compute_features,
     eval_mode,
+    evaluation_autocast,
     extract_features,
+    loader_length,
+    model_device,
+    num_classes_of,
     split_batch,
 )
 
@@ -78,7 +78,7 @@ def probe_feature_kind(kind: str, config: Any) -> FeatureKind:
     ``config.hidden_size`` >= 768 and "last4_cls" below.
     """
     if kind != "auto":
-        _check_kind(kind)
+        check_kind(kind)
         return cast(FeatureKind, kind)
     hidden_size = getattr(config, "hidden_size", None)
     if isinstance(hidden_size, bool) or not isinstance(hidden_size, int):
@@ -278,13 +278,13 @@ def train_linear_probe(
     head's test accuracy (percent). ``config.label_fraction`` trains on a balanced label subset.
     """
     config = config or LinearProbeConfig()
-    _check_features(train_features, train_labels, "train")
-    _check_features(test_features, test_labels, "test")
+    check_features(train_features, train_labels, "train")
+    check_features(test_features, test_labels, "test")
     if train_features.shape[1] != test_features.shape[1]:
         raise ValueError(
             f"Train features have dimension {train_features.shape[1]}, test features {test_features.shape[1]}."
         )
-    num_classes = _class_count(num_classes, train_labels, test_labels)
+    num_classes = num_classes_of(num_classes, train_labels, test_labels)
     if config.label_fraction is not None:
         keep = balanced_label_subset(train_labels, config.label_fraction, config.seed)
         train_features, train_labels = train_features[keep], train_labels[keep]
@@ -346,8 +346,8 @@ def train_linear_probe_on_images(
     labels come from ``train_labels`` (one per dataset item). Single process.
     """
     config = config or LinearProbeConfig()
-    _check_kind(kind)
-    device = _model_device(model)
+    check_kind(kind)
+    device = model_device(model)
     probe_device = _probe_device(config, device)
     with eval_mode(model):
         if config.label_fraction is not None:
@@ -362,7 +362,7 @@ def train_linear_probe_on_images(
         )
         dim = test_features.shape[1]
         known = [test_labels] if train_labels is None else [test_labels, torch.as_tensor(train_labels)]
-        num_classes = _class_count(num_classes, *known)
+        num_classes = num_classes_of(num_classes, *known)
 
         def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             sampler = getattr(train_loader, "sampler", None)
@@ -374,7 +374,7 @@ def train_linear_probe_on_images(
                     raise ValueError("The probe's training loader yields batches without labels.")
                 if pixel_values.shape[0] == 0:  # every image of the batch failed to decode
                     continue
-                with torch.no_grad(), _autocast(device, dtype):
+                with torch.no_grad(), evaluation_autocast(device, dtype):
                     features = compute_features(model, pixel_values.to(device, non_blocking=True), kind)
                 yield features.float(), torch.as_tensor(labels)
 
@@ -386,5 +386,5 @@ def train_linear_probe_on_images(
             probe_device,
             lambda heads: _score_heads(heads, test_features, test_labels),
         )
-        num_train = _dataset_length(train_loader) or -1
+        num_train = loader_length(train_loader) or -1
         return _probe_report(history, config, num_train, dim, num_classes)

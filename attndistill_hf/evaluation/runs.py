@@ -26,7 +26,7 @@ from ..data.sources import DataArguments, count_examples
 from ..data.transforms import image_stats
 from ..hub import EvalRecord, add_eval_records, records_from_results
 from ..models import load_image_processor, load_teacher
-from .features import FeatureKind, _check_kind, _train_test_features, is_main_process
+from .features import FeatureKind, check_kind, is_main_process, train_test_features
 from .knn import DEFAULT_KNN_KS, knn_accuracy
 from .linear import (
     LinearProbeConfig,
@@ -106,7 +106,7 @@ class EvalArguments:
                 "README.md. Evaluate the output folder of recipes/distill.py, or drop --add_to_card."
             )
         if self.feature_kind is not None:
-            _check_kind(self.feature_kind)
+            check_kind(self.feature_kind)
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}.")
         for name in ("batch_size",):
@@ -240,7 +240,7 @@ def run_knn_eval(
     mode for the duration and restored afterwards. Returns ``{"knn": {k: {"top1", "top5"}}, ...}`` with
     string keys for k, as written to ``output_json``.
     """
-    train, test = _train_test_features(
+    train, test = train_test_features(
         model, train_loader, test_loader, kind, cache_dir, accelerator=accelerator, dtype=dtype, progress=progress
     )
     scores = knn_accuracy(*train, *test, ks=ks, temperature=temperature, num_classes=num_classes, progress=progress)
@@ -300,7 +300,7 @@ def run_linear_eval(
             dtype=dtype,
         )
     else:
-        train, test = _train_test_features(
+        train, test = train_test_features(
             model, train_loader, test_loader, feature_kind, cache_dir, dtype=dtype, progress=config.progress
         )
         report = train_linear_probe(*train, *test, config, num_classes=num_classes)
