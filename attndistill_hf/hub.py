@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -307,8 +308,12 @@ FAMILY_LICENSES: dict[str, License] = {
         "other", "dinov3-license", "https://ai.meta.com/resources/models-and-libraries/dinov3-license/"
     ),
 }
-# transformers model types -> the class a student of that type is exported as.
-STUDENT_CLASS_NAMES = {"vit": "ViTModel", "dinov3_vit": "DINOv3ViTModel"}
+
+
+def model_class_name(config: Mapping[str, Any]) -> str:
+    """The transformers class of a model config: as saved (``architectures``), else its type's base model."""
+    architectures = config.get("architectures")
+    return architectures[0] if architectures else MODEL_MAPPING_NAMES[config.get("model_type", "vit")]
 
 
 def teacher_license(teacher: str, model_type: str) -> License | None:
@@ -377,7 +382,7 @@ def build_model_card(
             f"A Vision Transformer student ({_architecture_line(student_config)}) distilled without labels "
             f"from the teacher `{teacher_public}` with **AttnDistill** on `{dataset_public}` images "
             f"(evaluations use its `{dataset_split}` split). It is a plain transformers "
-            f"`{STUDENT_CLASS_NAMES.get(student_config.get('model_type', 'vit'), 'ViTModel')}`: the "
+            f"`{model_class_name(student_config)}`: the "
             "features are the last layer's CLS token after the final LayerNorm, which distillation leaves "
             "untrained (as in the published method, the loss reads the last block before it). The projector "
             "used during training is not part of this model."

@@ -23,6 +23,7 @@ from attndistill_hf.hub import (
     HubPushError,
     add_eval_records,
     build_model_card,
+    model_class_name,
     push_output_dir,
     records_from_results,
     redact,
@@ -400,3 +401,11 @@ def test_push_of_a_missing_folder_is_a_local_error(tmp_path: Path, recording_api
         push_output_dir(tmp_path / "nope", "someone/student")
     assert recording_api.instances == []
     assert "checkpoint-*" in DEFAULT_IGNORE_PATTERNS
+
+
+def test_the_card_names_the_students_class_as_saved_or_from_its_model_type() -> None:
+    assert model_class_name({"model_type": "dinov3_vit"}) == "DINOv3ViTModel"
+    assert model_class_name({"model_type": "vit"}) == "ViTModel"
+    assert model_class_name({"model_type": "vit", "architectures": ["ViTForImageClassification"]}) == (
+        "ViTForImageClassification"
+    )
