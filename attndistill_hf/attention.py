@@ -34,7 +34,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
-from .families import TokenLayout, UnsupportedModelError, family_of, patch_size, unwrap_model
+from .families import TokenLayout, UnsupportedModelError, family_of, input_geometry, unwrap_model
 from .models import final_norm, forward_kwargs
 
 # The backend name of the last attention module; every other module keeps the model's own backend.
@@ -330,11 +330,8 @@ def verify_capture(model: nn.Module, grid: tuple[int, int]) -> None:
     if proof in capture.verified:  # e.g. the teacher of several students, or a recipe's check before the trainer's
         return
     parameter = next(plain.parameters())
-    patch_h, patch_w = patch_size(plain)
-    if type(plain).__name__ == "TimmWrapperModel":
-        channels = plain.timm_model.patch_embed.proj.in_channels
-    else:
-        channels = plain.config.num_channels
+    geometry = input_geometry(plain)
+    (patch_h, patch_w), channels = geometry.patch, geometry.channels
     pixels = torch.zeros(1, channels, grid[0] * patch_h, grid[1] * patch_w, device=parameter.device)
     was_training = plain.training
     plain.eval()

@@ -11,7 +11,7 @@ Anything else is refused by :func:`family_of` with its class name and the reason
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,6 +44,29 @@ class TokenLayout:
 
 
 @dataclass(frozen=True)
+class InputGeometry:
+    """What a model's patch embedding takes: image channels, one patch and the configured image, (height, width)."""
+
+    channels: int
+    patch: tuple[int, int]
+    image: tuple[int, int]
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _config_geometry(model: nn.Module) -> InputGeometry:
+    config = model.config
+    return InputGeometry(int(config.num_channels), _pair(config.patch_size), _pair(config.image_size))
+
+
+def _timm_geometry(model: nn.Module) -> InputGeometry:
+    embed = model.timm_model.patch_embed
+    return InputGeometry(int(embed.proj.in_channels), _pair(embed.patch_size), _pair(embed.img_size))
+
+
+@dataclass(frozen=True)
 class Family:
     """One supported model class and how the library reads it."""
 
@@ -60,6 +83,8 @@ class Family:
     interpolates_on_request: bool = False
     # A reason to refuse an instance of a supported class (a configuration the library cannot read exactly).
     refuse: Callable[[nn.Module], str | None] = lambda _model: None
+    # Channels, patch and configured image size: the config's fields, or where the model keeps them.
+    geometry: Callable[[nn.Module], InputGeometry] = _config_geometry
 
 
 def _cls_only(_model: nn.Module) -> TokenLayout:
@@ -150,7 +175,7 @@ FAMILIES: dict[str, Family] = {
             "YolosSelfAttention",
             lambda model: TokenLayout(leading=1, trailing=int(model.config.num_detection_tokens)),
         ),
-        Family("TimmWrapperModel", "timm", "Attention", _timm_layout, refuse=_refuse_timm),
+        Family("TimmWrapperModel", "timm", "Attention", _timm_layout, refuse=_refuse_timm, geometry=_timm_geometry),
     )
 }
 
@@ -217,21 +242,17 @@ def cls_feature(model: nn.Module, output: Any) -> torch.Tensor:
     return output.last_hidden_state[:, family.layout(model).cls_index]
 
 
+def input_geometry(model: nn.Module) -> InputGeometry:
+    """The channels, patch size and configured image size of ``model`` (a supported family)."""
+    model = unwrap_model(model)
+    return family_of(model).geometry(model)
+
+
 def patch_size(model: nn.Module) -> tuple[int, int]:
     """The (height, width) of one patch."""
-    model = unwrap_model(model)
-    if type(model).__name__ == "TimmWrapperModel":
-        size = model.timm_model.patch_embed.patch_size
-    else:
-        size = model.config.patch_size
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return input_geometry(model).patch
 
 
 def configured_image_size(model: nn.Module) -> tuple[int, int]:
     """The (height, width) the model was configured for."""
-    model = unwrap_model(model)
-    if type(model).__name__ == "TimmWrapperModel":
-        size = model.timm_model.patch_embed.img_size
-    else:
-        size = model.config.image_size
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return input_geometry(model).image
