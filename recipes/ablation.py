@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="How distill.py runs: 'accelerate launch' (auto: when the command exists) or plain python.",
     )
+    parser.add_argument(
+        "--separate_runs",
+        action="store_true",
+        help="Train every config in a distillation run of its own (one teacher forward per student and batch) "
+        "instead of a case's loss settings side by side: for comparing wall times (bench/bench_ablation.py).",
+    )
     parser.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
     return parser
 
@@ -175,9 +181,16 @@ def _case_label(case: str) -> tuple[str, str]:
     return label, student
 
 
-def _run_count(runs: Sequence[dict[str, Any]]) -> int:
-    """Distillation processes behind ``runs`` (each trained ``students_in_run`` of them)."""
-    return round(sum(1 / r.get("students_in_run", 1) for r in runs))
+def _runs_text(runs: Sequence[dict[str, Any]]) -> str:
+    """The students and the distillation runs behind them (each trained ``students_in_run``), as text."""
+    count = round(sum(1 / r.get("students_in_run", 1) for r in runs))
+    return f"{len(runs)} students in {count} distillation run{'' if count == 1 else 's'}"
+
+
+def _grouping_text(runs: Sequence[dict[str, Any]]) -> str:
+    if all(r.get("students_in_run", 1) == 1 for r in runs):
+        return "each configuration in a run of its own (`--separate_runs`)"
+    return "the loss settings of a case and seed side by side, against one teacher forward per batch"
 
 
 def _schedule_section(steps: int, runs: Sequence[dict[str, Any]], state: dict[str, Any]) -> list[str]:
@@ -187,8 +200,7 @@ def _schedule_section(steps: int, runs: Sequence[dict[str, Any]], state: dict[st
     lines = [
         f"## {steps} steps: k-NN top-1 (%) on the held-out test images",
         "",
-        f"`{command}`. Distillation: {state['settings'][steps]}. {len(runs)} students in {_run_count(runs)} runs "
-        f"(the loss settings of a case and seed train side by side against one teacher forward per batch), "
+        f"`{command}`. Distillation: {state['settings'][steps]}. {_runs_text(runs)} ({_grouping_text(runs)}), "
         f"{statistics.mean(times):.0f} s of distillation per student on average ({sum(times) / 60:.1f} min in all).",
         "",
         "| attention case | student | loss | k=10 | k=20 | k=200 | k=20 per seed |",
@@ -264,7 +276,7 @@ def render_results(state: dict[str, Any]) -> str:
         "augmentation). Cells are mean ± sample standard deviation over the seeds.",
         f"- **Machine**: {state['hardware']}; Python {platform.python_version()}, torch {torch.__version__}.",
         f"- **Date**: {date_text}.",
-        f"- **Budget**: {len(runs)} students in {_run_count(runs)} distillation runs, "
+        f"- **Budget**: {_runs_text(runs)}, "
         f"{sum(r['distill_time_s'] for r in runs) / 60:.1f} min of "
         f"distillation in all (wall clock); the last invocation took {state['total_time_s'] / 60:.1f} min"
         f"{_load_note(state['load_average'])}.",
@@ -334,32 +346,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for path in config_paths:
             for seed in args.seeds:
                 stored.pop(key_for(path, steps, seed), None)
-    bar = tqdm(jobs, desc=f"ablation runs ({steps} steps)", unit="run", disable=not progress)
-    for case, seed in bar:
-        missing = [path for path in case_paths[case] if key_for(path, steps, seed) not in stored]
-        bar.set_postfix_str(f"{case} seed {seed}")
-        if not missing:
-            continue
-        students = {loss_of(configs[path]): path for path in missing}
-        entries = [
-            json.dumps({"name": loss, **{key: configs[path][key] for key in LOSS_KEYS if key in configs[path]}})
-            for loss, path in students.items()
-        ]
+
+    def run_students(students: dict[str, str], case: str, seed: int) -> dict[str, dict[str, Any]]:
+        """One distillation run of the configs ``students`` (loss setting -> config path); their records by key.
+
+        Several configs of a case train side by side (``--students``, one student each: they differ in their
+        loss weights only); a single one trains as its config says, in a folder of its own.
+        """
+        base = next(iter(students.values()))
         output_dir = root / "ablation" / f"{case}-{steps}steps-seed{seed}"
-        base = missing[0]  # the case's configs differ in their loss weights only, which each student sets
-        distill_time = launch_distillation(  # a run that is not in the report is (re)run from scratch
-            RECIPES / "distill.py",
-            base,
-            [*overrides_for(configs[base], steps), "--seed", str(seed), "--output_dir", str(output_dir)]
-            + ["--overwrite_output_dir", "true", "--disable_tqdm", "true", "--students", *entries],
-            launcher=args.launcher,
-            quiet=True,
+        flags = [*overrides_for(configs[base], steps), "--seed", str(seed), "--overwrite_output_dir", "true"]
+        flags += ["--disable_tqdm", "true"]
+        if len(students) > 1:
+            entries = [
+                json.dumps({"name": loss, **{key: configs[path][key] for key in LOSS_KEYS if key in configs[path]}})
+                for loss, path in students.items()
+            ]
+            flags += ["--students", *entries]
+            folders = {loss: output_dir / loss for loss in students}
+        else:
+            (loss,) = students
+            output_dir = output_dir / loss
+            folders = {loss: output_dir}
+        # A run that is not in the report is (re)run from scratch.
+        distill_time = launch_distillation(
+            RECIPES / "distill.py", base, [*flags, "--output_dir", str(output_dir)], launcher=args.launcher, quiet=True
         )
+        records = {}
         for loss, path in students.items():
-            student = AutoModel.from_pretrained(output_dir / loss).eval()
-            key = key_for(path, steps, seed)
+            student = AutoModel.from_pretrained(folders[loss]).eval()
             record = {
-                "key": key,
+                "key": key_for(path, steps, seed),
                 "config": Path(path).name,
                 "case": case,
                 "loss": loss,
@@ -372,9 +389,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "date": datetime.now(UTC).strftime("%Y-%m-%d"),
             }
             tqdm.write(f"{record['config']} seed {seed}, {steps} steps: k-NN top-1 (k=20) {record['knn'][MAIN_K]:.2f}%")
-            stored[key] = record
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps({"runs": list(stored.values())}, indent=2) + "\n")
+            records[record["key"]] = record
+        return records
+
+    bar = tqdm(jobs, desc=f"ablation runs ({steps} steps)", unit="run", disable=not progress)
+    for case, seed in bar:
+        missing = [path for path in case_paths[case] if key_for(path, steps, seed) not in stored]
+        bar.set_postfix_str(f"{case} seed {seed}")
+        if not missing:
+            continue
+        if args.separate_runs:  # one run per configuration, its loss settings from its own file
+            groups = [{loss_of(configs[path]): path} for path in missing]
+        else:
+            groups = [{loss_of(configs[path]): path for path in missing}]
+        for students in groups:
+            stored |= run_students(students, case, seed)
+            results_path.parent.mkdir(parents=True, exist_ok=True)
+            results_path.write_text(json.dumps({"runs": list(stored.values())}, indent=2) + "\n")
 
     # Every stored run of these configs and seeds, whatever its schedule length, made with this teacher and the
     # current config files (a run whose key no longer matches was made with other settings and is left out).

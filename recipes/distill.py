@@ -270,15 +270,16 @@ def refuse_or_empty(folder: Path, *, overwrite: bool, resume: str | None) -> Non
     logger.info("Emptied %s (--overwrite_output_dir): it held %s", output_dir, listed)
 
 
-def load_student(model_args: DistillModelArguments, data_args: DataArguments, teacher: PreTrainedModel):
-    """The student: a pretrained/config directory, or a preset built for the crop size."""
+def load_student(model_args: DistillModelArguments, data_args: DataArguments, teacher: PreTrainedModel, seed: int):
+    """The student: a pretrained/config directory, or a preset built for the crop size and initialised from
+    ``seed`` (alone: a student of a ``--students`` list starts as it would in a run of its own)."""
     if model_args.student_name_or_path:
         path = Path(model_args.student_name_or_path)
         has_weights = any((path / name).exists() for name in ("model.safetensors", "pytorch_model.bin"))
         if has_weights or not path.exists():
             return AutoModel.from_pretrained(model_args.student_name_or_path, attn_implementation="sdpa")
         config = AutoConfig.from_pretrained(model_args.student_name_or_path)
-        return build_student(config=config, seed=None)
+        return build_student(config=config, seed=seed)
     sincos = model_args.student_sincos_position_embeddings
     if sincos is None:
         sincos = getattr(teacher.config, "model_type", "") == "vit_mae"
@@ -287,15 +288,16 @@ def load_student(model_args: DistillModelArguments, data_args: DataArguments, te
         image_size=data_args.image_size,
         patch_size=model_args.patch_size,
         sincos_position_embeddings=sincos,
+        seed=seed,
     )
 
 
 def load_students(
-    model_args: DistillModelArguments, data_args: DataArguments, teacher: PreTrainedModel
+    model_args: DistillModelArguments, data_args: DataArguments, teacher: PreTrainedModel, seed: int
 ) -> PreTrainedModel | dict[str, StudentSpec]:
     """The single student, or each ``--students`` entry by name with its own loss settings."""
     if not model_args.student_entries:
-        return load_student(model_args, data_args, teacher)
+        return load_student(model_args, data_args, teacher, seed)
     students = {}
     for entry in model_args.student_entries:
         architecture = {key: entry[key] for key in STUDENT_MODEL_FIELDS if key in entry}
@@ -303,7 +305,7 @@ def load_students(
             architecture["student_preset"] = None
         own = replace(model_args, **architecture, students=None)
         losses = {key: entry[key] for key in STUDENT_LOSS_FIELDS if key in entry}
-        students[entry["name"]] = StudentSpec(load_student(own, data_args, teacher), **losses)
+        students[entry["name"]] = StudentSpec(load_student(own, data_args, teacher, seed), **losses)
     return students
 
 
@@ -541,7 +543,7 @@ def run(
     mean, std = image_stats(
         load_image_processor(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
     )
-    student = load_students(model_args, data_args, teacher)
+    student = load_students(model_args, data_args, teacher, args.seed)
     # A teacher or student whose last attention cannot be captured exactly is refused before any data loads.
     for model in student_specs(student).values():
         check_pair(teacher, model.model, data_args.image_size)

@@ -17,6 +17,7 @@ from attndistill_hf.demo_pipeline import (
     FULL,
     QUICK,
     ClassificationCollator,
+    DemoScale,
     TeacherRecipe,
     TeacherRunArguments,
     launch_distillation,
@@ -171,10 +172,10 @@ def test_demo_untrained_baseline_is_the_distilled_student_at_initialisation() ->
     config = read_config_file(CONFIGS / "demo.yaml")
     image_size, seed = int(config["image_size"]), int(config["seed"])
     teacher = build_student("vit-mini-patch4", image_size=image_size)
-    # distill.py seeds, loads the teacher (drawing no random numbers), then builds the student from the preset.
-    set_seed(seed)
+    # distill.py builds the student from the preset, initialised from the run's seed alone.
+    set_seed(seed + 1)
     model_args = distill.DistillModelArguments(teacher_name_or_path="unused", student_preset=config["student_preset"])
-    initial = distill.load_student(model_args, DataArguments(image_size=image_size), teacher)
+    initial = distill.load_student(model_args, DataArguments(image_size=image_size), teacher, seed)
     baseline = untrained_student(config, image_size, seed)
     assert not baseline.training
     assert initial.state_dict().keys() == baseline.state_dict().keys()
@@ -221,6 +222,38 @@ def test_ablation_configs_cover_three_cases_times_three_losses() -> None:
         assert (patch > teacher.patch_size) == (case == "patch")
         assert heads <= teacher.num_attention_heads and patch >= teacher.patch_size
     assert cells == {(case, loss) for case in ablation.CASE_ORDER for loss in ablation.LOSSES}
+
+
+@needs_real
+def test_ablation_one_run_per_case_gives_each_student_its_own_runs_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A case's three loss settings trained side by side score exactly as with one run each (--separate_runs)."""
+    ablation = load_recipe("ablation")
+    monkeypatch.setattr(
+        ablation, "FULL", DemoScale(max_train=256, max_test=96, teacher=TeacherRecipe(max_steps=8, warmup_steps=2))
+    )
+    common = ["--configs", str(CONFIGS / "ablation_heads_*.yaml"), "--seeds", "0", "--max_steps", "4"]
+    common += ["--data_dir", str(tmp_path / "data"), "--launcher", "python", "--no_progress"]
+    states = {}
+    for way, flags in (("together", []), ("separate", ["--separate_runs"])):
+        root = tmp_path / way
+        if way == "separate":  # the same teacher, trained once
+            root.mkdir()
+            (root / "demo-teacher").symlink_to(tmp_path / "together" / "demo-teacher", target_is_directory=True)
+        outputs = ["--output_root", str(root), "--results", str(root / "results.md")]
+        states[way] = ablation.main([*common, *flags, *outputs])
+    together, separate = ({run["config"]: run for run in states[way]["runs"]} for way in ("together", "separate"))
+    assert sorted(together) == sorted(separate) == [f"ablation_heads_{loss}.yaml" for loss in ("attn", "both", "proj")]
+    assert {run["students_in_run"] for run in together.values()} == {3}
+    assert {run["students_in_run"] for run in separate.values()} == {1}
+    for config, run in together.items():
+        assert run["knn"] == separate[config]["knn"], config
+    # Each way's students: one folder per loss setting, in one run folder or in a run folder each.
+    assert {p.name for p in (tmp_path / "together" / "ablation" / "heads-4steps-seed0").iterdir()} >= {"attn", "proj"}
+    assert (tmp_path / "separate" / "ablation" / "heads-4steps-seed0" / "both" / "model.safetensors").is_file()
+    assert "3 students in 1 distillation run (the loss settings" in (tmp_path / "together" / "results.md").read_text()
+    assert "3 students in 3 distillation runs (each configuration" in (tmp_path / "separate" / "results.md").read_text()
 
 
 def test_ablation_report_states_mean_and_spread() -> None:

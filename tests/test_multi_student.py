@@ -227,6 +227,35 @@ def test_bad_multi_student_settings_are_refused_with_their_reason(tmp_path: Path
         )
 
 
+def test_recipe_students_start_as_they_would_alone_whatever_their_place_in_the_list(tmp_path: Path) -> None:
+    """Each listed student is initialised from the run's seed alone, not after the students before it."""
+    distill = load_recipe("distill")
+    teacher = tiny_teacher()
+    data_args = distill.DataArguments(image_size=32)
+    alone = distill.load_students(
+        distill.DistillModelArguments(teacher_name_or_path="unused", student_preset="vit-mini-patch4"),
+        data_args,
+        teacher,
+        3,
+    )
+    listed = distill.load_students(
+        distill.DistillModelArguments(
+            teacher_name_or_path="unused",
+            students=[
+                {"name": "first", "student_preset": "vit-mini-2heads-patch4", "proj_loss_weight": 0.0},
+                {"name": "second", "student_preset": "vit-mini-patch4"},
+            ],
+        ),
+        data_args,
+        teacher,
+        3,
+    )
+    second = listed["second"].model.state_dict()
+    assert second.keys() == alone.state_dict().keys()
+    for key, value in alone.state_dict().items():
+        assert torch.equal(second[key], value), key
+
+
 def test_recipe_trains_a_students_list_and_publishes_each_student_in_its_folder(tmp_path: Path) -> None:
     tiny_teacher(tmp_path / "teacher")
     images = write_image_folder(tmp_path / "images", per_class=4)
