@@ -134,6 +134,16 @@ def coordinate_image(size: int = 256) -> Image.Image:
     return Image.fromarray(array, mode="RGB")
 
 
+# Appended to every two-process script: each rank leaves the process group before exiting, since a gloo
+# thread still running at interpreter exit can abort a rank ("terminate called without an active exception").
+LEAVE_PROCESS_GROUP = """
+import torch.distributed
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+"""
+
+
 def run_two_processes(script_text: str, folder: Path, timeout: float = 180) -> None:
     """Run ``script_text`` as 2 DDP ranks (torchrun, gloo on CPU) with ``folder`` as its argument.
 
@@ -141,7 +151,7 @@ def run_two_processes(script_text: str, folder: Path, timeout: float = 180) -> N
     killed, so nothing is left behind.
     """
     script = folder / "worker.py"
-    script.write_text(script_text)
+    script.write_text(script_text + LEAVE_PROCESS_GROUP)
     env = {
         **os.environ,
         "GLOO_SOCKET_IFNAME": "lo",
