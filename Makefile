@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data test lint demo ablation bench clean
+.PHONY: setup data test test-fast lint demo ablation bench clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# setup.cfg declares the versions the library supports; constraints.txt pins the ones the tests run on.
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -22,11 +23,15 @@ $(FASHION_MNIST_DIR):
 data: $(FASHION_MNIST_DIR)
 
 lint: setup
-	$(VENV)/bin/ruff check attndistill_hf recipes tests bench
-	$(VENV)/bin/ruff format --check attndistill_hf recipes tests bench
+	$(VENV)/bin/ruff check attndistill_hf recipes tests bench docs/scripts
+	$(VENV)/bin/ruff format --check attndistill_hf recipes tests bench docs/scripts
 
 test: setup data lint
 	$(VENV)/bin/python -m pytest -q tests
+
+# The edit loop: everything but the multi-process and end-to-end tests (marked slow).
+test-fast: setup data lint
+	$(VENV)/bin/python -m pytest -q -m "not slow" tests
 
 demo: setup data
 	$(PY) recipes/demo.py

@@ -17,6 +17,12 @@ CPU than a node has. With ``--gpu_augment`` the workers only gather encoded byte
 3. Flip and normalise for the whole batch at once (one fused multiply-add).
 
 Without CUDA the same code runs on the CPU (``decode_jpeg`` on the CPU), which is how it is tested.
+
+Reproducible views: for training examples that carry their key (as the trainer gives them),
+:class:`RawBytesCollator` passes each image's view seed, and :class:`GpuAugment` draws that image's crop and
+flip from a generator seeded with it: a function of (seed, epoch, example) alone, as on the CPU path
+(other crops than the CPU path's, from the same distribution), so a run resumed mid-epoch gets the same
+views. Each unreadable example is counted once, as on the CPU path.
 """
 
 from __future__ import annotations
@@ -31,7 +37,15 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .data.decoding import decode_image
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .data.streaming import UnreadableTally
+from .data.transforms import (
+    EXAMPLE_KEY,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    UNREADABLE_IDS,
+    example_id,
+    view_seed,
+)
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # Start-of-frame markers (baseline, extended, progressive, lossless and their arithmetic variants).
@@ -72,22 +86,39 @@ class RawBytesCollator:
     (with a label column), "skipped_images": long scalar}``. One flat tensor instead of B small ones keeps
     the transfer from worker processes to a single shared-memory block. Unreadable values (missing
     bytes or files) are skipped and counted here; undecodable bytes are counted by :class:`GpuAugment`.
+
+    When the examples carry their key (``EXAMPLE_KEY``), the batch also holds, as plain lists that stay on
+    the CPU, the ``view_seeds`` and ``example_ids`` of its B' images and the identities of its unreadable
+    examples (``unreadable_ids``), as :class:`~attndistill_hf.data.ImageCollator` gives them.
     """
+
+    # The trainer attaches an ExampleKey to the training examples of a collator that reads them.
+    uses_example_keys = True
 
     def __init__(self, image_column: str = "image", label_column: str | None = None) -> None:
         self.image_column = image_column
         self.label_column = label_column
 
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         chunks: list[bytes] = []
         labels: list[int] = []
+        seeds: list[int] = []
+        identities: list[int] = []
+        unreadable: list[int] = []
         for example in examples:
             if self.image_column not in example:
                 raise KeyError(f"Example has no image column {self.image_column!r}; its columns are {sorted(example)}")
+            key = example.get(EXAMPLE_KEY)
+            identity = None if key is None else example_id(key, example, self.image_column)
             data = read_image_bytes(example[self.image_column])
             if data is None:
+                if identity is not None:
+                    unreadable.append(identity)
                 continue
             chunks.append(data)
+            if identity is not None:
+                identities.append(identity)
+                seeds.append(view_seed(key, identity))
             if self.label_column is not None:
                 if self.label_column not in example:
                     raise KeyError(
@@ -95,13 +126,15 @@ class RawBytesCollator:
                     )
                 labels.append(int(example[self.label_column]))
         flat = np.frombuffer(b"".join(chunks), dtype=np.uint8) if chunks else np.zeros(0, dtype=np.uint8)
-        batch = {
+        batch: dict[str, Any] = {
             "image_data": torch.from_numpy(flat.copy()),
             "image_lengths": torch.tensor([len(c) for c in chunks], dtype=torch.long),
         }
         if self.label_column is not None:
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
         batch["skipped_images"] = torch.tensor(len(examples) - len(chunks), dtype=torch.long)
+        if any(EXAMPLE_KEY in example for example in examples):
+            batch |= {"view_seeds": seeds, "example_ids": identities, UNREADABLE_IDS: unreadable}
         return batch
 
 
@@ -140,12 +173,16 @@ def sample_crop_boxes(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     generator: torch.Generator | None = None,
     attempts: int = 10,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """RandomResizedCrop boxes ``[N, 4]`` as (top, left, height, width), for N images at once.
 
     Same distribution as torchvision's ``RandomResizedCrop.get_params``: up to ``attempts`` draws of an
     area fraction (uniform in ``scale``) and an aspect ratio (log-uniform in ``ratio``), the first that
-    fits is used; otherwise the largest centred box whose ratio is clamped into ``ratio``.
+    fits is used; otherwise the largest centred box whose ratio is clamped into ``ratio``. The draws come
+    from ``generator``, or with ``generators`` (one per image) each image's from its own generator, so that
+    an image's box does not depend on the other images of the batch.
     """
     if not 0 < scale[0] <= scale[1]:
         raise ValueError(f"scale must satisfy 0 < min <= max, got {scale}")
@@ -154,12 +191,18 @@ def sample_crop_boxes(
     h = heights.to(torch.float64).reshape(-1, 1)
     w = widths.to(torch.float64).reshape(-1, 1)
     n = h.shape[0]
+    draws = 2 * attempts + 2  # area and aspect per attempt, then the box's position
+    if generators is None:
+        uniform = torch.rand(n, draws, generator=generator, dtype=torch.float64)
+    elif len(generators) != n:
+        raise ValueError(f"{len(generators)} generators for {n} images")
+    else:
+        rows = [torch.rand(1, draws, generator=g, dtype=torch.float64) for g in generators]
+        uniform = torch.cat(rows) if rows else torch.empty(0, draws, dtype=torch.float64)
     area = h * w
-    target = area * (
-        scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=generator, dtype=torch.float64)
-    )
+    target = area * (scale[0] + (scale[1] - scale[0]) * uniform[:, :attempts])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, attempts, generator=generator, dtype=torch.float64))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * uniform[:, attempts : 2 * attempts])
     cw = torch.round(torch.sqrt(target * aspect))
     ch = torch.round(torch.sqrt(target / aspect))
     fits = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
@@ -175,7 +218,7 @@ def sample_crop_boxes(
     fb_h = torch.where(in_ratio < ratio[0], torch.round(ww / ratio[0]), hh)
     box_w = torch.where(found, box_w, fb_w)
     box_h = torch.where(found, box_h, fb_h)
-    u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    u = uniform[:, 2 * attempts :]
     top = torch.where(found, torch.floor(u[:, 0] * (hh - box_h + 1)), torch.floor((hh - box_h) / 2))
     left = torch.where(found, torch.floor(u[:, 1] * (ww - box_w + 1)), torch.floor((ww - box_w) / 2))
     return torch.stack([top, left, box_h, box_w], dim=1).to(torch.long)
@@ -204,7 +247,11 @@ class GpuAugment(torch.nn.Module):
     evaluation view (short side to S x 256/224, centre crop) instead.
 
     ``image_data`` should stay on the CPU (nvJPEG reads host memory); a device tensor is copied back.
-    ``device=None`` picks CUDA when available, else the CPU. ``seed`` makes crops and flips reproducible.
+    ``device=None`` picks CUDA when available, else the CPU. A batch with ``view_seeds`` (from
+    :class:`RawBytesCollator`, for examples that carry their key) draws each image's crop and flip from its
+    own seed, and counts an undecodable example only the first time it meets it (across ranks: see
+    :class:`~attndistill_hf.data.streaming.UnreadableTally`, a collective per batch under several
+    processes); ``seed`` makes the crops and flips of other batches reproducible.
     """
 
     def __init__(
@@ -238,6 +285,7 @@ class GpuAugment(torch.nn.Module):
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
+        self.unreadable = UnreadableTally()
         std_t = torch.tensor(std, dtype=torch.float32)
         # (x / 255 - mean) / std as one multiply-add.
         self.register_buffer("_mul", (1.0 / (255.0 * std_t)).view(1, 3, 1, 1).to(self.device), persistent=False)
@@ -296,20 +344,26 @@ class GpuAugment(torch.nn.Module):
 
     # -- augmentation -----------------------------------------------------------------------------
 
-    def crop_boxes(self, sizes: torch.Tensor) -> torch.Tensor:
-        """Crop boxes (top, left, height, width) for images of ``sizes`` [N, 2] = (height, width)."""
+    def crop_boxes(self, sizes: torch.Tensor, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Crop boxes (top, left, height, width) for images of ``sizes`` [N, 2] = (height, width), drawn from
+        ``generators`` (one per image) when given, else from the module's generator."""
         if self.train_mode:
-            return sample_crop_boxes(sizes[:, 0], sizes[:, 1], self.scale, self.ratio, self.generator)
+            return sample_crop_boxes(
+                sizes[:, 0], sizes[:, 1], self.scale, self.ratio, self.generator, generators=generators
+            )
         return center_crop_boxes(sizes[:, 0], sizes[:, 1], self.image_size)
 
-    def augment(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Crop, resize, flip and normalise decoded uint8 images into float32 [N, 3, S, S] on the device."""
+    def augment(self, images: list[torch.Tensor], generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Crop, resize, flip and normalise decoded uint8 images into float32 [N, 3, S, S] on the device.
+
+        With ``generators`` (one per image), each image's crop and then its flip are drawn from its own.
+        """
         s = self.image_size
         out = torch.empty((len(images), 3, s, s), dtype=torch.float32, device=self.device)
         if not images:
             return out
         sizes = torch.tensor([[img.shape[-2], img.shape[-1]] for img in images], dtype=torch.long)
-        boxes = self.crop_boxes(sizes).tolist()
+        boxes = self.crop_boxes(sizes, generators).tolist()
         # On the CPU, antialiased resizing has a fast uint8 kernel for channels-last input (about 15x the
         # float one); CUDA has only the float kernel, which is fast there.
         on_cpu = self.device.type == "cpu"
@@ -318,7 +372,11 @@ class GpuAugment(torch.nn.Module):
             crop = crop.contiguous(memory_format=torch.channels_last) if on_cpu else crop.to(torch.float32)
             out[k] = F.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0]
         if self.train_mode and self.flip_prob > 0:
-            flip = (torch.rand(len(images), generator=self.generator) < self.flip_prob).to(self.device)
+            if generators is None:
+                draws = torch.rand(len(images), generator=self.generator)
+            else:
+                draws = torch.cat([torch.rand(1, generator=g) for g in generators])
+            flip = (draws < self.flip_prob).to(self.device)
             out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
         # Bilinear resampling stays within the input range, so no clamp to [0, 255] is needed.
         return out.mul_(self._mul).add_(self._add)
@@ -329,8 +387,20 @@ class GpuAugment(torch.nn.Module):
                 raise KeyError(f"GpuAugment needs a RawBytesCollator batch; {key!r} is missing (keys: {sorted(batch)})")
         images, ok = self.decode(batch["image_data"], batch["image_lengths"])
         skipped = batch.get("skipped_images", torch.tensor(0))
-        result = {"pixel_values": self.augment(images)}
+        decoded = ok.tolist()
+        seeds = batch.get("view_seeds")
+        generators = None
+        if seeds is not None:
+            generators = [
+                torch.Generator().manual_seed(seed) for seed, good in zip(seeds, decoded, strict=True) if good
+            ]
+        result = {"pixel_values": self.augment(images, generators)}
         if "labels" in batch:
             result["labels"] = batch["labels"].to(ok.device)[ok].to(self.device)
-        result["skipped_images"] = (skipped.to("cpu") + int((~ok).sum())).to(torch.long)
+        identities = batch.get("example_ids")
+        if identities is None:
+            failed = decoded.count(False)
+        else:
+            failed = self.unreadable.count_new([i for i, good in zip(identities, decoded, strict=True) if not good])
+        result["skipped_images"] = (skipped.to("cpu") + failed).to(torch.long)
         return result

@@ -17,10 +17,13 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+if TYPE_CHECKING:
+    from .losses import AttnDistillLoss
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +144,72 @@ class EvalRecord:
             dataset_type=None if result.dataset_type == result.dataset_name else result.dataset_type,
             dataset_config=result.dataset_config,
         )
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The loss one student was trained with, as its model card describes it.
+
+    ``proj_weight`` / ``attn_weight`` weigh the projector and attention-guidance terms (0: the term was
+    off); ``projector_loss`` is the projector distance ("mse" or "cosine"); ``projector_widths`` are the
+    widths of the projector's linear layers, input first (student width ... teacher width);
+    ``fusion_temperature`` is T of the head fusion; ``clamp`` bounds the attention maps before the KL.
+    Defaults are the published recipe's. :meth:`of` reads them from a trained ``AttnDistillLoss``.
+    """
+
+    proj_weight: float
+    attn_weight: float
+    projector_widths: tuple[int, ...]
+    projector_loss: str = "mse"
+    fusion_temperature: float = 10.0
+    clamp: tuple[float, float] = (1e-5, 0.996)
+
+    @classmethod
+    def of(cls, loss: AttnDistillLoss) -> LossSettings:
+        """The settings of a student's loss (``trainer.members[name].loss_fn``)."""
+        linears = [layer for layer in loss.projector.layers if hasattr(layer, "in_features")]
+        return cls(
+            proj_weight=float(loss.proj_weight),
+            attn_weight=float(loss.attn_weight),
+            projector_widths=(*(layer.in_features for layer in linears), linears[-1].out_features),
+            projector_loss=loss.projector_loss,
+            fusion_temperature=float(loss.fusion_temperature),
+            clamp=(float(loss.clamp[0]), float(loss.clamp[1])),
+        )
+
+    def describe(self) -> str:
+        """Markdown: the loss formula with its weights, then one bullet per term that was on."""
+        terms = [(self.proj_weight, "L_proj"), (self.attn_weight, "L_attn")]
+        formula = " + ".join(f"{weight:g} × {name}" for weight, name in terms if weight)
+        if self.proj_weight and self.attn_weight:
+            opening = f"This student was trained with both AttnDistill terms, `L = {formula}`, on its last block:"
+        elif self.attn_weight:
+            opening = (
+                f"This student was trained with the attention-guidance term alone, `L = {formula}`, on its last "
+                "block; the projector term was off (weight 0), so no projector was trained:"
+            )
+        else:
+            opening = (
+                f"This student was trained with the projector term alone, `L = {formula}`, on its last block; "
+                "the attention-guidance term was off (weight 0):"
+            )
+        bullets = []
+        if self.proj_weight:
+            distance = {"mse": "the mean squared error", "cosine": "the cosine distance 2 − 2 cos"}[self.projector_loss]
+            widths = " → ".join(str(width) for width in self.projector_widths)
+            bullets.append(
+                f"- `L_proj`: {distance} between the teacher's normalised CLS feature and the student's last-block "
+                "CLS token (before its final LayerNorm) passed through a projector: LayerNorm, linear layers "
+                f"{widths} with GELU between them, LayerNorm."
+            )
+        if self.attn_weight:
+            bullets.append(
+                "- `L_attn`: KL(teacher ‖ student) of the last block's CLS-query attention maps, each clamped to "
+                f"[{self.clamp[0]:g}, {self.clamp[1]:g}] and renormalised; where the patch grids differ the "
+                "teacher's maps are resized to the student's grid (bicubic), and where the head counts differ both "
+                f"sides' heads are fused as softmax(Σ_h log a_h / T) with T = {self.fusion_temperature:g}."
+            )
+        return opening + "\n\n" + "\n".join(bullets)
 
 
 def records_from_results(results: Mapping[str, Any], dataset_name: str, dataset_split: str) -> list[EvalRecord]:
@@ -340,10 +409,14 @@ def build_model_card(
     license: str = "apache-2.0",
     extra_tags: Iterable[str] = (),
     limitations: str | None = None,
+    loss: LossSettings,
     teacher_license: License | None = None,
     hub_dataset: bool = True,
 ) -> ModelCard:
     """The model card of a distilled student: Hub metadata, ``model-index`` and a body that explains it.
+
+    ``loss`` is this student's own loss (in a run of several students, each has its own), described in
+    the card's "Distillation loss" section.
 
     ``eval_results`` become one ``EvalResult`` each and the results table; ``recipe_text`` (the config
     file) is inlined verbatim apart from redacted secrets and local paths, which it names by their last
@@ -384,16 +457,13 @@ def build_model_card(
             f"(evaluations use its `{dataset_split}` split). It is a plain transformers "
             f"`{model_class_name(student_config)}`: the "
             "features are the last layer's CLS token after the final LayerNorm, which distillation leaves "
-            "untrained (as in the published method, the loss reads the last block before it). The projector "
-            "used during training is not part of this model."
+            "untrained (as in the published method, the loss reads the last block before it)."
+            + (" The projector used during training is not part of this model." if loss.proj_weight else "")
         ),
         "## Teacher",
-        (
-            f"`{teacher_public}`, frozen during training. AttnDistill trains the student with two terms on "
-            "the last block only: an MSE between the projected student CLS token and the teacher's CLS "
-            "token, and a KL divergence that guides the student's CLS-query attention maps towards the "
-            "teacher's (resized to the student's patch grid, or fused across heads, when the shapes differ)."
-        ),
+        f"`{teacher_public}`, frozen during training.",
+        "## Distillation loss",
+        loss.describe(),
         "## Training recipe",
         "The exact configuration of this run:",
         _code_block(publish_local_paths(recipe_text), "yaml"),  # redacted with the whole card below

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ from transformers import (
 )
 from transformers.image_utils import PILImageResampling
 
+from .checkpoints import unsafe_weights_error
 from .families import FAMILIES, configured_image_size, patch_size
 
 # LayerNorm eps of the published ViTs, their students and the projector (not PyTorch's default 1e-5).
@@ -227,6 +229,11 @@ def load_teacher(
 
     MAE encoders get ``mask_ratio = 0``: a teacher must see every patch. ``role`` names the model in
     error messages (the evaluation recipes load students with this too).
+
+    A teacher whose only weights are pickled (``pytorch_model.bin``, no safetensors) loads when the pickle
+    holds tensors and plain containers: transformers unpickles it with ``torch.load(weights_only=True)``.
+    One that asks for anything else is refused before any of it runs, with an
+    :class:`~attndistill_hf.checkpoints.UnsafePickleError` that says how to convert it to safetensors.
     """
     if isinstance(name_or_path, PreTrainedModel):
         model = name_or_path
@@ -245,6 +252,9 @@ def load_teacher(
                 trust_remote_code=trust_remote_code,
                 **kwargs,
             )
+        except pickle.UnpicklingError:
+            # transformers' weights_only unpickler refused the file; its message advises lifting that guard.
+            raise unsafe_weights_error(name_or_path, role) from None
         except (OSError, ValueError, SafetensorError) as error:
             raise TeacherLoadError(
                 f"Cannot load the {role} {name_or_path!r}: {error}\n"

@@ -9,13 +9,13 @@ transformers model that ``AutoModel.from_pretrained`` loads without custom code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
-from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTModel
+from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainerState, TrainingArguments, ViTModel
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
     TrainOutput,
@@ -35,6 +36,7 @@ from transformers.trainer_utils import (
     rotate_checkpoints,
     seed_worker,
 )
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .attention import (
     install_attention_capture,
@@ -45,10 +47,27 @@ from .attention import (
     unwrap_model,
     verify_capture,
 )
-from .data.streaming import EqualStepsIterable, prepare_per_rank_dataloader
+from .checkpoints import check_checkpoint
+from .data.streaming import (
+    DistinctUnreadableLoader,
+    EpochShuffle,
+    EqualStepsIterable,
+    KeyedExamples,
+    prepare_per_rank_dataloader,
+)
 from .families import UnsupportedModelError, cls_feature, family_of
 from .losses import AttnDistillLoss, check_projector_loss
 from .models import cls_features, load_teacher, patch_grid
+from .validation import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    OPTIONAL_POSITIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Bound,
+    check_fields,
+    check_value,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +76,47 @@ class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive steps whose loss was NaN or infinite."""
 
 
-class CorruptCheckpointError(ValueError):
-    """A checkpoint to resume from holds a file that cannot be read (a run killed mid-write, a partial copy)."""
-
-
 class UnreadableDataError(ValueError):
     """Raised when the training data yield no readable image: in too many batches in a row, or in the whole run."""
+
+
+# The loss settings that a StudentSpec may set for its student (None there: the run's value), with their ranges.
+LOSS_SETTING_BOUNDS: dict[str, Bound] = {
+    "proj_loss_weight": NON_NEGATIVE,
+    "attn_loss_weight": NON_NEGATIVE,
+    "fusion_temperature": POSITIVE,
+    "projector_depth": POSITIVE_INT,
+    "projector_hidden_dims": Bound(integer=True, minimum=1, optional=True),
+}
+UNIT_INTERVAL_OPEN_TOP = Bound(minimum=0, below=1)
+# Every numeric field of AttnDistillConfig that a run's result depends on, its own and TrainingArguments'.
+TRAINING_BOUNDS: dict[str, Bound] = {
+    **LOSS_SETTING_BOUNDS,
+    "attn_clamp_min": Bound(above=0, below=1),
+    "attn_clamp_max": Bound(above=0, maximum=1),
+    "learning_rate": Bound(above=0, optional=True),
+    "base_learning_rate": POSITIVE,
+    "warmup_epochs": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,
+    "max_consecutive_nonfinite_steps": POSITIVE_INT,
+    "effective_batch_size": OPTIONAL_POSITIVE_INT,
+    "per_device_train_batch_size": POSITIVE_INT,
+    "per_device_eval_batch_size": POSITIVE_INT,
+    "gradient_accumulation_steps": POSITIVE_INT,
+    # -1: train for num_train_epochs (TrainingArguments' "not set"); 0 steps would export an untrained student.
+    "max_steps": Bound(integer=True, minimum=-1, excluded=(0,), text="a positive integer, or -1 for num_train_epochs"),
+    "num_train_epochs": NON_NEGATIVE,
+    "warmup_steps": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "adam_beta1": UNIT_INTERVAL_OPEN_TOP,
+    "adam_beta2": UNIT_INTERVAL_OPEN_TOP,
+    "adam_epsilon": POSITIVE,
+    "logging_steps": POSITIVE,
+    "save_steps": POSITIVE,
+    "save_total_limit": OPTIONAL_POSITIVE_INT,
+    "seed": Bound(integer=True, minimum=0, below=2**32),  # numpy's seed range
+    "dataloader_num_workers": NON_NEGATIVE_INT,
+}
 
 
 @dataclass
@@ -142,16 +196,16 @@ class AttnDistillConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        # Found here, naming the flag, rather than by the optimizer or torch after the teacher has loaded,
+        # or never (a NaN weight, a zero learning rate or max_steps 0 would export an untrained student).
+        check_fields(self, TRAINING_BOUNDS)
+        if self.max_steps <= 0:
+            check_value("--num_train_epochs", self.num_train_epochs, POSITIVE)
         check_projector_loss(self.projector_loss)
-        if not 0 < self.attn_clamp_min < self.attn_clamp_max <= 1:
+        if not self.attn_clamp_min < self.attn_clamp_max:
             raise ValueError("Need 0 < attn_clamp_min < attn_clamp_max <= 1.")
         if self.proj_loss_weight == 0 and self.attn_loss_weight == 0:
             raise ValueError("Both loss weights are 0: nothing to train.")
-        # Found here rather than by the optimizer, which would refuse it without a flag's name, after loading.
-        for name in ("learning_rate", "base_learning_rate"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"--{name} must not be negative, got {value}.")
         lr_given = self.learning_rate is not None
         if not lr_given:
             self.learning_rate = self.base_learning_rate
@@ -313,6 +367,12 @@ class StudentSpec:
     projector_hidden_dims: list[int] | None = None
     projector_loss: str | None = None
 
+    def __post_init__(self) -> None:
+        given = {name: getattr(self, name) for name in LOSS_SETTING_BOUNDS if getattr(self, name) is not None}
+        check_fields(given, LOSS_SETTING_BOUNDS, prefix="StudentSpec.")
+        if self.projector_loss is not None:
+            check_projector_loss(self.projector_loss)
+
     def loss(self, teacher_dim: int, args: AttnDistillConfig, seed: int) -> AttnDistillLoss:
         """This student's loss (and projector), with the run's settings where this spec has none.
 
@@ -368,6 +428,23 @@ class MultiStudentModule(nn.Module):
 
 
 STUDENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# Folders a run writes into its output folder beside the students' (names with a dot cannot be students'):
+# the trainer's checkpoints (resume picks the newest checkpoint-N) and TensorBoard's default log folder.
+RESERVED_STUDENT_NAMES = re.compile(rf"^({PREFIX_CHECKPOINT_DIR}(-.*)?|runs)$", re.IGNORECASE)
+
+
+def check_student_name(name: Any) -> None:
+    """A student's name is its output folder ``<output_dir>/<name>``: a plain folder name that nothing else
+    of the run writes (a student named ``checkpoint-2`` would be exported over the step-2 checkpoint)."""
+    if not isinstance(name, str) or not STUDENT_NAME.match(name):
+        raise ValueError(
+            f"Student name {name!r} must be letters, digits, '-' or '_' (it names the student's output folder)."
+        )
+    if RESERVED_STUDENT_NAMES.match(name):
+        raise ValueError(
+            f"Student name {name!r} is taken by what a run writes in its output folder ({PREFIX_CHECKPOINT_DIR}-N "
+            "checkpoints, runs/ logs): choose another name."
+        )
 
 
 def student_specs(student: PreTrainedModel | Mapping[str, PreTrainedModel | StudentSpec]) -> dict[str, StudentSpec]:
@@ -378,12 +455,51 @@ def student_specs(student: PreTrainedModel | Mapping[str, PreTrainedModel | Stud
         raise ValueError("No students: give a model, or a mapping of names to models / StudentSpec.")
     specs = {}
     for name, value in student.items():
-        if not isinstance(name, str) or not STUDENT_NAME.match(name):
-            raise ValueError(
-                f"Student name {name!r} must be letters, digits, '-' or '_' (it names the student's output folder)."
-            )
+        check_student_name(name)
         specs[name] = value if isinstance(value, StudentSpec) else StudentSpec(value)
     return specs
+
+
+# The students' architectures, kept in each checkpoint for a resume to compare with its own students.
+STUDENT_CONFIGS_FILE = "student_configs.json"
+# Config entries that do not change what a checkpoint's weights mean.
+_NOT_ARCHITECTURE = {
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "_name_or_path",
+    "output_attentions",
+}
+
+
+def architecture(config: PretrainedConfig) -> dict[str, Any]:
+    """A student config's entries that decide its architecture (JSON types, as written to a checkpoint)."""
+    return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}))
+
+
+def describe_architecture(config: Mapping[str, Any], keys: list[str]) -> str:
+    settings = ", ".join(f"{key}={config.get(key)!r}" for key in keys)
+    return f"{config.get('model_type', 'a model')} with {settings}"
+
+
+def finished_state(checkpoint: str | os.PathLike[str], args: TrainingArguments) -> TrainerState | None:
+    """The trainer state of ``checkpoint`` when it is the end of the run that ``args`` describe, else None.
+
+    The run's length is ``max_steps`` when given; else the checkpoint's own plan, when it was made for
+    the same number of epochs (a longer run continues it).
+    """
+    path = Path(checkpoint) / TRAINER_STATE_NAME
+    if not path.is_file():
+        return None
+    state = TrainerState.load_from_json(str(path))
+    if args.max_steps > 0:
+        planned = args.max_steps
+    elif state.num_train_epochs == args.num_train_epochs:
+        planned = state.max_steps
+    else:
+        return None
+    return state if planned and state.global_step >= planned else None
 
 
 # Private methods of transformers.Trainer that AttnDistillTrainer overrides, with the parameters it relies on.
@@ -450,62 +566,6 @@ def exportable_student(student: PreTrainedModel) -> PreTrainedModel:
     if unexpected or any(not key.startswith("pooler.") for key in missing):
         raise RuntimeError(f"Cannot export the student: missing {missing}, unexpected {unexpected}.")
     return full
-
-
-def _unreadable_file(checkpoint: Path) -> tuple[str, str] | None:
-    """The first file of ``checkpoint`` that cannot be read, and why; None when every one can.
-
-    Cheap checks that a truncated file fails: a safetensors header must cover the file, a torch.save
-    archive ends with its zip directory, a JSON state must parse.
-    """
-    for path in sorted(path for path in checkpoint.rglob("*") if path.is_file()):
-        try:
-            if path.suffix == ".safetensors":
-                with safe_open(path, framework="pt"):
-                    pass
-            elif path.suffix in (".pt", ".pth", ".bin"):
-                with zipfile.ZipFile(path):
-                    pass
-            elif path.suffix == ".json":
-                json.loads(path.read_text())
-        except (OSError, ValueError, SafetensorError, zipfile.BadZipFile) as error:
-            return path.relative_to(checkpoint).as_posix(), str(error)
-    return None
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
-    return int(match.group(1)) if match else None
-
-
-def check_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
-    """Raise :class:`CorruptCheckpointError` when a file of ``checkpoint`` cannot be read.
-
-    The message names the file and the newest complete checkpoint before it in the same run folder,
-    to resume from instead: resuming from a broken checkpoint would otherwise end in a raw traceback
-    of whichever loader reads the file first.
-    """
-    folder = Path(checkpoint)
-    broken = _unreadable_file(folder)
-    if broken is None:
-        return
-    step = _checkpoint_step(folder)
-    earlier = [
-        path
-        for path in folder.parent.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-        if path.is_dir() and (number := _checkpoint_step(path)) is not None and (step is None or number < step)
-    ]
-    previous = next(
-        (path for path in sorted(earlier, key=_checkpoint_step, reverse=True) if _unreadable_file(path) is None),
-        None,
-    )
-    hint = (
-        f"resume from {previous} instead, the newest complete checkpoint before it"
-        if previous is not None
-        else f"{folder.parent} holds no complete checkpoint before it: start the run afresh"
-    )
-    name, reason = broken
-    raise CorruptCheckpointError(f"Cannot resume from {folder}: {name} is incomplete or corrupt ({reason}); {hint}.")
 
 
 class AttnDistillTrainer(Trainer):
@@ -712,7 +772,58 @@ class AttnDistillTrainer(Trainer):
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, str):
             check_checkpoint(checkpoint)
+            self._check_same_students(checkpoint)
+            finished = finished_state(checkpoint, self.args)
+            if finished is not None:
+                return self._load_finished(checkpoint, finished)
         output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._check_some_batch_was_readable()
+        return output
+
+    def _check_same_students(self, checkpoint: str) -> None:
+        """Refuse to continue a checkpoint's students with students of another architecture (weights of the
+        same shapes would load without a word, e.g. another head count)."""
+        path = Path(checkpoint) / STUDENT_CONFIGS_FILE
+        if not path.is_file():  # checkpoints written before the configs were kept
+            return
+        saved = json.loads(path.read_text())
+        current = {name: architecture(student.config) for name, student in self.students.items()}
+        if set(saved) != set(current):
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: it trained the students {sorted(saved)}, this run has "
+                f"{sorted(current)}; resume with the same students or start a new run."
+            )
+        for name, config in current.items():
+            if saved[name] != config:
+                differ = sorted(
+                    key for key in saved[name].keys() | config.keys() if saved[name].get(key) != config.get(key)
+                )
+                who = f"student {name!r}" if name else "the student"
+                raise ValueError(
+                    f"Cannot resume from {checkpoint}: {who} there is {describe_architecture(saved[name], differ)}, "
+                    f"this run builds {describe_architecture(config, differ)}; resume with the same student "
+                    "(--student_preset / --student_name_or_path / --patch_size) or start a new run."
+                )
+
+    def _load_finished(self, checkpoint: str, state: TrainerState) -> TrainOutput:
+        """The students and state of a checkpoint at the end of the run, loaded without another step.
+
+        ``Trainer.train`` would run one more step from such a checkpoint when the run's last epoch is
+        partial (step 5 of 4), changing the exported model.
+        """
+        load_model(self.model, os.path.join(checkpoint, SAFE_WEIGHTS_NAME), device=str(self.args.device))
+        self.state = state
+        logger.warning(
+            "%s is at step %d of %d: the run is finished, nothing left to train.",
+            checkpoint,
+            state.global_step,
+            state.max_steps,
+        )
+        return TrainOutput(state.global_step, float("nan"), {})
+
+    def _check_some_batch_was_readable(self) -> None:
+        """Stop a run none of whose batches so far held a readable image (on any rank), before it writes a
+        checkpoint or exports a student that learnt nothing."""
         counts = torch.tensor([self._readable_batches, self._unreadable_batches, self.skipped_images])
         readable, unreadable, images = self.accelerator.reduce(counts.to(self.args.device), reduction="sum").tolist()
         if unreadable and not readable:
@@ -720,7 +831,6 @@ class AttnDistillTrainer(Trainer):
                 f"No training batch held a readable image: {images} unreadable images in {unreadable} batches. "
                 "Check that the training data are images in a format PIL reads."
             )
-        return output
 
     def _drop_empty_update(self, skipped: set[str]) -> None:
         """After the window's last backward: a student every batch of which was skipped gets no update at all.
@@ -772,29 +882,62 @@ class AttnDistillTrainer(Trainer):
 
     # ---- data -------------------------------------------------------------------------------------
 
-    def get_train_dataloader(self) -> DataLoader:
-        """A stream already split per rank (``EqualStepsIterable``) must not be sharded a second time.
+    def get_train_dataloader(self) -> DataLoader | DistinctUnreadableLoader:
+        """The training DataLoader: per-rank streams prepared as such, and reproducible training examples.
 
-        ``accelerator.prepare`` would cut each rank's part again; such a loader is prepared as a
-        single-process one (device placement only). Everything else takes the Trainer's path.
+        A stream already split per rank (``EqualStepsIterable``) must not be sharded a second time:
+        ``accelerator.prepare`` would cut each rank's part again, so it is prepared as a single-process
+        loader (device placement only). With a collator that reads example keys (``ImageCollator``,
+        ``RawBytesCollator``), every example carries its ``ExampleKey`` (the run's seed, or ``data_seed``
+        when set; the epoch; its index), of which its random view is a function; a map-style dataset is
+        then read in ``EpochShuffle`` order, a function of (seed, epoch), so that a run resumed mid-epoch
+        gets the batches and views of an uninterrupted one; and each unreadable example is counted once
+        (``DistinctUnreadableLoader``). Any other data takes the Trainer's path.
         """
         dataset = self.train_dataset
-        if not isinstance(dataset, EqualStepsIterable):
+        keyed = getattr(self.data_collator, "uses_example_keys", False)
+        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
+        if isinstance(dataset, EqualStepsIterable):
+            stream = dataset.with_example_keys(seed) if keyed else dataset
+            loader = prepare_per_rank_dataloader(
+                self.accelerator, self._training_loader(stream, self.args.per_device_train_batch_size)
+            )
+        elif keyed and hasattr(dataset, "__len__") and not isinstance(dataset, torch.utils.data.IterableDataset):
+            examples = KeyedExamples(dataset, seed)
+            loader = self.accelerator.prepare(
+                self._training_loader(examples, self.args.train_batch_size, sampler=EpochShuffle(examples))
+            )
+        else:
             return super().get_train_dataloader()
+        return DistinctUnreadableLoader(loader) if keyed else loader
+
+    def _training_loader(self, dataset: Any, batch_size: int, sampler: Any = None) -> DataLoader:
+        """A DataLoader with the Trainer's settings for training data (workers, pinning, worker seeding)."""
         workers = self.args.dataloader_num_workers
-        loader = DataLoader(
+        return DataLoader(
             dataset,
-            batch_size=self.args.per_device_train_batch_size,
+            batch_size=batch_size,
+            sampler=sampler,
             collate_fn=self.data_collator,
+            drop_last=self.args.dataloader_drop_last,
             num_workers=workers,
             pin_memory=self.args.dataloader_pin_memory,
             persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
             prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None,
+            multiprocessing_context=self.args.dataloader_multiprocessing_context if workers > 0 else None,
             # Every rank's main process has the same seed, so its workers would draw the same augmentations
-            # as the other ranks' workers; the Trainer's worker seeding adds the rank.
+            # as the other ranks' workers from an unkeyed collator; the Trainer's worker seeding adds the rank.
             worker_init_fn=partial(seed_worker, num_workers=workers, rank=self.args.process_index) if workers else None,
         )
-        return prepare_per_rank_dataloader(self.accelerator, loader)
+
+    def get_resumed_dataloader(
+        self, dataloader: DataLoader | DistinctUnreadableLoader, num_batches: int
+    ) -> DataLoader | DistinctUnreadableLoader:
+        """Skip the batches trained before the checkpoint; the count of unreadable examples goes on."""
+        if isinstance(dataloader, DistinctUnreadableLoader):
+            resumed = super().get_resumed_dataloader(dataloader.loader, num_batches)
+            return DistinctUnreadableLoader(resumed, dataloader.tally)
+        return super().get_resumed_dataloader(dataloader, num_batches)
 
     # ---- optimisation -----------------------------------------------------------------------------
 
@@ -840,6 +983,7 @@ class AttnDistillTrainer(Trainer):
         ``get_last_checkpoint`` only ever sees complete checkpoints. Rotation (``save_total_limit``)
         runs after the rename, so it only ever deletes older complete checkpoints.
         """
+        self._check_some_batch_was_readable()
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, self.STAGING_DIR)
@@ -850,12 +994,17 @@ class AttnDistillTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
+        if self.args.should_save:  # what a resume checks its students against
+            configs = {name: architecture(student.config) for name, student in self.students.items()}
+            Path(staging, name, STUDENT_CONFIGS_FILE).write_text(json.dumps(configs, indent=2, sort_keys=True))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = os.path.join(run_dir, name)
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(os.path.join(staging, name), final)
+            with contextlib.suppress(OSError):  # only while empty: a finished run leaves no staging folder
+                os.rmdir(staging)
             if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
                 self.state.best_model_checkpoint = os.path.join(
                     run_dir, os.path.basename(self.state.best_model_checkpoint)

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from attndistill_hf.demo_pipeline import FULL, TeacherRunArguments, train_teacher
-from attndistill_hf.fashion_mnist import prepare_fashion_mnist
+from attndistill_hf.demo.fashion_mnist import prepare_fashion_mnist
+from attndistill_hf.demo.pipeline import FULL, TeacherRunArguments, train_teacher
 from attndistill_hf.hardware import hardware_description
 
 REPO = Path(__file__).resolve().parent.parent

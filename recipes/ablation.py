@@ -27,7 +27,6 @@ where it stopped; a run is redone only when its settings change) and to ``docs/r
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
@@ -37,6 +36,7 @@ import platform
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel
 
-from attndistill_hf.cli import read_config_file, run_recipe
-from attndistill_hf.demo_pipeline import (
+from attndistill_hf.cli import parse_config_and_flags, read_config_file, run_recipe
+from attndistill_hf.demo.fashion_mnist import prepare_fashion_mnist
+from attndistill_hf.demo.pipeline import (
     FULL,
     LAUNCHERS,
     TeacherRunArguments,
@@ -57,12 +58,9 @@ from attndistill_hf.demo_pipeline import (
     untrained_student,
 )
 from attndistill_hf.evaluation import run_knn_eval
-from attndistill_hf.fashion_mnist import prepare_fashion_mnist
 from attndistill_hf.hardware import hardware_description
 
 RECIPES = Path(__file__).resolve().parent
-
-logger = logging.getLogger("attndistill_hf.ablation")
 
 KS: tuple[int, ...] = (10, 20, 200)
 MAIN_K = "20"
@@ -80,37 +78,40 @@ LOSSES: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+@dataclass
+class AblationArguments:
+    """Which configs and seeds run, where everything goes, and how distillation runs."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds of every configuration."})
+    configs: str = field(
+        default=str(RECIPES / "configs" / "ablation_*.yaml"), metadata={"help": "Glob of the ablation configs."}
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of every configuration.")
-    parser.add_argument(
-        "--configs", default=str(RECIPES / "configs" / "ablation_*.yaml"), help="Glob of the ablation configs."
+    output_root: str = field(default="outputs", metadata={"help": "Folder of the teacher, students and results."})
+    data_dir: str = field(default="data/fashion_mnist", metadata={"help": "Where the Fashion-MNIST shards go."})
+    results: str = field(default="docs/results.md", metadata={"help": "The Markdown report to write."})
+    max_steps: int | None = field(default=None, metadata={"help": "Override every config's max_steps."})
+    rerun: bool = field(
+        default=False,
+        metadata={
+            "help": "Run this invocation's runs again even when results.json has them (other step counts are kept)."
+        },
     )
-    parser.add_argument("--output_root", default="outputs", help="Folder of the teacher, students and results.")
-    parser.add_argument("--data_dir", default="data/fashion_mnist", help="Where the Fashion-MNIST shards go.")
-    parser.add_argument("--results", default="docs/results.md", help="The Markdown report to write.")
-    parser.add_argument("--max_steps", type=int, default=None, help="Override every config's max_steps.")
-    parser.add_argument(
-        "--rerun",
-        action="store_true",
-        help="Run this invocation's runs again even when results.json has them (other step counts are kept).",
-    )
-    parser.add_argument(
-        "--launcher",
-        choices=LAUNCHERS,
+    launcher: str = field(
         default="auto",
-        help="How distill.py runs: 'accelerate launch' (auto: when the command exists) or plain python.",
+        metadata={
+            "help": "How distill.py runs: 'accelerate launch' (auto: when the command exists) or plain python.",
+            "choices": LAUNCHERS,
+        },
     )
-    parser.add_argument(
-        "--separate_runs",
-        action="store_true",
-        help="Train every config in a distillation run of its own (one teacher forward per student and batch) "
-        "instead of a case's loss settings side by side: for comparing wall times (bench/bench_ablation.py).",
+    separate_runs: bool = field(
+        default=False,
+        metadata={
+            "help": "Train every config in a distillation run of its own (one teacher forward per student and "
+            "batch) instead of a case's loss settings side by side: for comparing wall times "
+            "(bench/bench_ablation.py)."
+        },
     )
-    parser.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
-    return parser
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
 
 # The loss settings in which the three configs of a case differ (one student each in the case's run).
@@ -294,9 +295,10 @@ def render_results(state: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    """Run every config for every seed (runs already in results.json are reused) and write the report."""
+    (args,) = parse_config_and_flags((AblationArguments,), argv, description=__doc__.split("\n\n")[0])
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    progress = not args.no_progress
+    progress = args.progress
     started = time.time()
     root, data_dir = Path(args.output_root), Path(args.data_dir)
     config_paths = sorted(glob.glob(args.configs))

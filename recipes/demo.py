@@ -26,20 +26,21 @@ processor, model card, training curves and the teacher-vs-student attention figu
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModel
 
-from attndistill_hf.cli import read_config_file, run_recipe
-from attndistill_hf.demo_pipeline import (
+from attndistill_hf.cli import parse_config_and_flags, read_config_file, run_recipe
+from attndistill_hf.demo.fashion_mnist import prepare_fashion_mnist
+from attndistill_hf.demo.pipeline import (
     FULL,
     LAUNCHERS,
     QUICK,
@@ -51,38 +52,36 @@ from attndistill_hf.demo_pipeline import (
     untrained_student,
 )
 from attndistill_hf.evaluation import DEFAULT_KNN_KS, run_knn_eval
-from attndistill_hf.fashion_mnist import prepare_fashion_mnist
 from attndistill_hf.hardware import hardware_description
 from attndistill_hf.hub import set_section
-
-logger = logging.getLogger("attndistill_hf.demo")
 
 RECIPES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = RECIPES / "configs" / "demo.yaml"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="A tiny slice of data and few steps (for tests).")
-    parser.add_argument("--output_root", default="outputs", help="Folder for demo-teacher/ and demo-student/.")
-    parser.add_argument(
-        "--data_dir",
+@dataclass
+class DemoArguments:
+    """Where the demo writes, what it reads, and how it runs distillation."""
+
+    quick: bool = field(default=False, metadata={"help": "A tiny slice of data and few steps (for tests)."})
+    output_root: str = field(default="outputs", metadata={"help": "Folder for demo-teacher/ and demo-student/."})
+    data_dir: str | None = field(
         default=None,
-        help="Where the Fashion-MNIST shards go (default: data/fashion_mnist, or <output_root>/data with --quick).",
+        metadata={
+            "help": "Folder of the Fashion-MNIST shards; unset: data/fashion_mnist, <output_root>/data if --quick."
+        },
     )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Distillation config file.")
-    parser.add_argument("--hub", action="store_true", help="Read Fashion-MNIST from the Hub instead of IDX files.")
-    parser.add_argument(
-        "--launcher",
-        choices=LAUNCHERS,
+    config: str = field(default=str(DEFAULT_CONFIG), metadata={"help": "Distillation config file."})
+    hub: bool = field(default=False, metadata={"help": "Read Fashion-MNIST from the Hub instead of IDX files."})
+    launcher: str = field(
         default="auto",
-        help="How distill.py runs: 'accelerate launch' (auto: when the command exists) or plain python.",
+        metadata={
+            "help": "How distill.py runs: 'accelerate launch' (auto: when the command exists) or plain python.",
+            "choices": LAUNCHERS,
+        },
     )
-    parser.add_argument("--retrain_teacher", action="store_true", help="Train the teacher even when one is cached.")
-    parser.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
-    return parser
+    retrain_teacher: bool = field(default=False, metadata={"help": "Train the teacher even when one is cached."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,10 +140,10 @@ def check_student_preset(config: dict[str, Any], config_path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the four stages; returns what ``demo_results.json`` holds."""
-    args = build_parser().parse_args(argv)
+    (args,) = parse_config_and_flags((DemoArguments,), argv, description=__doc__.split("\n\n")[0])
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     os.environ.setdefault("MPLBACKEND", "Agg")
-    progress = not args.no_progress
+    progress = args.progress
     scale = QUICK if args.quick else FULL
     root = Path(args.output_root)
     data_dir = Path(args.data_dir) if args.data_dir else (root / "data" if args.quick else Path("data/fashion_mnist"))
@@ -184,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
     )
     overrides += list(scale.distill_overrides)
-    if args.no_progress:
+    if not progress:
         overrides += ["--disable_tqdm", "true"]
     times["distill_s"] = launch_distillation(RECIPES / "distill.py", args.config, overrides, launcher=args.launcher)
 

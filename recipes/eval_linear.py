@@ -3,7 +3,7 @@
     python recipes/eval_linear.py --model_name_or_path facebook/dino-vits16 --dataset_name ILSVRC/imagenet-1k \\
         --eval_split validation                                   # faithful: augmented images, 100 epochs
     python recipes/eval_linear.py --model_name_or_path outputs/student --dataset_name data/fashion_mnist \\
-        --image_size 32 --no_augment --epochs 20 --lr_sweep 0.1 1 10 # fast: cached features, lr sweep
+        --no_augment --epochs 20 --lr_sweep 0.1 1 10              # fast: cached features, lr sweep
     python recipes/eval_linear.py ... --label_fraction 0.01       # semi-supervised: 1% of the labels per class
 
 A frozen backbone; a linear layer on the chosen features (by default DINO's choice for the model: the CLS
@@ -12,7 +12,8 @@ of the last 4 blocks, 'last4_cls', below hidden size 768 (ViT-S/T); last CLS + m
 decay, lr 1e-3 x batch / 256, cosine). With augmentation (default) the training images get DINO's probe view
 (RandomResizedCrop at torchvision's defaults: scale 0.08-1, bilinear; + flip) and pass through the backbone
 every epoch; ``--no_augment`` extracts their features once with the evaluation view (resize 256/224
-bicubic, centre crop) and trains on those (cacheable). The test set always gets the evaluation view.
+bicubic, centre crop) and trains on those (cacheable). The test set always gets the evaluation view. Images
+are cropped to the model's configured image size unless ``--image_size`` says otherwise.
 Single process. Prints a table and writes JSON. Importable: ``run_linear_eval_from_args(...)``.
 """
 
@@ -37,6 +38,7 @@ from attndistill_hf.data import (
 )
 from attndistill_hf.evaluation import (
     EvalArguments,
+    EvalDataArguments,
     LinearProbeConfig,
     add_results_to_card,
     class_count,
@@ -89,6 +91,7 @@ def run_linear_eval_from_args(
 ) -> dict[str, Any]:
     """Load the model and both splits, train and score the probe, print the table, write the JSON."""
     setup = load_eval_setup(eval_args, data_args)
+    data_args = setup.data_args
     model = setup.model.to("cuda" if torch.cuda.is_available() else "cpu")
     mean, std = setup.mean, setup.std
     train_set = load_split(data_args, "train")
@@ -158,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point: ``[config.yaml|json] [--field value ...]``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     eval_args, probe_args, data_args = parse_config_and_flags(
-        (EvalArguments, ProbeArguments, DataArguments), argv, description=__doc__.split("\n\n")[0]
+        (EvalArguments, ProbeArguments, EvalDataArguments), argv, description=__doc__.split("\n\n")[0]
     )
     return run_linear_eval_from_args(eval_args, probe_args, data_args)
 

@@ -10,62 +10,46 @@ the source files offline.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from attndistill_hf.cli import run_recipe
-from attndistill_hf.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, HUB_DATASET_ID, prepare_fashion_mnist
+from attndistill_hf.cli import parse_config_and_flags, run_recipe
+from attndistill_hf.demo.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, HUB_DATASET_ID, prepare_fashion_mnist
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument(
-        "--output_dir", required=True, help="Folder to write the parquet shards, README and info JSON to."
-    )
-    parser.add_argument(
-        "--source_dir",
+@dataclass
+class PrepareArguments:
+    """Where the shards go, where the images come from, and how many of them."""
+
+    output_dir: str = field(metadata={"help": "Folder to write the parquet shards, README and info JSON to."})
+    source_dir: str = field(
         default=DEBIAN_FASHION_MNIST_DIR,
-        help="Folder with the gzip'd IDX files (train-images-idx3-ubyte.gz, ...); ignored with --hub.",
+        metadata={"help": "Folder with the gzip'd IDX files (train-images-idx3-ubyte.gz, ...); ignored with --hub."},
     )
-    parser.add_argument("--hub", action="store_true", help=f"Read {HUB_DATASET_ID} from the Hub instead of IDX files.")
-    parser.add_argument(
-        "--max_train", type=int, default=None, help="Keep a class-balanced, seeded subset of this many train images."
+    hub: bool = field(default=False, metadata={"help": f"Read {HUB_DATASET_ID} from the Hub instead of IDX files."})
+    max_train: int | None = field(
+        default=None, metadata={"help": "Keep a class-balanced, seeded subset of this many train images."}
     )
-    parser.add_argument(
-        "--max_test", type=int, default=None, help="Keep a class-balanced, seeded subset of this many test images."
+    max_test: int | None = field(
+        default=None, metadata={"help": "Keep a class-balanced, seeded subset of this many test images."}
     )
-    parser.add_argument("--num_train_shards", type=int, default=8, help="Number of parquet files for the train split.")
-    parser.add_argument("--num_test_shards", type=int, default=2, help="Number of parquet files for the test split.")
-    parser.add_argument(
-        "--image_size", type=int, default=None, help="Resize images (bicubic) to this square size; native 28 if unset."
+    num_train_shards: int = field(default=8, metadata={"help": "Number of parquet files for the train split."})
+    num_test_shards: int = field(default=2, metadata={"help": "Number of parquet files for the test split."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Resize images (bicubic) to this square size; native 28 if unset."}
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the class-balanced subsets.")
-    parser.add_argument("--overwrite", action="store_true", help="Rewrite even when a matching preparation exists.")
-    parser.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
-    return parser
+    seed: int = field(default=0, metadata={"help": "Seed of the class-balanced subsets."})
+    overwrite: bool = field(default=False, metadata={"help": "Rewrite even when a matching preparation exists."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` (the command line by default), prepare the dataset and print where it is."""
-    args = build_parser().parse_args(argv)
+    (args,) = parse_config_and_flags((PrepareArguments,), argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = prepare_fashion_mnist(
-        args.output_dir,
-        source_dir=args.source_dir,
-        hub=args.hub,
-        max_train=args.max_train,
-        max_test=args.max_test,
-        num_train_shards=args.num_train_shards,
-        num_test_shards=args.num_test_shards,
-        image_size=args.image_size,
-        seed=args.seed,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    result = prepare_fashion_mnist(**asdict(args))
     counts = f"{len(result['train'])} train and {len(result['test'])} test shards"
     print(f"Fashion-MNIST ready in {result['data_dir']}: {counts}")
     return result

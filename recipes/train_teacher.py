@@ -9,7 +9,7 @@ the run) and ``teacher_recipe.json`` (the recipe, its hash and the measured numb
 the same recipe and the same data reuses the teacher instead of training it again.
 
 The images are the parquet shards of ``recipes/prepare_fashion_mnist.py``. What the teacher is and why
-it is supervised: ``attndistill_hf/demo_pipeline.py``.
+it is supervised: ``attndistill_hf/demo/pipeline.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from attndistill_hf.cli import parse_config_and_flags, run_recipe
-from attndistill_hf.demo_pipeline import TeacherRecipe, TeacherRunArguments, train_teacher
+from attndistill_hf.demo.pipeline import TeacherRecipe, TeacherRunArguments, train_teacher
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -17,8 +17,10 @@ import torch
 from PIL import Image
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-from attndistill_hf.fashion_mnist import DEBIAN_FASHION_MNIST_DIR
+from attndistill_hf.cli import parse_config_and_flags, recipe_text
+from attndistill_hf.demo.fashion_mnist import DEBIAN_FASHION_MNIST_DIR
 from attndistill_hf.models import build_student
+from attndistill_hf.pipeline import DISTILL_ARGUMENTS, DistillResult, run_distillation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +44,12 @@ def load_script(path: Path, name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up while the script is being executed
     spec.loader.exec_module(module)
     return module
+
+
+def distill_command(argv: list[str]) -> DistillResult:
+    """What ``python recipes/distill.py ARGV`` runs, through the library (errors raise instead of exiting)."""
+    arguments = parse_config_and_flags(DISTILL_ARGUMENTS, argv)
+    return run_distillation(*arguments, recipe=recipe_text(argv))
 
 
 def load_recipe(name: str) -> ModuleType:

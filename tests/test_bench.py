@@ -9,11 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 
 BENCH_PATH = Path(__file__).resolve().parents[1] / "bench" / "bench_step.py"
+CPU = torch.device("cpu")
 # Tiny models, 2 images of 32 px: patch-16 grid 2x2, patch-8 grid 4x4.
 TINY = ["--device", "cpu", "--tiny", "--batch_size", "2", "--image_size", "32", "--warmup", "1", "--steps", "1"]
 
@@ -81,17 +83,76 @@ def test_default_step_equals_naive_step(bench: ModuleType, pair_key: str) -> Non
     registers = (getattr(teacher, "num_register_tokens", 0), getattr(student, "num_register_tokens", 0))
     assert registers == ((4, 4) if pair.teacher.architecture == "dinov3_vit" else (0, 0))
 
-    result = bench.compare_naive_default(pair, batch=3, image_size=32, device=torch.device("cpu"), tiny=True)
-    assert result.rel_loss <= bench.LOSS_TOLERANCE
-    assert result.rel_grad <= bench.LOSS_TOLERANCE
-    assert result.grads_naive.keys() == result.grads_default.keys()
-    assert any(name.startswith("student.embeddings") for name in result.grads_naive)
-    assert any(name.startswith("loss_fn.projector") for name in result.grads_naive)
-    for name, grad in result.grads_default.items():
-        naive = result.grads_naive[name]
-        # float32 sums cancel near zero: the absolute tolerance follows the gradient's own scale.
-        scale = max(1.0, naive.abs().max().item())
-        torch.testing.assert_close(grad, naive, rtol=1e-4, atol=1e-6 * scale, msg=name)
+    # The two steps take different paths: eager attention with every block's maps, sdpa with the capture.
+    naive = bench.make_setup(pair, "naive", image_size=32, device=CPU, tiny=True)
+    implementations = [model.config._attn_implementation for model in (naive.teacher, naive.module.student)]
+    implementations += [model.config._attn_implementation for model in (setup.teacher, setup.module.student)]
+    assert implementations == ["eager", "eager", "sdpa", "sdpa"]
+    # ... from the same weights (the same seeds), on the same batch.
+    for naive_model, default_model in ((naive.teacher, setup.teacher), (naive.module, setup.module)):
+        naive_state, default_state = naive_model.state_dict(), default_model.state_dict()
+        assert naive_state.keys() == default_state.keys()
+        assert all(torch.equal(naive_state[name], default_state[name]) for name in naive_state)
+    pixels = bench.random_batch(3, 32, CPU, seed=3)
+
+    # The benchmark's loss (projector + 0.1 x attention): loss and every parameter's update agree.
+    (naive_loss, naive_updates), (default_loss, default_updates) = (
+        one_step(bench, run, pixels, proj_weight=1.0, attn_weight=0.1) for run in (naive, setup)
+    )
+    assert default_loss == pytest.approx(naive_loss, rel=bench.LOSS_TOLERANCE)
+    configured_losses = (naive_loss, default_loss)
+    assert default_updates.keys() == naive_updates.keys()
+    assert any(name.startswith("student.embeddings") for name in moved(naive_updates))
+    assert any(name.startswith("loss_fn.projector") for name in moved(naive_updates))
+    for name, update in default_updates.items():
+        naive_update = naive_updates[name]
+        # float32 sums cancel near zero: the absolute tolerance follows the update's own scale.
+        scale = max(1.0, naive_update.abs().max().item())
+        torch.testing.assert_close(update, naive_update, rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+    # Attention guidance alone, whose share of the loss above is small on these tiny models: the two
+    # capture paths give the same loss and the same updates, which reach the student but not the projector.
+    (naive_loss, naive_updates), (default_loss, default_updates) = (
+        one_step(bench, run, pixels, proj_weight=0.0, attn_weight=1.0) for run in (naive, setup)
+    )
+    assert naive_loss > 0 and default_loss == pytest.approx(naive_loss, rel=bench.LOSS_TOLERANCE, abs=1e-7)
+    attention_moved = moved(naive_updates)
+    assert any(name.startswith("student.embeddings") for name in attention_moved)
+    assert not any(name.startswith("loss_fn.projector") for name in attention_moved)
+    assert relative_difference(default_updates, naive_updates) <= bench.LOSS_TOLERANCE
+
+    # The parity check behind --check_loss measures the same two steps.
+    result = bench.compare_naive_default(pair, batch=3, image_size=32, device=CPU, tiny=True)
+    assert (result.loss_naive, result.loss_default) == pytest.approx(configured_losses, rel=1e-6)
+    assert result.rel_loss <= bench.LOSS_TOLERANCE and result.rel_grad <= bench.LOSS_TOLERANCE
+
+
+def one_step(
+    bench: ModuleType, setup: Any, pixels: torch.Tensor, proj_weight: float, attn_weight: float
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loss of one training step of ``setup`` (the benchmark's own step function) and each parameter's
+    update. SGD at lr 1 moves every parameter by minus its gradient; the parameters are restored after."""
+    setup.module.loss_fn.proj_weight, setup.module.loss_fn.attn_weight = proj_weight, attn_weight
+    params = {name: param for name, param in setup.module.named_parameters() if param.requires_grad}
+    before = {name: param.detach().clone() for name, param in params.items()}
+    step = bench.make_train_step(setup, torch.optim.SGD(params.values(), lr=1.0), CPU)
+    loss = step(pixels).item()
+    updates = {name: before[name] - param.detach() for name, param in params.items()}
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(before[name])
+    return loss, updates
+
+
+def moved(updates: dict[str, torch.Tensor]) -> set[str]:
+    return {name for name, update in updates.items() if update.abs().max() > 0}
+
+
+def relative_difference(updates: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """|a - b| / |b| of all updates as one vector, as the benchmark's parity check measures gradients."""
+    names = sorted(reference)
+    flat, flat_reference = (torch.cat([d[name].flatten() for name in names]) for d in (updates, reference))
+    return float((flat - flat_reference).norm() / flat_reference.norm())
 
 
 def test_check_loss_flag_passes_and_fails_loudly(bench: ModuleType, monkeypatch, capsys) -> None:
@@ -206,6 +267,7 @@ def test_report_says_what_was_not_measured(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(targets) == 11 and all(t.measured == "-" for t in targets if t.passed is None)
 
 
+@pytest.mark.slow
 def test_gpu_script_rehearsal_on_cpu(bench: ModuleType, tmp_path: Path) -> None:
     """bench/run_gpu.sh runs every stage (REHEARSAL=1: CPU, tiny models) and writes its JSON and report."""
     script = BENCH_PATH.parent / "run_gpu.sh"

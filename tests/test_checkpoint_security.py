@@ -1,9 +1,11 @@
-"""Original checkpoints are untrusted files: reading one must never run code from it.
+"""Checkpoints are untrusted files: reading one must never run code from it.
 
 Each crafted file below carries a payload that, when unpickled normally, writes a marker file. The
-tests show that ``load_checkpoint_file`` / ``convert_checkpoint`` refuse it with an explanation and the
-marker never appears, and then that the payload is live (a plain ``torch.load(weights_only=False)``
-does write the marker), so the tests would fail if the protection were removed.
+tests show that ``load_checkpoint_file`` / ``convert_checkpoint``, ``load_teacher`` (a teacher folder with
+pickled weights) and resuming a run (its optimizer, scheduler and RNG state files) refuse it with an
+explanation and the marker never appears, and then that the payload is live (a plain
+``torch.load(weights_only=False)`` does write the marker), so the tests would fail if the protection were
+removed. Checkpoints the Trainer writes itself still resume.
 """
 
 from __future__ import annotations
@@ -12,20 +14,29 @@ import contextlib
 import os
 import pickle
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from transformers.trainer_pt_utils import safe_globals
 
+from attndistill_hf.checkpoints import UnsafePickleError, check_checkpoint, unsafe_globals
 from attndistill_hf.convert import (
     CheckpointError,
     UnsafeCheckpointError,
     convert_checkpoint,
     load_checkpoint_file,
 )
+from attndistill_hf.models import load_teacher
 from attndistill_hf.reference_vit import ReferenceViT
+from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+
+from helpers import PixelDataset, tiny_student, tiny_teacher, write_image_folder
 
 PACKAGE_DIRS = [Path(__file__).resolve().parents[1] / name for name in ("attndistill_hf", "recipes")]
 
@@ -133,14 +144,142 @@ def test_text_file_is_not_a_checkpoint(tmp_path: Path) -> None:
         load_checkpoint_file(path)
 
 
-def test_every_torch_load_in_the_project_is_weights_only() -> None:
-    """A guard for future code: no ``torch.load`` call in the package or recipes without weights_only=True."""
-    offenders = []
-    for directory in PACKAGE_DIRS:
-        for source in directory.rglob("*.py"):
-            text = source.read_text()
-            for match in re.finditer(r"torch\.load\(", text):
-                call = text[match.start() : text.find(")", match.start()) + 1]
-                if "weights_only=True" not in call:
-                    offenders.append(f"{source.name}: {call}")
-    assert not offenders, f"torch.load without weights_only=True: {offenders}"
+# ----------------------------------------------------------------------------------------------
+# Teachers with pickled weights (pytorch_model.bin, no safetensors)
+# ----------------------------------------------------------------------------------------------
+
+
+def _bin_teacher(folder: Path, *, payload: Path | None = None, legacy: bool = False) -> dict[str, torch.Tensor]:
+    """A teacher folder whose only weights are ``pytorch_model.bin`` (with a payload writing ``payload``)."""
+    model = tiny_teacher()
+    model.config.save_pretrained(folder)
+    state = dict(model.state_dict())
+    saved: dict[str, object] = dict(state) if payload is None else {**state, "payload": WritesMarker(payload)}
+    torch.save(saved, folder / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+    return state
+
+
+def test_a_teacher_with_tensor_only_pickled_weights_loads(tmp_path: Path) -> None:
+    """transformers unpickles pytorch_model.bin with weights_only=True: a benign one is a valid teacher."""
+    state = _bin_teacher(tmp_path)
+    loaded = load_teacher(str(tmp_path)).state_dict()
+    for name, value in state.items():  # AutoModel adds ViT's pooler, which the file does not hold
+        torch.testing.assert_close(loaded[name], value, msg=name)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_teacher_with_crafted_pickled_weights_is_refused_and_never_executed(tmp_path: Path, legacy: bool) -> None:
+    marker = tmp_path / "marker"
+    _bin_teacher(tmp_path / "teacher", payload=marker, legacy=legacy)
+    with pytest.raises(UnsafePickleError) as info:
+        load_teacher(str(tmp_path / "teacher"))
+    message = str(info.value)
+    assert message.startswith(f"Cannot load the teacher {str(tmp_path / 'teacher')!r}: ")
+    # A zip-format file is disassembled to name what it asks for; a legacy one cannot be, so it is described.
+    named = "its pickled weights (pytorch_model.bin)" if legacy else "pytorch_model.bin"
+    needs = "more than tensors and plain containers" if legacy else "builtins.exec"
+    assert f"{named} is not a safe checkpoint: unpickling it needs {needs}, which can run code" in message
+    assert "save it with save_pretrained, which writes model.safetensors" in message
+    assert "weights_only" not in message and info.value.__suppress_context__
+    assert not marker.exists(), "the teacher's code ran"
+
+    with contextlib.suppress(Exception):  # the payload is live: an unrestricted load runs it
+        torch.load(tmp_path / "teacher" / "pytorch_model.bin", weights_only=False)
+    assert marker.read_text() == "executed"
+
+
+@pytest.mark.slow
+def test_the_distill_recipe_reports_a_crafted_teacher_in_one_line(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    _bin_teacher(tmp_path / "teacher", payload=marker)
+    write_image_folder(tmp_path / "images", per_class=2)
+    args = ["--teacher_name_or_path", str(tmp_path / "teacher"), "--student_preset", "vit-tiny-patch16"]
+    args += ["--image_size", "32", "--patch_size", "8", "--use_cpu", "true", "--train_dir", str(tmp_path / "images")]
+    args += ["--max_steps", "1", "--output_dir", str(tmp_path / "out"), "--final_knn_eval", "false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ATTNDISTILL_FULL_ERROR", None)
+    done = subprocess.run(
+        [sys.executable, str(PACKAGE_DIRS[1] / "distill.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "weights_only" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "pytorch_model.bin is not a safe checkpoint" in errors[0]
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming: the pickles of a checkpoint (optimizer, scheduler, RNG state)
+# ----------------------------------------------------------------------------------------------
+
+
+def _trainer(output_dir: Path, max_steps: int) -> AttnDistillTrainer:
+    args = AttnDistillConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        max_steps=max_steps,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="steps",
+        save_steps=1,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    return AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset())
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder as the Trainer leaves it: checkpoint-1 and checkpoint-2, each with its pickles."""
+    folder = tmp_path_factory.mktemp("run")
+    _trainer(folder, max_steps=2).train()
+    return folder
+
+
+def test_checkpoints_the_trainer_writes_pass_and_resume(trained_run: Path, tmp_path: Path) -> None:
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    checkpoint = run / "checkpoint-2"
+    # Without the numpy globals the Trainer allows for it, the RNG state would be refused; the arguments
+    # file pickles whole objects, but nothing reads it on resume: neither may be refused.
+    rng_globals = unsafe_globals(checkpoint / "rng_state.pth")
+    assert rng_globals and all(name.startswith("numpy.") for name in rng_globals)
+    with safe_globals():
+        assert unsafe_globals(checkpoint / "rng_state.pth") == []
+    assert unsafe_globals(checkpoint / "training_args.bin")
+    check_checkpoint(checkpoint)
+
+    trainer = _trainer(run, max_steps=3)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 3
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_never_executed(
+    trained_run: Path, tmp_path: Path, name: str
+) -> None:
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    marker = tmp_path / "marker"
+    path = run / "checkpoint-2" / name
+    with safe_globals():
+        state = torch.load(path, weights_only=True)
+    torch.save({**state, "payload": WritesMarker(marker)}, path)
+
+    with pytest.raises(UnsafePickleError) as info:
+        _trainer(run, max_steps=3).train(resume_from_checkpoint=True)
+    message = str(info.value)
+    assert message.startswith(
+        f"Cannot resume from {run}/checkpoint-2: {name} is not a safe checkpoint: unpickling it needs builtins.exec, "
+    )
+    assert message.endswith(f"resume from {run}/checkpoint-1 instead, the newest complete checkpoint before it.")
+    assert "torch.save of a state dict" in message and "weights_only" not in message
+    assert not marker.exists(), "the checkpoint's code ran"
+
+    with contextlib.suppress(Exception):  # the payload is live: an unrestricted load runs it
+        torch.load(path, weights_only=False)
+    assert marker.read_text() == "executed"

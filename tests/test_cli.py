@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from attndistill_hf.cli import parse_config_and_flags, run_recipe
+from attndistill_hf.cli import RunFailedError, parse_config_and_flags, run_recipe
 from attndistill_hf.models import TeacherLoadError, check_model_location, load_teacher
 
 from helpers import load_recipe
@@ -91,6 +91,18 @@ def test_run_recipe_turns_input_mistakes_into_one_line(monkeypatch, capsys) -> N
     assert run_recipe(lambda: 7) == 7
 
 
+def test_run_recipe_reports_a_failed_run_with_status_1(monkeypatch, capsys) -> None:
+    def main() -> None:
+        raise RunFailedError("verification failed: CLS token differs by 3e-2")
+
+    for full_error in ("0", "1"):  # as for a failed push: one line, whatever ATTNDISTILL_FULL_ERROR says
+        monkeypatch.setenv("ATTNDISTILL_FULL_ERROR", full_error)
+        with pytest.raises(SystemExit) as stopped:
+            run_recipe(main)
+        assert stopped.value.code == 1
+        assert capsys.readouterr().err == "error: verification failed: CLS token differs by 3e-2\n"
+
+
 def test_missing_local_model_is_named_by_its_role(tmp_path: Path) -> None:
     with pytest.raises(TeacherLoadError, match=r"The teacher directory '.*/missing' does not exist"):
         load_teacher(str(tmp_path / "missing"))
@@ -102,6 +114,7 @@ def test_missing_local_model_is_named_by_its_role(tmp_path: Path) -> None:
     assert check_model_location(str(tmp_path)) == str(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_recipe_reports_a_bad_path_in_one_line(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(REPO / "recipes" / "eval_knn.py"), "--model_name_or_path", str(tmp_path / "gone")],

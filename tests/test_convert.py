@@ -1,9 +1,9 @@
 """Teacher conversion: every original layout converts, reloads from disk and matches the original forward.
 
-Checkpoints are written by ``make_reference_checkpoint`` in the layouts the released files use (flat,
-nested under teacher / student / state_dict / model, with module. / backbone. prefixes, with heads and
-decoders), with random weights; the comparison is done here again, independently of the converter's
-own verification, on the model reloaded from ``output_dir``.
+Checkpoints are written by ``reference_checkpoints.make_reference_checkpoint`` in the layouts the
+released files use (flat, nested under teacher / student / state_dict / model, with module. / backbone.
+prefixes, with heads and decoders), with random weights; the comparison is done here again,
+independently of the converter's own verification, on the model reloaded from ``output_dir``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, ViTMAEModel, ViTModel
 
 from attndistill_hf import convert as convert_module
+from attndistill_hf.cli import run_recipe
 from attndistill_hf.convert import (
     CheckpointError,
     ConversionVerificationError,
@@ -30,7 +31,10 @@ from attndistill_hf.convert import (
     load_checkpoint_file,
 )
 from attndistill_hf.models import forward_kwargs, load_teacher
-from attndistill_hf.reference_vit import ReferenceViT, make_reference_checkpoint
+from attndistill_hf.reference_vit import ReferenceViT
+
+from helpers import PixelDataset, load_recipe, tiny_student
+from reference_checkpoints import make_reference_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -263,10 +267,8 @@ def test_not_a_vit_is_named(tmp_path: Path) -> None:
     _expect_error(tmp_path, {"conv1.weight": torch.zeros(8, 3, 3, 3)}, "missing: cls_token")
 
 
-def test_verification_catches_a_wrong_mapping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Swapping query and key is invisible to shapes; the reference comparison must catch it."""
-    checkpoint = tmp_path / "dino.pth"
-    make_reference_checkpoint(checkpoint, "dino", **SMALL)
+def _swap_last_query_and_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the converter map the last block's query weights to the key and back: a wrong mapping of right shape."""
     correct = convert_module._hf_state_dict
 
     def swapped(state, arch):  # type: ignore[no-untyped-def]
@@ -279,29 +281,60 @@ def test_verification_catches_a_wrong_mapping(tmp_path: Path, monkeypatch: pytes
         return out
 
     monkeypatch.setattr(convert_module, "_hf_state_dict", swapped)
+
+
+def test_verification_catches_a_wrong_mapping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Swapping query and key is invisible to shapes; the reference comparison must catch it."""
+    checkpoint = tmp_path / "dino.pth"
+    make_reference_checkpoint(checkpoint, "dino", **SMALL)
+    _swap_last_query_and_key(monkeypatch)
     with pytest.raises(ConversionVerificationError, match="last-layer CLS attention"):
         convert_checkpoint(checkpoint, "dino", tmp_path / "out", num_heads=2)
     assert not (tmp_path / "out").exists(), "a model that failed verification must not be written"
     assert [p.name for p in tmp_path.iterdir()] == ["dino.pth"]
 
 
-def test_cli_help_documents_every_flag() -> None:
-    sys.path.insert(0, str(REPO / "recipes"))
-    try:
-        import convert_teacher
-    finally:
-        sys.path.pop(0)
-    text = convert_teacher.build_parser().format_help()
-    for flag in ("--checkpoint", "--format", "--output_dir", "--arch", "--patch_size", "--image_size", "--num_heads"):
+def test_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        load_recipe("convert_teacher").main(["--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    flags = ("--checkpoint", "--format", "--output_dir", "--arch", "--patch_size", "--image_size", "--num_heads")
+    for flag in (*flags, "--tolerance", "--no_verify"):
         assert flag in text
     for choice in ("dino", "mugs", "ibot", "mae", "timm", "vit_small"):
         assert choice in text
-    assert (
-        convert_teacher.main(["--checkpoint", "/nonexistent/teacher.pth", "--format", "dino", "--output_dir", "unused"])
-        == 2
-    )
 
 
+def _exit_status(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``python recipes/convert_teacher.py ARGV`` in this process: its exit status and its one ``error:`` line."""
+    recipe = load_recipe("convert_teacher")
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe(lambda: recipe.main(argv))
+    assert isinstance(stopped.value.code, int)
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    return stopped.value.code, line
+
+
+def test_cli_exit_status_tells_bad_input_from_failed_verification(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("ATTNDISTILL_FULL_ERROR", raising=False)
+    out = ["--output_dir", str(tmp_path / "out")]
+    status, line = _exit_status(["--checkpoint", str(tmp_path / "gone.pth"), "--format", "dino", *out], capsys)
+    assert status == 2 and "gone.pth" in line
+    status, line = _exit_status(["--checkpoint", "x.pth", "--format", "dinov2", *out], capsys)
+    assert status == 2 and line.startswith("error: --format: invalid choice: 'dinov2'")
+
+    checkpoint = tmp_path / "dino.pth"
+    make_reference_checkpoint(checkpoint, "dino", **SMALL)
+    _swap_last_query_and_key(monkeypatch)
+    status, line = _exit_status(["--checkpoint", str(checkpoint), "--format", "dino", "--num_heads", "2", *out], capsys)
+    assert status == 1 and line.startswith("error: verification failed: Converted model differs")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_cli_converts_and_prints_report(tmp_path: Path) -> None:
     checkpoint = tmp_path / "mugs.pth"
     reference = make_reference_checkpoint(checkpoint, "mugs", wrap="state_dict", prefix="module.backbone.", **SMALL)
@@ -367,8 +400,6 @@ def test_converted_teacher_gives_reference_attention_through_library_capture(tmp
 @pytest.mark.parametrize("format", ["mugs", "mae"])
 def test_converted_teacher_drives_a_short_distillation(tmp_path: Path, format: str) -> None:
     from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
-
-    from helpers import PixelDataset, tiny_student
 
     checkpoint = tmp_path / "teacher.pth"
     make_reference_checkpoint(checkpoint, format, wrap="teacher", prefix="module.backbone.", seed=5, **SMALL)

@@ -20,11 +20,17 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from attndistill_hf.data import (
+    EXAMPLE_KEY,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    UNREADABLE_IDS,
     DataArguments,
+    DistinctUnreadableLoader,
+    EpochShuffle,
     EqualStepsIterable,
+    ExampleKey,
     ImageCollator,
+    KeyedExamples,
     check_hub_split,
     column_names,
     count_examples,
@@ -515,31 +521,40 @@ def test_eval_transform_sizes_and_centre_crop() -> None:
     assert out[1, 0, 0].item() == pytest.approx(16, abs=0.01) and out[1, -1, 0].item() == pytest.approx(239, abs=0.01)
 
 
+def measure_crops(views: torch.Tensor, side: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Area fraction, aspect ratio (width / height) and flip of each view [N, 3, S, S] of ``coordinate_image(side)``
+    (taken with mean 0, std 1): R encodes x and G encodes y, so a view's colours tell which box it shows."""
+    out_size = views.shape[-1]
+    red, green = views[:, 0, out_size // 2] * 255, views[:, 1, :, out_size // 2] * 255
+    # Output pixel centres span (out-1)/out of the crop, so scale the measured span up.
+    width = (red[:, -1] - red[:, 0]).abs() * out_size / (out_size - 1)
+    height = (green[:, -1] - green[:, 0]) * out_size / (out_size - 1)
+    return (width * height / side**2).numpy(), (width / height).numpy(), (red[:, -1] < red[:, 0]).numpy()
+
+
+def reference_crops(n: int = 4000, side: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Area fractions and aspect ratios of ``n`` boxes drawn by torchvision's RandomResizedCrop(scale 0.2-1)."""
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(123)
+    boxes = np.array(
+        [v2.RandomResizedCrop.get_params(torch.empty(1, side, side), [0.2, 1.0], [3 / 4, 4 / 3])[2:] for _ in range(n)]
+    )
+    torch.set_rng_state(generator_state)
+    return boxes[:, 0] * boxes[:, 1] / side**2, boxes[:, 1] / boxes[:, 0]
+
+
 def test_train_crop_area_and_flip_statistics() -> None:
     """Measure each crop from a coordinate image: its area fraction must follow RandomResizedCrop(0.2, 1)."""
     torch.manual_seed(0)
-    out_size, n = 32, 300
-    transform = train_transform(out_size, ZERO, ONE)
+    n = 300
+    transform = train_transform(32, ZERO, ONE)
     image = coordinate_image(256)
-    fractions, flips = [], 0
-    for _ in range(n):
-        out = transform(image) * 255
-        red, green = out[0, out_size // 2], out[1, :, out_size // 2]
-        # Output pixel centres span (out-1)/out of the crop, so scale the measured span up.
-        width = abs(red[-1] - red[0]).item() * out_size / (out_size - 1)
-        height = (green[-1] - green[0]).item() * out_size / (out_size - 1)
-        fractions.append(width * height / 256**2)
-        flips += int(red[-1] < red[0])
-    fractions = np.array(fractions)
+    fractions, _, flips = measure_crops(torch.stack([transform(image) for _ in range(n)]))
     assert fractions.min() > 0.2 * 0.9 and fractions.max() < 1.0 * 1.05
     # The same draw through torchvision's sampler gives the expected mean area.
-    reference = [
-        np.prod(v2.RandomResizedCrop.get_params(torch.empty(1, 256, 256), [0.2, 1.0], [3 / 4, 4 / 3])[2:]) / 256**2
-        for _ in range(4000)
-    ]
-    assert abs(fractions.mean() - np.mean(reference)) < 0.04
+    assert abs(fractions.mean() - reference_crops()[0].mean()) < 0.04
     assert (fractions < 0.3).any() and (fractions > 0.9).any()
-    assert 0.4 * n < flips < 0.6 * n
+    assert 0.4 * n < flips.sum() < 0.6 * n
 
 
 def test_tiny_image_is_upsampled_to_the_crop() -> None:
@@ -578,3 +593,183 @@ def test_a_folder_without_images_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"--eval_dir '.*empty' holds no image files"):
         load_split(DataArguments(train_dir=str(images), eval_dir=str(empty)), "eval")
     assert len(load_split(DataArguments(train_dir=str(images)), "train")) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Reproducible views: a function of (seed, epoch, example); unreadable examples counted once
+# ----------------------------------------------------------------------------------------------
+
+
+def keyed(examples: list[dict], seed: int = 0, epoch: int = 0) -> list[dict]:
+    """The examples as the trainer hands them to the collator: each with its key (here, its position)."""
+    return [{**example, EXAMPLE_KEY: ExampleKey(seed, epoch, index)} for index, example in enumerate(examples)]
+
+
+def coordinate_examples(n: int) -> list[dict]:
+    return [{"image": {"bytes": encode(coordinate_image(64), "PNG"), "path": None}}] * n
+
+
+def test_a_keyed_view_is_a_function_of_seed_epoch_and_example_alone() -> None:
+    collate = ImageCollator(train_transform(16, ZERO, ONE))
+    examples = keyed(coordinate_examples(6), seed=0, epoch=3)
+    torch.manual_seed(0)
+    views = collate(examples)["pixel_values"]
+    torch.manual_seed(1)  # another random state, another order, other batches: the same views
+    state = torch.get_rng_state()
+    assert torch.equal(collate(examples[::-1])["pixel_values"].flip(0), views)
+    assert torch.equal(torch.cat([collate([example])["pixel_values"] for example in examples]), views)
+    assert torch.equal(torch.get_rng_state(), state)  # drawn from a forked generator: the process's is untouched
+    # One image at 6 indices: 6 views; another epoch or seed gives each index another view.
+    assert len({view.numpy().tobytes() for view in views}) == 6
+    for other in (keyed(coordinate_examples(6), seed=0, epoch=4), keyed(coordinate_examples(6), seed=1, epoch=3)):
+        assert not any(torch.equal(a, b) for a, b in zip(collate(other)["pixel_values"], views, strict=True))
+    # Without keys, views come from the global random state as before.
+    torch.manual_seed(0)
+    plain = collate(coordinate_examples(2))["pixel_values"]
+    torch.manual_seed(0)
+    assert torch.equal(collate(coordinate_examples(2))["pixel_values"], plain)
+
+
+def test_keyed_views_follow_random_resized_crop() -> None:
+    """The views drawn from per-example seeds keep torchvision's RandomResizedCrop(scale 0.2-1) distribution."""
+    n = 600
+    examples = keyed([{"image": coordinate_image(256)}] * n, seed=7, epoch=2)
+    fractions, aspects, flips = measure_crops(ImageCollator(train_transform(32, ZERO, ONE))(examples)["pixel_values"])
+    areas, ratios = reference_crops()
+
+    # Quantiles of the area fraction and the log aspect ratio: their sampling error at 600 draws is about
+    # 0.015 (4 standard errors: 0.06); measuring a box from its resampled colours adds about 0.01.
+    levels = [0.1, 0.25, 0.5, 0.75, 0.9]
+    assert np.abs(np.quantile(fractions, levels) - np.quantile(areas, levels)).max() < 0.06
+    assert np.abs(np.quantile(np.log(aspects), levels) - np.quantile(np.log(ratios), levels)).max() < 0.06
+    assert abs(fractions.mean() - areas.mean()) < 0.02
+    assert 0.43 * n < flips.sum() < 0.57 * n
+
+
+def collect_views(loader: torch.utils.data.DataLoader) -> list[dict[str, torch.Tensor]]:
+    return [{"labels": batch["labels"], "pixel_values": batch["pixel_values"]} for batch in loader]
+
+
+def assert_same_batches(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> None:
+    assert len(a) == len(b)
+    for one, other in zip(a, b, strict=True):
+        assert torch.equal(one["labels"], other["labels"]) and torch.equal(one["pixel_values"], other["pixel_values"])
+
+
+def test_map_style_order_and_views_are_the_same_with_any_number_of_workers(tmp_path: Path) -> None:
+    folder = write_image_folder(tmp_path / "images", per_class=5, classes=2, size=24)
+    dataset = load_split(DataArguments(train_dir=str(folder), cache_dir=str(tmp_path / "cache")), "train")
+    collate = ImageCollator(train_transform(16), label_column="label")
+
+    def loader(workers: int) -> torch.utils.data.DataLoader:
+        examples = KeyedExamples(dataset, seed=3)
+        return torch.utils.data.DataLoader(
+            examples,
+            batch_size=3,
+            sampler=EpochShuffle(examples),
+            collate_fn=collate,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+
+    order = EpochShuffle(KeyedExamples(dataset, seed=3))
+    order.set_epoch(1)
+    pairs = list(order)
+    assert [epoch for epoch, _ in pairs] == [1] * 10 and sorted(index for _, index in pairs) == list(range(10))
+    epochs = {}
+    for workers in (0, 2):
+        persistent = loader(workers)
+        runs = []
+        for epoch in (0, 1):
+            # Accelerate's loaders set the epoch on the sampler or on the dataset; either reaches both.
+            (persistent.sampler if epoch else persistent.dataset).set_epoch(epoch)
+            runs.append(collect_views(persistent))
+        epochs[workers] = runs
+    for epoch in (0, 1):
+        assert_same_batches(epochs[0][epoch], epochs[2][epoch])
+    labels = [torch.cat([batch["labels"] for batch in run]) for run in epochs[0]]
+    assert not torch.equal(*labels)  # each epoch has its own order
+    assert not torch.equal(epochs[0][0][0]["pixel_values"], epochs[0][1][0]["pixel_values"])
+
+
+@pytest.fixture(scope="module")
+def distinct_parquet_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Two shards of 6 different images each; the label is the image's number."""
+    root = tmp_path_factory.mktemp("distinct")
+    rng = np.random.default_rng(3)
+    for shard in range(2):
+        ids = list(range(6 * shard, 6 * shard + 6))
+        images = [
+            {"bytes": encode(Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)), "PNG"), "path": None}
+            for _ in ids
+        ]
+        ds = Dataset.from_dict({"image": images, "label": ids})
+        ds.cast_column("image", ImageFeature()).to_parquet(str(root / f"part-{shard}.parquet"))
+    return str(root / "*.parquet")
+
+
+def test_a_streamed_example_keeps_its_view_with_any_number_of_workers(distinct_parquet_shards: str) -> None:
+    stream = load_split(DataArguments(data_files=[distinct_parquet_shards], streaming=True), "train")
+    collate = ImageCollator(train_transform(16), label_column="label")
+
+    def views_by_label(workers: int, epochs: int) -> list[dict[int, torch.Tensor]]:
+        keyed_stream = EqualStepsIterable(shard_stream(stream, rank=0, world_size=1, seed=1), 4, 3).with_example_keys(9)
+        loader = torch.utils.data.DataLoader(
+            keyed_stream, batch_size=3, collate_fn=collate, num_workers=workers, persistent_workers=workers > 0
+        )
+        runs = []
+        for epoch in range(epochs):
+            keyed_stream.set_epoch(epoch)  # persistent workers read it from shared memory
+            batches = list(loader)
+            labels = torch.cat([batch["labels"] for batch in batches]).tolist()
+            runs.append(dict(zip(labels, torch.cat([batch["pixel_values"] for batch in batches]), strict=True)))
+        return runs
+
+    one, two = views_by_label(0, 2), views_by_label(2, 2)
+    for epoch in (0, 1):
+        assert sorted(one[epoch]) == sorted(two[epoch]) == list(range(12))
+        for label, view in one[epoch].items():
+            assert torch.equal(two[epoch][label], view), (epoch, label)
+    assert not any(torch.equal(one[0][label], one[1][label]) for label in range(12))
+
+
+def test_fill_in_views_are_reproducible() -> None:
+    good = {"image": {"bytes": encode(coordinate_image(40), "PNG"), "path": None}}
+    bad = {"image": {"bytes": b"junk", "path": None}}
+    collate = ImageCollator(train_transform(16), fill_skipped=True)
+    examples = keyed([good, bad, bad], epoch=1)
+    torch.manual_seed(0)
+    first = collate(examples)
+    torch.manual_seed(1)
+    assert torch.equal(collate(examples)["pixel_values"], first["pixel_values"])
+    views = first["pixel_values"]
+    assert views.shape == (3, 3, 16, 16) and first["skipped_images"].item() == 2
+    # Each fill-in is drawn with its failed example's seed: other views of the one decoded image.
+    assert not torch.equal(views[0], views[1]) and not torch.equal(views[1], views[2])
+    assert first[UNREADABLE_IDS] == [1, 2]
+    assert UNREADABLE_IDS not in collate([good, bad])  # examples without keys cannot be told apart
+
+
+def test_each_unreadable_example_is_counted_once() -> None:
+    unreadable = {"image": {"bytes": b"junk", "path": None}}
+    readable = {"image": {"bytes": encode(Image.new("RGB", (9, 9)), "PNG"), "path": None}}
+    collate = ImageCollator(eval_transform(8))
+    dataset = [unreadable, readable, unreadable, readable]  # unreadable examples 0 and 2
+
+    def epoch(number: int, order: list[int]) -> list[dict]:
+        return [{**dataset[i], EXAMPLE_KEY: ExampleKey(0, number, i)} for i in order]
+
+    batches = [collate(epoch(0, [0, 1])), collate(epoch(0, [2, 3])), collate(epoch(1, [2, 0])), collate(epoch(1, [1]))]
+    assert [batch[UNREADABLE_IDS] for batch in batches] == [[0], [2], [2, 0], []]
+    assert [batch["skipped_images"].item() for batch in batches] == [1, 1, 2, 0]  # per read, in the batch
+    loader = DistinctUnreadableLoader(batches[:2])
+    assert [batch["skipped_images"].item() for batch in loader] == [1, 1]
+    resumed = DistinctUnreadableLoader(batches[2:], loader.tally)  # the count goes on
+    counted = list(resumed)
+    assert [batch["skipped_images"].item() for batch in counted] == [0, 0]
+    assert all(UNREADABLE_IDS not in batch for batch in counted)
+    assert len(resumed) == 2
+    # A streamed example is known by its image: the same bytes, the same identity, in any epoch.
+    streamed = [{**unreadable, EXAMPLE_KEY: ExampleKey(0, number)} for number in (0, 1)]
+    ids = [collate([example])[UNREADABLE_IDS] for example in streamed]
+    assert ids[0] == ids[1] and len(ids[0]) == 1

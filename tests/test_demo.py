@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 from transformers import set_seed
 
-from attndistill_hf.cli import read_config_file
+from attndistill_hf.arguments import DistillModelArguments
+from attndistill_hf.cli import parse_config_and_flags, read_config_file
 from attndistill_hf.data import DataArguments, train_transform
-from attndistill_hf.demo_pipeline import (
+from attndistill_hf.demo.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, SOURCE_FILES
+from attndistill_hf.demo.pipeline import (
     FULL,
     QUICK,
     ClassificationCollator,
@@ -28,9 +30,9 @@ from attndistill_hf.demo_pipeline import (
     train_teacher,
     untrained_student,
 )
-from attndistill_hf.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, SOURCE_FILES
 from attndistill_hf.hub import set_section
 from attndistill_hf.models import LAYER_NORM_EPS, STUDENT_PRESETS, build_student
+from attndistill_hf.pipeline import load_student
 
 from helpers import encode, load_recipe
 
@@ -168,14 +170,13 @@ def test_demo_config_matches_the_demo() -> None:
 
 
 def test_demo_untrained_baseline_is_the_distilled_student_at_initialisation() -> None:
-    distill = load_recipe("distill")
     config = read_config_file(CONFIGS / "demo.yaml")
     image_size, seed = int(config["image_size"]), int(config["seed"])
     teacher = build_student("vit-mini-patch4", image_size=image_size)
     # distill.py builds the student from the preset, initialised from the run's seed alone.
     set_seed(seed + 1)
-    model_args = distill.DistillModelArguments(teacher_name_or_path="unused", student_preset=config["student_preset"])
-    initial = distill.load_student(model_args, DataArguments(image_size=image_size), teacher, seed)
+    model_args = DistillModelArguments(teacher_name_or_path="unused", student_preset=config["student_preset"])
+    initial = load_student(model_args, DataArguments(image_size=image_size), teacher, seed)
     baseline = untrained_student(config, image_size, seed)
     assert not baseline.training
     assert initial.state_dict().keys() == baseline.state_dict().keys()
@@ -200,11 +201,33 @@ def test_card_sections_go_before_limitations_and_are_replaced() -> None:
     assert set_section("# m\n", "Demo comparison", "t", before="Limitations") == "# m\n\n## Demo comparison\n\nt\n"
 
 
+@pytest.mark.slow
 def test_a_failed_distillation_ends_in_one_error(tmp_path: Path) -> None:
     with pytest.raises(ChildProcessError, match="distillation exited with status 2"):
         launch_distillation(
             REPO / "recipes" / "distill.py", tmp_path / "missing.yaml", [], launcher="python", quiet=True
         )
+
+
+def test_demo_and_ablation_take_their_documented_flags() -> None:
+    """``make demo`` / ``make ablation``, README, docs and bench/bench_ablation.py spell the switches bare."""
+    demo, ablation = load_recipe("demo"), load_recipe("ablation")
+    (on,) = parse_config_and_flags((demo.DemoArguments,), ["--quick", "--hub", "--retrain_teacher", "--no_progress"])
+    (default,) = parse_config_and_flags((demo.DemoArguments,), [])
+    for name in ("quick", "hub", "retrain_teacher"):
+        assert getattr(on, name) is True and getattr(default, name) is False, name
+    assert on.progress is False and default.progress is True and default.data_dir is None
+    assert Path(default.config) == CONFIGS / "demo.yaml"
+    with pytest.raises(ValueError, match="--launcher: invalid choice: 'torchrun'"):
+        parse_config_and_flags((demo.DemoArguments,), ["--launcher", "torchrun"])
+
+    flags = ["--seeds", "0", "1", "2", "3", "--max_steps", "600", "--rerun", "--separate_runs", "--no_progress"]
+    (on,) = parse_config_and_flags((ablation.AblationArguments,), flags)
+    (default,) = parse_config_and_flags((ablation.AblationArguments,), [])
+    assert (on.seeds, on.max_steps, default.seeds, default.max_steps) == ([0, 1, 2, 3], 600, [0, 1, 2], None)
+    for name in ("rerun", "separate_runs"):
+        assert getattr(on, name) is True and getattr(default, name) is False, name
+    assert on.progress is False and default.progress is True
 
 
 def test_ablation_configs_cover_three_cases_times_three_losses() -> None:
@@ -224,6 +247,7 @@ def test_ablation_configs_cover_three_cases_times_three_losses() -> None:
     assert cells == {(case, loss) for case in ablation.CASE_ORDER for loss in ablation.LOSSES}
 
 
+@pytest.mark.slow
 @needs_real
 def test_ablation_one_run_per_case_gives_each_student_its_own_runs_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -17,28 +17,30 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from transformers import DeiTConfig, DeiTModel, ViTConfig, ViTForImageClassification, ViTModel
 
-from attndistill_hf.data import probe_train_transform
+from attndistill_hf.data import DataArguments, probe_train_transform
+from attndistill_hf.demo.fashion_mnist import (
+    DEBIAN_FASHION_MNIST_DIR,
+    balanced_subset_indices,
+    read_fashion_mnist_split,
+)
 from attndistill_hf.evaluation import (
     KNNEvaluationCallback,
     LinearProbeConfig,
     balanced_label_subset,
+    card_records,
     compute_features,
     default_feature_model,
     extract_features,
     knn_accuracy,
+    knn_ks_used,
     probe_feature_kind,
     run_knn_eval,
     run_linear_eval,
     train_linear_probe,
     train_linear_probe_on_images,
 )
-from attndistill_hf.fashion_mnist import (
-    DEBIAN_FASHION_MNIST_DIR,
-    balanced_subset_indices,
-    read_fashion_mnist_split,
-)
 
-from helpers import load_recipe, run_two_processes, skip_without_real, tiny_student
+from helpers import load_recipe, run_two_processes, skip_without_real, tiny_student, write_image_folder
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -145,12 +147,16 @@ def test_knn_chunked_equals_unchunked() -> None:
         assert knn_accuracy(train_x, train_y, test_x, test_y, chunk_size=chunk, **kwargs) == whole
 
 
-def test_knn_clips_large_k_and_validates_input() -> None:
+def test_knn_keys_a_clipped_k_by_the_k_it_used_and_validates_input() -> None:
     train_x, train_y = clustered_features(40, 4, 8, spread=1.0, seed=4)
     test_x, test_y = clustered_features(30, 4, 8, spread=1.0, seed=5)
-    with pytest.warns(UserWarning, match="k=100 is larger than the 40 train features"):
-        clipped = knn_accuracy(train_x, train_y, test_x, test_y, ks=(100,))
-    assert clipped[100] == knn_accuracy(train_x, train_y, test_x, test_y, ks=(40,))[40]
+    with pytest.warns(UserWarning, match=r"k=100, 200 exceed the 40 train features; k=40 is reported instead"):
+        clipped = knn_accuracy(train_x, train_y, test_x, test_y, ks=(10, 100, 200))
+    # A result never carries a k the train set could not give: 100 and 200 both ran as k=40.
+    assert list(clipped) == [10, 40]
+    assert clipped[40] == knn_accuracy(train_x, train_y, test_x, test_y, ks=(40,))[40]
+    assert clipped[10] == knn_accuracy(train_x, train_y, test_x, test_y, ks=(10,))[10]
+    assert knn_ks_used((10, 20, 100, 200), 64) == {10: 10, 20: 20, 100: 64, 200: 64}
     # Identical train and test sets with k=1: every test point finds itself.
     assert knn_accuracy(train_x, train_y, train_x, train_y, ks=(1,))[1] == {"top1": 100.0, "top5": 100.0}
 
@@ -803,6 +809,35 @@ def test_run_knn_eval_writes_json_and_table(
     assert "top-1 (%)" in table and f"{direct[20]['top1']:.2f}" in table
 
 
+def test_run_knn_eval_reports_the_k_the_memory_bank_could_give(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bank of 12 images cannot give k=20, 100 or 200: results, JSON, table and card say k=12."""
+    model = tiny_vit(layers=2)
+    train_x, test_x = torch.randn(12, 1, 28, 28), torch.randn(9, 1, 28, 28)
+    train_y, test_y = torch.arange(12) % 3, torch.arange(9) % 3
+    bank = DataLoader(TensorDataset(train_x, train_y), batch_size=5)
+    queries = DataLoader(TensorDataset(test_x, test_y), batch_size=5)
+    with pytest.warns(UserWarning, match="k=20, 100, 200 exceed the 12 train features"):
+        results = run_knn_eval(model, bank, queries, output_json=tmp_path / "knn.json", progress=False)
+    assert list(results["knn"]) == ["10", "12"]
+    assert results["ks_requested"] == [10, 20, 100, 200]
+    assert results["clipped_ks"] == {"20": 12, "100": 12, "200": 12}
+    assert json.loads((tmp_path / "knn.json").read_text()) == results
+    direct = knn_accuracy(
+        *extract_features(model, bank, progress=False), *extract_features(model, queries, progress=False), ks=(10, 12)
+    )
+    assert results["knn"] == {str(k): score for k, score in direct.items()}
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["10", "12"]
+    data_args = DataArguments(dataset_name="someone/images")
+    assert [r.metric_name for r in card_records(results, data_args)] == ["k-NN top-1 (k=10)", "k-NN top-1 (k=12)"]
+    # The monitor during training asks for k=20 and gets the 12-neighbour vote, the only one there is.
+    monitor = KNNEvaluationCallback(bank, queries, k=20)
+    with pytest.warns(UserWarning, match="k=20 exceeds the 12 train features"):
+        assert monitor.evaluate(model) == direct[12]["top1"]
+
+
 def test_run_linear_eval_fast_path(
     fmnist: dict[str, torch.Tensor], trained_vit: tuple[ViTModel, ViTModel], tmp_path: Path
 ) -> None:
@@ -834,7 +869,7 @@ def recipe_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     skip_without_real()
     from transformers import ViTImageProcessor
 
-    from attndistill_hf.fashion_mnist import prepare_fashion_mnist
+    from attndistill_hf.demo.fashion_mnist import prepare_fashion_mnist
 
     root = tmp_path_factory.mktemp("recipes")
     prepare_fashion_mnist(
@@ -872,6 +907,7 @@ def reset_accelerate_state() -> None:
     PartialState._reset_state()
 
 
+@pytest.mark.slow
 def test_eval_knn_recipe_matches_manual_pipeline(recipe_setup: dict[str, Path], tmp_path: Path) -> None:
     recipe = load_recipe("eval_knn")
     config = tmp_path / "knn.yaml"
@@ -896,6 +932,7 @@ def test_eval_knn_recipe_matches_manual_pipeline(recipe_setup: dict[str, Path], 
         assert results["knn"][str(k)]["top5"] == pytest.approx(expected[k]["top5"])
 
 
+@pytest.mark.slow
 def test_eval_linear_recipe_fast_and_semi_supervised(recipe_setup: dict[str, Path], tmp_path: Path) -> None:
     recipe = load_recipe("eval_linear")
     common = [
@@ -938,16 +975,18 @@ def test_eval_linear_recipe_fast_and_semi_supervised(recipe_setup: dict[str, Pat
     assert semi["num_train"] == 30 and semi["feature_dim"] == 32  # 10% of 300, 3 per class
 
 
+@pytest.mark.slow
 def test_eval_recipes_add_their_results_to_the_model_card(recipe_setup: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 
     from huggingface_hub import ModelCard
 
-    from attndistill_hf.hub import write_model_card
+    from attndistill_hf.hub import LossSettings, write_model_card
 
     folder = tmp_path / "student"
     shutil.copytree(recipe_setup["model"], folder)
     card_fields = {"teacher": "teacher", "dataset_name": "data", "dataset_split": "test", "recipe_text": ""}
+    card_fields["loss"] = LossSettings(proj_weight=1.0, attn_weight=0.1, projector_widths=(32, 64, 32, 64, 48))
     write_model_card(
         folder,
         model_id_or_name="student",
@@ -1002,3 +1041,144 @@ def test_eval_recipes_help_and_errors(capsys: pytest.CaptureFixture[str]) -> Non
         load_recipe("eval_knn").main(["--dataset_name", "x"])
     with pytest.raises(ValueError, match="Unknown feature kind"):
         load_recipe("eval_knn").main(["--model_name_or_path", "m", "--feature_kind", "pooled"])
+
+
+# ---- the recipes on image folders (no download) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Class folders (12 train / 6 val images), a saved 32 px ViT with its image processor, and a tiny CNN."""
+    from transformers import ResNetConfig, ResNetModel, ViTImageProcessor
+
+    root = tmp_path_factory.mktemp("folders")
+    write_image_folder(root / "train", per_class=4, classes=3)
+    write_image_folder(root / "val", per_class=2, classes=3)
+    torch.manual_seed(0)
+    tiny_vit(layers=4, channels=3, image=32, patch=8).save_pretrained(root / "model")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "model")
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1])).save_pretrained(root / "resnet")
+    return {"root": root, "model": root / "model", "resnet": root / "resnet"}
+
+
+def folder_flags(setup: dict[str, Path], model: Path | None = None) -> list[str]:
+    data = ["--train_dir", str(setup["root"] / "train"), "--eval_dir", str(setup["root"] / "val")]
+    return ["--model_name_or_path", str(model or setup["model"]), *data, "--num_workers", "0", "--no_progress"]
+
+
+def run_knn_recipe(argv: list[str]) -> dict[str, Any]:
+    reset_accelerate_state()
+    try:
+        return load_recipe("eval_knn").main(argv)
+    finally:
+        reset_accelerate_state()
+
+
+@pytest.mark.slow
+def test_eval_recipes_default_to_the_models_image_size(folder_setup: dict[str, Path]) -> None:
+    """Without --image_size a 32 px model is evaluated at 32 px, exactly as with --image_size 32."""
+    flags = folder_flags(folder_setup)
+    default, explicit = (
+        run_knn_recipe([*flags, "--ks", "5"]),
+        run_knn_recipe([*flags, "--ks", "5", "--image_size", "32"]),
+    )
+    assert default["data"]["image_size"] == 32
+    assert default["knn"] == explicit["knn"]
+    probe = [*flags, "--no_augment", "--epochs", "2", "--lr", "0.5", "--batch_size", "6"]
+    linear = load_recipe("eval_linear")
+    default, explicit = linear.main(probe), linear.main([*probe, "--image_size", "32"])
+    assert default["data"]["image_size"] == 32
+    assert default["per_lr"] == explicit["per_lr"]
+
+
+@pytest.mark.slow
+def test_eval_recipes_card_rows_name_the_k_used_and_the_evaluation_subset(
+    folder_setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """A 12-image bank with the default ks and 3 of the 6 val images: the card claims neither more neighbours
+    nor more queries than were used."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from attndistill_hf.hub import LossSettings, write_model_card
+
+    folder = tmp_path / "student"
+    shutil.copytree(folder_setup["model"], folder)
+    write_model_card(
+        folder,
+        model_id_or_name="student",
+        teacher="teacher",
+        student_config=ViTModel.from_pretrained(folder).config.to_dict(),
+        dataset_name="train",
+        dataset_split="val",
+        eval_results=[],
+        recipe_text="",
+        training_summary={},
+        figures={},
+        loss=LossSettings(proj_weight=1.0, attn_weight=0.1, projector_widths=(32, 64, 32, 64, 48)),
+    )
+    flags = [*folder_flags(folder_setup, folder), "--max_eval_samples", "3", "--add_to_card"]
+    with pytest.warns(UserWarning, match="k=20, 100, 200 exceed the 12 train features"):
+        knn = run_knn_recipe(flags)
+    assert (knn["num_train"], knn["num_test"], list(knn["knn"])) == (12, 3, ["10", "12"])
+    linear = load_recipe("eval_linear").main([*flags, "--no_augment", "--epochs", "2", "--lr", "0.5"])
+    assert linear["num_test"] == 3
+    card = ModelCard.load(folder / "README.md")
+    rows = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert rows == {
+        "k-NN top-1 (k=10), evaluated on 3 of 6 val images": pytest.approx(knn["knn"]["10"]["top1"]),
+        "k-NN top-1 (k=12), evaluated on 3 of 6 val images": pytest.approx(knn["knn"]["12"]["top1"]),
+        "Linear probe top-1 (last4_cls), evaluated on 3 of 6 val images": pytest.approx(linear["top1"]),
+    }
+    assert "k=20" not in card.content and "k=200" not in card.content
+
+
+def recipe_error(name: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``python recipes/<name>.py ARGV`` in this process: it must stop with exit status 2 and one ``error:``
+    line on stderr, which is returned."""
+    from attndistill_hf.cli import run_recipe
+
+    recipe = load_recipe(name)
+    reset_accelerate_state()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            run_recipe(lambda: recipe.main(argv))
+    finally:
+        reset_accelerate_state()
+    assert stopped.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    return line
+
+
+@pytest.mark.parametrize("name", ["eval_knn", "eval_linear"])
+def test_eval_recipes_refuse_a_cnn_as_not_a_vit_family_encoder(
+    name: str, folder_setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = recipe_error(name, folder_flags(folder_setup, folder_setup["resnet"]), capsys)
+    assert line.startswith("error: Unsupported model: ResNetModel is not supported: it is not a ViT-family encoder")
+    assert "scaled_dot_product_attention" not in line and "attn_implementation" not in line
+
+
+def test_a_label_column_of_images_is_named_not_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Parquet shards whose image column holds the PNG bytes: --label_column image names the column and its
+    type, and prints none of the bytes."""
+    import datasets
+    from transformers import ViTImageProcessor
+
+    images = write_image_folder(tmp_path / "images", per_class=2, classes=2)
+    files = sorted(images.rglob("*.png"))
+    table = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": f.read_bytes(), "path": None} for f in files],
+            "label": [int(f.parent.name[-1]) for f in files],
+        }
+    )
+    (tmp_path / "shards").mkdir()
+    for split in ("train", "test"):
+        table.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "shards" / f"{split}.parquet"))
+    tiny_vit(layers=1, channels=3, image=32, patch=8).save_pretrained(tmp_path / "model")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "model")
+    argv = ["--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "shards")]
+    line = recipe_error("eval_knn", [*argv, "--num_workers", "0", "--no_progress", "--label_column", "image"], capsys)
+    assert line == "error: Label column 'image' holds dict values, not class indices."

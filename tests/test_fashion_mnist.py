@@ -6,11 +6,12 @@ import gzip
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from attndistill_hf.fashion_mnist import (
+from attndistill_hf.demo.fashion_mnist import (
     CLASS_NAMES,
     DEBIAN_FASHION_MNIST_DIR,
     HUB_DATASET_ID,
@@ -244,6 +245,27 @@ def test_prepare_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str
     assert text.count("(default") >= 8
 
 
+def test_prepare_cli_flags_reach_the_preparation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    recipe = load_recipe("prepare_fashion_mnist")
+    calls: list[dict[str, Any]] = []
+
+    def record(output_dir: str, **kwargs: Any) -> dict[str, Any]:
+        calls.append({"output_dir": output_dir, **kwargs})
+        return {"data_dir": output_dir, "train": [], "test": []}
+
+    monkeypatch.setattr(recipe, "prepare_fashion_mnist", record)
+    # The documented spellings: bare switches, and --no_progress for the progress bars.
+    recipe.main(["--output_dir", str(tmp_path), "--hub", "--overwrite", "--no_progress", "--max_train", "20"])
+    recipe.main(["--output_dir", str(tmp_path), "--hub", "false", "--image_size", "32"])
+    assert calls[0]["hub"] is calls[0]["overwrite"] is True and calls[0]["progress"] is False
+    assert calls[0]["max_train"] == 20 and calls[0]["max_test"] is None
+    assert calls[1]["hub"] is calls[1]["overwrite"] is False and calls[1]["progress"] is True
+    assert calls[1]["image_size"] == 32 and calls[1]["source_dir"] == DEBIAN_FASHION_MNIST_DIR
+    with pytest.raises(ValueError, match="required: --output_dir"):
+        recipe.main(["--hub"])
+
+
+@pytest.mark.slow
 @needs_real
 def test_prepare_cli_writes_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = load_recipe("prepare_fashion_mnist")

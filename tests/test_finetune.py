@@ -149,6 +149,7 @@ def test_finetune_recipe_trains_a_few_steps(tmp_path: Path) -> None:
     assert (out / "eval_results.json").is_file()
 
 
+@pytest.mark.slow
 def test_finetune_at_another_resolution_interpolates_positions(tmp_path: Path) -> None:
     student_dir = tmp_path / "student"
     save_student(student_dir)  # trained at 32 px

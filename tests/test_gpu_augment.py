@@ -11,7 +11,16 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from attndistill_hf.data import (
+    EXAMPLE_KEY,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    UNREADABLE_IDS,
+    ExampleKey,
+    eval_transform,
+    train_transform,
+    view_seed,
+)
 from attndistill_hf.gpu_augment import (
     GpuAugment,
     RawBytesCollator,
@@ -122,6 +131,7 @@ def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((cdf_a - cdf_b).abs().max())
 
 
+@pytest.mark.parametrize("per_image", [False, True], ids=["one generator", "a generator per image"])
 @pytest.mark.parametrize(
     ("height", "width", "scale"),
     [
@@ -131,14 +141,18 @@ def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     ],
 )
 def test_gpu_crop_boxes_sample_the_distribution_of_the_cpu_transform(
-    height: int, width: int, scale: tuple[float, float]
+    height: int, width: int, scale: tuple[float, float], per_image: bool
 ) -> None:
-    """sample_crop_boxes is the batched twin of torchvision's RandomResizedCrop in data.train_transform."""
+    """sample_crop_boxes is the batched twin of torchvision's RandomResizedCrop in data.train_transform, drawn
+    from one generator or, as for keyed training examples, from each image's own (seeded by its view seed)."""
     n = 20_000
     cpu = cpu_crop_boxes(height, width, n, scale)
-    gpu = sample_crop_boxes(
-        torch.full((n,), height), torch.full((n,), width), scale=scale, generator=torch.Generator().manual_seed(0)
-    ).double()
+    draws = (
+        {"generators": [torch.Generator().manual_seed(view_seed(ExampleKey(0, 0, i), i)) for i in range(n)]}
+        if per_image
+        else {"generator": torch.Generator().manual_seed(0)}
+    )
+    gpu = sample_crop_boxes(torch.full((n,), height), torch.full((n,), width), scale=scale, **draws).double()
 
     def statistics(boxes: torch.Tensor) -> dict[str, torch.Tensor]:
         top, left, h, w = boxes.unbind(1)
@@ -277,6 +291,43 @@ def test_seed_makes_crops_reproducible() -> None:
     again = GpuAugment(16, device="cpu", seed=5)(batch_of(blob, blob, blob))["pixel_values"]
     other = GpuAugment(16, device="cpu", seed=6)(batch_of(blob, blob, blob))["pixel_values"]
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def keyed_batch(blobs: list[bytes | None], indices: list[int], epoch: int = 0) -> dict:
+    """A RawBytesCollator batch of training examples as the trainer hands them over: each with its key."""
+    examples = [
+        {"image": {"bytes": blob, "path": None}, "label": index, EXAMPLE_KEY: ExampleKey(0, epoch, index)}
+        for blob, index in zip(blobs, indices, strict=True)
+    ]
+    return RawBytesCollator("image", "label")(examples)
+
+
+def test_a_keyed_view_is_the_same_in_any_batch() -> None:
+    """Each image's crop and flip come from its own view seed: not from the batch, its order or the module's seed."""
+    blob = encode(coordinate_image(64), "JPEG", quality=90)
+    batch = keyed_batch([blob] * 5, [0, 1, 2, 3, 4])
+    assert batch["view_seeds"] == [view_seed(ExampleKey(0, 0, i), i) for i in range(5)]
+    views = GpuAugment(16, device="cpu", seed=1)(batch)["pixel_values"]
+    assert len({view.numpy().tobytes() for view in views}) == 5
+    reordered = GpuAugment(16, device="cpu", seed=2)(keyed_batch([blob, b"junk", blob, blob], [4, 9, 2, 0]))
+    assert reordered["labels"].tolist() == [4, 2, 0]
+    assert torch.equal(reordered["pixel_values"], views[[4, 2, 0]])
+    other_epoch = GpuAugment(16, device="cpu", seed=1)(keyed_batch([blob] * 5, [0, 1, 2, 3, 4], epoch=1))
+    assert not any(torch.equal(a, b) for a, b in zip(other_epoch["pixel_values"], views, strict=True))
+
+
+def test_keyed_unreadable_examples_are_counted_once() -> None:
+    good = encode(Image.new("RGB", (20, 20), (1, 2, 3)), "PNG")
+    augment = GpuAugment(8, device="cpu")
+    # Example 1 cannot be decoded, example 2 has no bytes (the collator drops and lists it).
+    first = keyed_batch([good, b"junk", None], [0, 1, 2])
+    assert first[UNREADABLE_IDS] == [2] and first["example_ids"] == [0, 1]
+    assert augment(first)["skipped_images"].item() == 1 + 1
+    # The next epoch reads example 1 again: GpuAugment counts it no more (example 2 is the loader's to count).
+    again = keyed_batch([b"junk", good], [1, 0], epoch=1)
+    assert augment(again)["skipped_images"].item() == 0
+    assert augment(keyed_batch([b"junk"], [5]))["skipped_images"].item() == 1
+    assert GpuAugment(8, device="cpu")(batch_of(b"junk", b"junk"))["skipped_images"].item() == 2  # without keys
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

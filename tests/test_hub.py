@@ -21,6 +21,7 @@ from attndistill_hf.hub import (
     DEFAULT_IGNORE_PATTERNS,
     EvalRecord,
     HubPushError,
+    LossSettings,
     add_eval_records,
     build_model_card,
     model_class_name,
@@ -30,10 +31,12 @@ from attndistill_hf.hub import (
     write_model_card,
 )
 
-from helpers import tiny_student
+from helpers import distill_command, tiny_student, tiny_teacher, write_image_folder
 
 FAKE_TOKEN = "hf_" + "Zq8" * 12  # token-shaped, never valid
 TEACHER = "facebook/dino-vits16"
+# The published loss (both terms, weights 1 / 0.1, MSE, T = 10); the projector of a 32-wide student, 384-wide teacher.
+PUBLISHED_LOSS = LossSettings(proj_weight=1.0, attn_weight=0.1, projector_widths=(32, 64, 32, 64, 384))
 
 
 def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, k: int) -> float:
@@ -79,6 +82,7 @@ def card_kwargs(records: list[EvalRecord], figures: dict[str, str], **overrides:
         "figures": figures,
         "extra_tags": ("demo", "vit"),
         "limitations": "Trained for a few steps on a tiny demo subset: not a useful feature extractor.",
+        "loss": PUBLISHED_LOSS,
     }
     kwargs.update(overrides)
     return kwargs
@@ -409,3 +413,75 @@ def test_the_card_names_the_students_class_as_saved_or_from_its_model_type() -> 
     assert model_class_name({"model_type": "vit", "architectures": ["ViTForImageClassification"]}) == (
         "ViTForImageClassification"
     )
+
+
+def card_section(text: str, title: str) -> str:
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0].strip()
+
+
+def test_the_card_describes_the_loss_this_student_was_trained_with() -> None:
+    both = build_model_card(**card_kwargs([], {}))
+    assert card_section(both.text, "Distillation loss") == (
+        "This student was trained with both AttnDistill terms, `L = 1 × L_proj + 0.1 × L_attn`, on its last "
+        "block:\n\n"
+        "- `L_proj`: the mean squared error between the teacher's normalised CLS feature and the student's "
+        "last-block CLS token (before its final LayerNorm) passed through a projector: LayerNorm, linear layers "
+        "32 → 64 → 32 → 64 → 384 with GELU between them, LayerNorm.\n"
+        "- `L_attn`: KL(teacher ‖ student) of the last block's CLS-query attention maps, each clamped to "
+        "[1e-05, 0.996] and renormalised; where the patch grids differ the teacher's maps are resized to the "
+        "student's grid (bicubic), and where the head counts differ both sides' heads are fused as "
+        "softmax(Σ_h log a_h / T) with T = 10."
+    )
+    assert "The projector used during training is not part of this model." in both.text
+
+    attention_only = LossSettings(proj_weight=0.0, attn_weight=0.5, fusion_temperature=4.0, projector_widths=(32, 384))
+    text = build_model_card(**card_kwargs([], {}, loss=attention_only)).text
+    section = card_section(text, "Distillation loss")
+    assert section.startswith(
+        "This student was trained with the attention-guidance term alone, `L = 0.5 × L_attn`, on its last block; "
+        "the projector term was off (weight 0), so no projector was trained:"
+    )
+    assert "T = 4." in section and "L_proj`:" not in section
+    assert "MSE" not in text and "mean squared error" not in text and "projector used during training" not in text
+
+    projector_only = LossSettings(
+        proj_weight=2.0, attn_weight=0.0, projector_loss="cosine", projector_widths=(32, 64, 384)
+    )
+    section = card_section(build_model_card(**card_kwargs([], {}, loss=projector_only)).text, "Distillation loss")
+    assert section.startswith(
+        "This student was trained with the projector term alone, `L = 2 × L_proj`, on its last block; the "
+        "attention-guidance term was off (weight 0):"
+    )
+    assert "the cosine distance 2 − 2 cos between" in section and "32 → 64 → 384" in section
+    assert "KL" not in section and "L_attn`:" not in section
+
+
+@pytest.mark.slow
+def test_each_student_of_a_run_gets_the_card_of_its_own_loss(tmp_path: Path) -> None:
+    """Three students with their own loss settings in one run: each card states its own loss, and the run's
+    flags fill in what an entry leaves out (here attn_loss_weight 0.3)."""
+    tiny_teacher(tmp_path / "teacher")  # 48 wide
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "students:\n"
+        "  - {name: both, student_preset: vit-mini-patch4}\n"
+        "  - {name: attn, student_preset: vit-mini-2heads-patch4, proj_loss_weight: 0.0, fusion_temperature: 4.0}\n"
+        "  - {name: proj, student_preset: vit-mini-patch4, attn_loss_weight: 0.0, projector_loss: cosine}\n"
+    )
+    distill_command(
+        [str(config), "--teacher_name_or_path", str(tmp_path / "teacher"), "--image_size", "32", "--use_cpu", "true"]
+        + ["--train_dir", str(write_image_folder(tmp_path / "images", per_class=2)), "--max_steps", "1"]
+        + ["--per_device_train_batch_size", "2", "--attn_loss_weight", "0.3", "--final_knn_eval", "false"]
+        + ["--attention_figure_images", "0", "--report_to", "none", "--output_dir", str(tmp_path / "out")]
+    )
+    cards = {name: (tmp_path / "out" / name / "README.md").read_text() for name in ("both", "attn", "proj")}
+    # Neither single-term student is described with the term it was trained without.
+    assert "MSE" not in cards["attn"] and "mean squared error" not in cards["attn"]
+    assert "KL" not in cards["proj"]
+    sections = {name: card_section(card, "Distillation loss") for name, card in cards.items()}
+    assert "`L = 1 × L_proj + 0.3 × L_attn`" in sections["both"]
+    assert "mean squared error" in sections["both"] and "T = 10." in sections["both"]
+    assert "64 → 128 → 64 → 128 → 48 with GELU" in sections["both"]  # the mini student's projector
+    assert "`L = 0.3 × L_attn`" in sections["attn"] and "T = 4." in sections["attn"]
+    assert "L_proj`:" not in sections["attn"] and "no projector was trained" in sections["attn"]
+    assert "`L = 1 × L_proj`" in sections["proj"] and "cosine distance" in sections["proj"]

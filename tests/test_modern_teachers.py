@@ -24,7 +24,7 @@ from attndistill_hf.attention import eager_last_cls_attention, last_cls_attentio
 from attndistill_hf.models import build_student
 from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
 
-from helpers import REPO, TINY_ENCODER, PixelDataset, load_recipe, write_image_folder
+from helpers import REPO, TINY_ENCODER, PixelDataset, distill_command, write_image_folder
 
 
 def dinov3_teacher(path: Path | None = None, attn_implementation: str = "sdpa") -> DINOv3ViTModel:
@@ -118,12 +118,13 @@ def test_naive_eager_loss_equals_default_loss_for_a_dinov3_pair(tmp_path: Path) 
         assert fast_term == pytest.approx(naive_term, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_recipe_card_names_the_dinov3_license(tmp_path: Path) -> None:
     teacher = tmp_path / "dinov3-teacher"
     dinov3_teacher(teacher)
     images = write_image_folder(tmp_path / "images", size=36)
     out = tmp_path / "out"
-    load_recipe("distill").main(
+    distill_command(
         ["--teacher_name_or_path", str(teacher), "--student_preset", "dinov3-mini-patch4", "--patch_size", "8"]
         + ["--image_size", "32", "--train_dir", str(images), "--max_steps", "2", "--per_device_train_batch_size", "4"]
         + ["--use_cpu", "true", "--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true"]
@@ -146,6 +147,7 @@ def test_dinov3_configs_name_released_checkpoints_and_dinov3_students() -> None:
         assert config["student_preset"] == student
 
 
+@pytest.mark.slow
 def test_recipe_refuses_an_uncapturable_teacher_in_one_line_before_data_loads(tmp_path: Path) -> None:
     teacher = tmp_path / "data2vec"
     Data2VecVisionModel(Data2VecVisionConfig(**TINY_ENCODER)).save_pretrained(teacher)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import attndistill_hf
-from attndistill_hf import attention, families, losses, models, trainer
+from attndistill_hf import attention, families, losses, models, pipeline, trainer
 
 
 def test_public_names_are_the_modules_objects() -> None:
@@ -19,6 +19,9 @@ def test_public_names_are_the_modules_objects() -> None:
         "eager_last_cls_attention": attention,
         "UnsupportedModelError": families,
         "family_of": families,
+        "distill": pipeline,
+        "DistillResult": pipeline,
+        "StudentResult": pipeline,
     }
     assert sorted(attndistill_hf.__all__) == sorted(homes)
     for name, module in homes.items():

@@ -11,15 +11,20 @@ from that:
   others blocked in a collective.
 * Augmentation is the published one: RandomResizedCrop(scale 0.2-1, bicubic) + flip + the teacher's
   normalisation; evaluation resizes to 256/224 of the crop and centre-crops.
+* Every random choice of the training data is a function of the run's seed, the epoch and the example
+  (:class:`ExampleKey`): the order of a map-style dataset (:class:`EpochShuffle`) and each example's view
+  (:func:`view_seed`), so that a run resumed mid-epoch continues exactly, with any number of DataLoader
+  workers. Each unreadable example is counted once (:class:`DistinctUnreadableLoader`).
 
 The modules:
 
 * :mod:`.sources`: ``DataArguments``, Hub / folder / shard sources, :func:`load_split`,
   :func:`count_examples` and the evaluation-view loader.
-* :mod:`.streaming`: each rank's part of a stream, equal steps on every rank, DataLoader workers and device
-  placement (what the trainer needs).
+* :mod:`.streaming`: each rank's part of a stream, equal steps on every rank, keyed examples in a seeded
+  order, the count of unreadable examples, DataLoader workers and device placement (what the trainer needs).
 * :mod:`.decoding`: image bytes, files and PIL images to 8-bit RGB; None for what cannot be decoded.
-* :mod:`.transforms`: the teacher's normalisation, the training and evaluation views, :class:`ImageCollator`.
+* :mod:`.transforms`: the teacher's normalisation, the training and evaluation views, example keys and
+  seeded views, :class:`ImageCollator`.
 
 The public names of all four are importable from here (``from attndistill_hf.data import load_split``).
 """
@@ -38,45 +43,67 @@ from .sources import (
     require_label_column,
 )
 from .streaming import (
+    DistinctUnreadableLoader,
+    EpochShuffle,
     EqualStepsIterable,
+    KeyedExamples,
+    UnreadableTally,
     dataloader_workers,
     prepare_per_rank_dataloader,
     shard_stream,
     steps_per_epoch,
 )
 from .transforms import (
+    EXAMPLE_KEY,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    UNREADABLE_IDS,
+    ExampleKey,
     ImageCollator,
+    derived_seed,
     eval_transform,
+    example_id,
     image_stats,
     probe_train_transform,
+    seeded_view,
     train_transform,
+    view_seed,
 )
 
 __all__ = [
     "DEFAULT_SUBSET_SEED",
+    "EXAMPLE_KEY",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "UNREADABLE_IDS",
     "WEBDATASET_IMAGE_KEYS",
     "WEBDATASET_LABEL_KEYS",
     "DataArguments",
+    "DistinctUnreadableLoader",
+    "EpochShuffle",
     "EqualStepsIterable",
+    "ExampleKey",
     "ImageCollator",
+    "KeyedExamples",
+    "UnreadableTally",
     "check_hub_split",
     "column_names",
     "count_examples",
     "dataloader_workers",
     "decode_image",
+    "derived_seed",
     "eval_transform",
     "eval_view_loader",
+    "example_id",
     "image_stats",
     "load_split",
     "prepare_per_rank_dataloader",
     "probe_train_transform",
     "require_label_column",
+    "seeded_view",
     "shard_stream",
     "steps_per_epoch",
     "to_rgb",
     "train_transform",
+    "view_seed",
 ]

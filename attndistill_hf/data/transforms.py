@@ -5,12 +5,21 @@ normalisation; evaluation resizes to 256/224 of the crop and centre-crops; the l
 view. :class:`ImageCollator` decodes in the DataLoader workers, where a corrupt file can be skipped, and
 carries the count of skipped images inside the batch (``skipped_images``) because workers are separate
 processes.
+
+Reproducible views: an example that carries an :class:`ExampleKey` (the trainer attaches one to every
+training example) gets the random view drawn from a generator seeded by :func:`view_seed` of the run's
+seed, the epoch and the example's identity (its index in a map-style dataset, else a digest of its image),
+not from the process's random state. A view then depends on nothing else: not on the DataLoader worker
+that makes it, the number of workers, the other examples of its batch, or where a run was interrupted
+and resumed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -144,6 +153,77 @@ def probe_train_transform(
 
 
 # --------------------------------------------------------------------------------------------------
+# Example keys and seeded views
+# --------------------------------------------------------------------------------------------------
+
+# The field under which a training example carries its ExampleKey (the trainer's data loading adds it).
+EXAMPLE_KEY = "__example__"
+# The batch field listing the identities of the batch's unreadable examples, when its examples carry keys.
+UNREADABLE_IDS = "unreadable_ids"
+
+
+class ExampleKey(NamedTuple):
+    """What the view of a training example is a function of: the run's seed, the epoch and the example.
+
+    ``index`` is the example's index in a map-style dataset. A streamed example has none: it is known by
+    its image instead (:func:`example_id`).
+    """
+
+    seed: int
+    epoch: int
+    index: int | None = None
+
+
+def derived_seed(*parts: object) -> int:
+    """A seed that is a hash of ``parts`` (a purpose, the run's seed, the epoch, an example, ...).
+
+    Different parts give unrelated seeds, the same parts the same seed in any process. 63 bits: a
+    non-negative int64, fit for torch tensors and ``torch.Generator.manual_seed``.
+    """
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def example_id(key: ExampleKey, example: Mapping[str, Any], image_column: str) -> int:
+    """The identity of an example: its index, else a digest of its encoded image (the bytes, else the path).
+
+    A streamed example's position depends on how many DataLoader workers share the stream, its image
+    does not. Identical images share an identity, so within an epoch they also share their view. An
+    example without image data is known by its other fields.
+    """
+    if key.index is not None:
+        return key.index
+    value = example.get(image_column)
+    if isinstance(value, Mapping):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value):
+        return derived_seed("bytes", hashlib.blake2b(value, digest_size=16).hexdigest())
+    if isinstance(value, (str, os.PathLike)):
+        return derived_seed("path", os.fspath(value))
+    others = sorted((name, repr(field)) for name, field in example.items() if name not in (image_column, EXAMPLE_KEY))
+    return derived_seed("fields", others)
+
+
+def view_seed(key: ExampleKey, identity: int) -> int:
+    """The seed of the view of example ``identity`` (:func:`example_id`) in ``key``'s run and epoch."""
+    return derived_seed("view", key.seed, key.epoch, identity)
+
+
+def seeded_view(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int | None) -> torch.Tensor:
+    """``transform(image)`` with its random choices drawn from a generator seeded with ``seed``.
+
+    torchvision's random transforms draw from the global CPU generator: it is forked, seeded for this
+    view and restored, so that the view depends on ``seed`` alone and the process's random state is left
+    as it was. ``seed=None`` draws from the global generator as the transform always does.
+    """
+    if seed is None:
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return transform(image)
+
+
+# --------------------------------------------------------------------------------------------------
 # Collator
 # --------------------------------------------------------------------------------------------------
 
@@ -155,7 +235,8 @@ def _label(example: Mapping[str, Any], column: str) -> int:
     try:
         return int(value)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"Label {value!r} in column {column!r} is not a class index") from err
+        # The value's type only: a wrong column can hold a whole encoded image.
+        raise ValueError(f"Label column {column!r} holds {type(value).__name__} values, not class indices.") from err
 
 
 class ImageCollator:
@@ -165,11 +246,20 @@ class ImageCollator:
     "skipped_images": long scalar}`` where B' = B minus the images that failed to decode. The count rides
     in the batch because workers are other processes; the trainer pops and sums it.
 
+    Examples that carry an :class:`ExampleKey` (under ``EXAMPLE_KEY``) get views seeded by :func:`view_seed`,
+    and the batch also lists the identities of its unreadable examples (``unreadable_ids``, a plain list
+    that stays on the CPU) so that the trainer can count each unreadable example once however often it is
+    read. Other examples draw from the global random state, as torchvision's transforms do.
+
     When every image of a batch fails, ``pixel_values`` has 0 rows (the right H and W) and
     ``labels`` 0 entries; the trainer skips such a batch. ``fill_skipped=True`` instead keeps the batch
-    size constant (static shapes for ``torch.compile``, equal work across ranks) by adding fresh random
-    views of the batch's decoded images in place of the failed ones; the count still reports the failures.
+    size constant (static shapes for ``torch.compile``, equal work across ranks) by adding other views of
+    the batch's decoded images in place of the failed ones, each drawn with the failed example's own seed
+    (so reproducible too); the count still reports the failures.
     """
+
+    # The trainer attaches an ExampleKey to the training examples of a collator that reads them.
+    uses_example_keys = True
 
     def __init__(
         self,
@@ -186,33 +276,49 @@ class ImageCollator:
         self._empty_shape: tuple[int, ...] | None = None
 
     def _output_shape(self) -> tuple[int, ...]:
-        # Every transform used here gives a fixed shape whatever the input; measure it once.
+        # Every transform used here gives a fixed shape whatever the input; measure it once, with a fixed
+        # seed so that the probe leaves the process's random state alone.
         if self._empty_shape is None:
-            self._empty_shape = tuple(self.transform(Image.new("RGB", (64, 64), (128, 128, 128))).shape)
+            probe = Image.new("RGB", (64, 64), (128, 128, 128))
+            self._empty_shape = tuple(seeded_view(self.transform, probe, 0).shape)
         return self._empty_shape
 
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         images: list[Image.Image] = []
         labels: list[int] = []
+        seeds: list[int | None] = []  # of the decoded images' views
+        failed_seeds: list[int | None] = []  # of the failed examples, for their fill-in views
+        unreadable: list[int] = []
         for example in examples:
             if self.image_column not in example:
                 raise KeyError(f"Example has no image column {self.image_column!r}; its columns are {sorted(example)}")
+            key = example.get(EXAMPLE_KEY)
+            identity = seed = None
+            if key is not None:
+                identity = example_id(key, example, self.image_column)
+                seed = view_seed(key, identity)
             image = decode_image(example[self.image_column])
             if image is None:
+                failed_seeds.append(seed)
+                if identity is not None:
+                    unreadable.append(identity)
                 continue
             images.append(image)
+            seeds.append(seed)
             if self.label_column is not None:
                 labels.append(_label(example, self.label_column))
         skipped = len(examples) - len(images)
-        sources = list(range(len(images)))
+        views = list(enumerate(seeds))
         if self.fill_skipped and images and skipped:
-            sources += [i % len(images) for i in range(skipped)]
-        if sources:
-            pixel_values = torch.stack([self.transform(images[i]) for i in sources])
+            views += [(i % len(images), seed) for i, seed in enumerate(failed_seeds)]
+        if views:
+            pixel_values = torch.stack([seeded_view(self.transform, images[i], seed) for i, seed in views])
         else:
             pixel_values = torch.empty((0, *self._output_shape()), dtype=torch.float32)
-        batch = {"pixel_values": pixel_values}
+        batch: dict[str, Any] = {"pixel_values": pixel_values}
         if self.label_column is not None:
-            batch["labels"] = torch.tensor([labels[i] for i in sources], dtype=torch.long)
+            batch["labels"] = torch.tensor([labels[i] for i, _ in views], dtype=torch.long)
         batch["skipped_images"] = torch.tensor(skipped, dtype=torch.long)
+        if any(EXAMPLE_KEY in example for example in examples):
+            batch[UNREADABLE_IDS] = unreadable
         return batch

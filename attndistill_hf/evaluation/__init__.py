@@ -13,7 +13,7 @@ sources.
   optional lr sweep as parallel heads), ``probe_feature_kind`` and the semi-supervised
   ``balanced_label_subset``.
 * :mod:`.runs`: ``run_knn_eval`` / ``run_linear_eval``, the complete evaluations the recipes (and the
-  demo) run, with ``EvalArguments``, model loading and model-card records.
+  demo) run, with ``EvalArguments`` / ``EvalDataArguments``, model loading and model-card records.
 
 The public names of all four are importable from here (``from attndistill_hf.evaluation import run_knn_eval``).
 """
@@ -27,7 +27,7 @@ from .features import (
     is_main_process,
     split_batch,
 )
-from .knn import DEFAULT_KNN_KS, KNNEvaluationCallback, default_feature_model, knn_accuracy
+from .knn import DEFAULT_KNN_KS, KNNEvaluationCallback, default_feature_model, knn_accuracy, knn_ks_used
 from .linear import (
     LinearProbeConfig,
     ProbeFeatureKind,
@@ -39,6 +39,7 @@ from .linear import (
 from .runs import (
     PRECISIONS,
     EvalArguments,
+    EvalDataArguments,
     EvalSetup,
     add_results_to_card,
     card_records,
@@ -54,6 +55,7 @@ __all__ = [
     "FEATURE_KINDS",
     "PRECISIONS",
     "EvalArguments",
+    "EvalDataArguments",
     "EvalSetup",
     "FeatureKind",
     "KNNEvaluationCallback",
@@ -70,6 +72,7 @@ __all__ = [
     "format_table",
     "is_main_process",
     "knn_accuracy",
+    "knn_ks_used",
     "load_eval_setup",
     "probe_feature_kind",
     "run_knn_eval",

@@ -34,6 +34,11 @@ _KNN_SIMILARITY_BUDGET = 2**27
 # --------------------------------------------------------------------------------------------------
 
 
+def knn_ks_used(ks: Sequence[int], num_train: int) -> dict[int, int]:
+    """Each requested k and the k a memory bank of ``num_train`` features gives: ``min(k, num_train)``."""
+    return {int(k): min(int(k), num_train) for k in ks}
+
+
 @torch.no_grad()
 def knn_accuracy(
     train_features: torch.Tensor,
@@ -54,8 +59,10 @@ def knn_accuracy(
     whole vote vector, so when fewer than 5 classes got votes, classes without votes fill the remaining
     ranks). Top-1 is the first ranked class, top-5 counts a hit in the first ``min(5, k)``, as DINO does.
     DINO leaves the order of equal votes to an unstable sort; here it is the class index (a stable sort),
-    so results do not depend on the device. A k larger than the train set is clipped
-    (with a warning); results stay keyed by the requested k. Test features are processed in chunks of
+    so results do not depend on the device. Results are keyed by the k actually used, in increasing order: a
+    k larger than the train set votes with every train feature (with a warning) and is reported as
+    ``k = num_train``, so that no result claims more neighbours than there were (requested ks that clip alike
+    give one entry; :func:`knn_ks_used` maps each request to its k). Test features are processed in chunks of
     ``chunk_size`` rows (automatic: about 512 MiB of similarities) so ImageNet-size sets fit in memory;
     computation happens on ``train_features``' device.
     """
@@ -75,13 +82,16 @@ def knn_accuracy(
     num_train = train.shape[0]
     num_classes = num_classes_of(num_classes, train_labels, test_labels)
 
-    effective = {}
-    for k in ks:
-        k = int(k)
-        if k > num_train:
-            warnings.warn(f"k={k} is larger than the {num_train} train features; using k={num_train}.", stacklevel=2)
-        effective[k] = min(k, num_train)
-    max_k = max(effective.values())
+    used = knn_ks_used(ks, num_train)
+    clipped = [str(k) for k, k_used in used.items() if k_used != k]
+    if clipped:
+        verb = "exceeds" if len(clipped) == 1 else "exceed"
+        warnings.warn(
+            f"k={', '.join(clipped)} {verb} the {num_train} train features; k={num_train} is reported instead.",
+            stacklevel=2,
+        )
+    effective = sorted(set(used.values()))
+    max_k = effective[-1]
     if chunk_size is None:
         chunk_size = max(1, _KNN_SIMILARITY_BUDGET // num_train)
     elif chunk_size < 1:
@@ -98,10 +108,10 @@ def knn_accuracy(
         sims, indices = similarity.topk(max_k, dim=1, largest=True, sorted=True)
         neighbour_labels = train_labels[indices]
         weights = (sims / temperature).exp()
-        for k, k_eff in effective.items():
+        for k in effective:
             votes = torch.zeros(queries.shape[0], num_classes, device=device, dtype=weights.dtype)
-            votes.scatter_add_(1, neighbour_labels[:, :k_eff], weights[:, :k_eff])
-            ranked = votes.sort(dim=1, descending=True, stable=True).indices[:, : min(5, k_eff)]
+            votes.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
+            ranked = votes.sort(dim=1, descending=True, stable=True).indices[:, : min(5, k)]
             hits = ranked == targets[:, None]
             top1[k] += int(hits[:, 0].sum())
             top5[k] += int(hits.any(dim=1).sum())
@@ -132,8 +142,9 @@ class KNNEvaluationCallback(TrainerCallback):
     checkpoints and ``trainer_state.json``). The model's train/eval modes are restored afterwards.
 
     ``train_labels`` / ``test_labels`` replace the labels of the loaders (for loaders that yield only
-    pixels). Each process evaluates on the full loaders unless an ``accelerator`` that prepared them is
-    given, in which case features are gathered across processes.
+    pixels). A memory bank smaller than ``k`` votes with all of its features (``knn_accuracy`` warns). Each
+    process evaluates on the full loaders unless an ``accelerator`` that prepared them is given, in which case
+    features are gathered across processes.
     """
 
     def __init__(
@@ -197,7 +208,7 @@ class KNNEvaluationCallback(TrainerCallback):
                 raise ValueError(
                     f"The k-NN {name} loader yields no labels; give {name}_labels= to KNNEvaluationCallback."
                 )
-        result = knn_accuracy(
+        (score,) = knn_accuracy(
             train_features,
             train_labels,
             test_features,
@@ -205,8 +216,8 @@ class KNNEvaluationCallback(TrainerCallback):
             ks=(self.k,),
             temperature=self.temperature,
             num_classes=self.num_classes,
-        )
-        return result[self.k]["top1"]
+        ).values()
+        return score["top1"]
 
     def _log(self, state: TrainerState, control: TrainerControl, model: nn.Module | None) -> None:
         if model is None:

@@ -232,6 +232,7 @@ def _probe_report(
     history: list[tuple[int, list[dict[str, float]]]],
     config: LinearProbeConfig,
     num_train: int,
+    num_test: int,
     dim: int,
     num_classes: int,
 ) -> dict[str, Any]:
@@ -251,6 +252,7 @@ def _probe_report(
         "per_lr": {f"{lr:g}": score for lr, score in zip(lrs, scores, strict=True)},
         "best_epoch": {**epoch_score, "lr": lrs[head], "epoch": epoch},
         "num_train": num_train,
+        "num_test": num_test,
         "feature_dim": dim,
         "num_classes": num_classes,
         "label_fraction": config.label_fraction,
@@ -274,7 +276,7 @@ def train_linear_probe(
 ) -> dict[str, Any]:
     """Linear probe on pre-extracted features (the fast path: no augmentation).
 
-    Returns ``{"top1", "top5", "lr", "per_lr": {lr: {"top1", "top5"}}, "num_train", ...}`` with the best
+    Returns ``{"top1", "top5", "lr", "per_lr": {lr: {"top1", "top5"}}, "num_train", "num_test", ...}`` with the best
     head's test accuracy (percent). ``config.label_fraction`` trains on a balanced label subset.
     """
     config = config or LinearProbeConfig()
@@ -308,7 +310,7 @@ def train_linear_probe(
         device,
         lambda heads: _score_heads(heads, test_features, test_labels),
     )
-    return _probe_report(history, config, num_train, train_features.shape[1], num_classes)
+    return _probe_report(history, config, num_train, test_features.shape[0], train_features.shape[1], num_classes)
 
 
 def _subset_loader(loader: DataLoader, indices: torch.Tensor, seed: int) -> DataLoader:
@@ -387,4 +389,4 @@ def train_linear_probe_on_images(
             lambda heads: _score_heads(heads, test_features, test_labels),
         )
         num_train = loader_length(train_loader) or -1
-        return _probe_report(history, config, num_train, dim, num_classes)
+        return _probe_report(history, config, num_train, test_features.shape[0], dim, num_classes)

@@ -3,7 +3,8 @@
 The only part of the evaluation that knows about ``DataArguments``, teacher loading and model cards: the
 protocols themselves work on models and loaders.
 
-- ``EvalArguments`` / ``load_eval_setup``: the model to evaluate, loaded frozen with its normalisation.
+- ``EvalArguments`` / ``EvalDataArguments`` / ``load_eval_setup``: the model to evaluate, loaded frozen with
+  its normalisation, and the data at the model's own image size unless one is given.
 - ``run_knn_eval`` / ``run_linear_eval``: features, protocol, a printed table and a results JSON.
 - ``card_records`` / ``add_results_to_card``: the results as model-card records.
 """
@@ -16,7 +17,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -24,10 +25,11 @@ from torch.utils.data import DataLoader
 
 from ..data.sources import DataArguments, count_examples
 from ..data.transforms import image_stats
+from ..families import UnsupportedModelError, configured_image_size, family_of
 from ..hub import EvalRecord, add_eval_records, records_from_results
 from ..models import load_image_processor, load_teacher
 from .features import FeatureKind, check_kind, is_main_process, train_test_features
-from .knn import DEFAULT_KNN_KS, knn_accuracy
+from .knn import DEFAULT_KNN_KS, knn_accuracy, knn_ks_used
 from .linear import (
     LinearProbeConfig,
     ProbeFeatureKind,
@@ -74,8 +76,15 @@ class EvalArguments:
             "model, feature kind and dataset size."
         },
     )
-    attn_implementation: str = field(
-        default="sdpa", metadata={"help": "Attention backend to load the model with ('sdpa', 'eager', ...)."}
+    # transformers' default backend is sdpa for every supported family; a class without sdpa (a CNN, say)
+    # then loads, and load_eval_setup refuses it as no ViT-family encoder instead of the load failing with
+    # advice about attn_implementation.
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention backend to load the model with ('sdpa', 'eager', ...); unset: transformers' "
+            "default (sdpa where the model has it)."
+        },
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the Hub repository (only for repositories you trust)."}
@@ -120,6 +129,20 @@ class EvalArguments:
         return PRECISIONS[self.precision]
 
 
+@dataclass
+class EvalDataArguments(DataArguments):
+    """``DataArguments`` of the evaluation recipes, whose ``--image_size`` defaults to the evaluated model's."""
+
+    image_size: int | None = field(  # type: ignore[assignment]
+        default=None,
+        metadata={
+            "help": "Side of the square crop fed to the model, in pixels. Unset: the image size the model is "
+            "configured for, so that its position embeddings are used as trained (a size given here that "
+            "differs is interpolated, with a warning)."
+        },
+    )
+
+
 def class_count(dataset: Any, label_column: str) -> int | None:
     """Number of classes a ``ClassLabel`` label column declares (None for a plain integer column).
 
@@ -137,24 +160,39 @@ class EvalSetup:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     metadata: dict[str, Any]
+    data_args: DataArguments  # as given, with an unset image size resolved to the model's
 
 
 def load_eval_setup(eval_args: EvalArguments, data_args: DataArguments) -> EvalSetup:
     """Load ``eval_args.model_name_or_path`` frozen in eval mode, with the normalisation it was trained with.
 
     Loading goes through ``models.load_teacher`` (``AutoModel.from_pretrained``, MAE masking switched
-    off), so any teacher or student checkpoint is evaluated the same way. ``metadata`` (model, data
-    source, normalisation) heads every results JSON.
+    off), so any teacher or student checkpoint is evaluated the same way. A model outside the supported
+    ViT families is refused here, before any data loads. An unset ``data_args.image_size``
+    (:class:`EvalDataArguments`) becomes the model's configured size; the setup's ``data_args`` carry it.
+    ``metadata`` (model, data source with the image size used, normalisation) heads every results JSON.
     """
     name = eval_args.model_name_or_path
     trust = eval_args.trust_remote_code
     model = load_teacher(name, attn_implementation=eval_args.attn_implementation, trust_remote_code=trust, role="model")
-    configured = getattr(model.config, "image_size", None)
-    if isinstance(configured, int) and configured != data_args.image_size:
+    try:
+        family_of(model)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(f"Unsupported model: {error}") from None
+    height, width = configured_image_size(model)
+    if data_args.image_size is None:
+        if height != width:
+            raise ValueError(
+                f"The model is configured for {height}x{width} px images; give the square crop side to evaluate "
+                "at with --image_size."
+            )
+        data_args = replace(data_args, image_size=height)
+    elif (height, width) != (data_args.image_size, data_args.image_size):
         logger.warning(
-            "The model was configured for %d px images and is evaluated at --image_size %d "
+            "The model was configured for %dx%d px images and is evaluated at --image_size %d "
             "(position embeddings are interpolated).",
-            configured,
+            height,
+            width,
             data_args.image_size,
         )
     mean, std = image_stats(load_image_processor(name, trust_remote_code=trust))
@@ -164,7 +202,7 @@ def load_eval_setup(eval_args: EvalArguments, data_args: DataArguments) -> EvalS
         "image_mean": list(mean),
         "image_std": list(std),
     }
-    return EvalSetup(model, mean, std, metadata)
+    return EvalSetup(model, mean, std, metadata, data_args)
 
 
 def card_records(
@@ -174,19 +212,33 @@ def card_records(
 
     A k-NN memory bank drawn as a subset (``bank_limit`` or ``--max_train_samples``) that is smaller than
     the whole train split is named with its size, so that a subset's number never passes for DINO's
-    protocol, whose bank is every train image. The whole split's size comes from the files or
-    ``--num_train_examples``; when it is unknown, a subset bank is named with its own size.
+    protocol, whose bank is every train image; so are the evaluation images when ``--max_eval_samples``
+    kept fewer than the whole evaluation split ("evaluated on 500 of 50000 validation images"). The whole
+    split's size comes from the files or ``--num_train_examples``; when it is unknown, a subset is named
+    with its own size.
     """
     records = records_from_results(results, data_args.source_name, data_args.eval_split_name)
-    limits = [n for n in (bank_limit, data_args.max_train_samples) if n is not None]
-    if "knn" not in results or not limits:
+    notes: list[str] = []
+    if "knn" in results and (bank_limit is not None or data_args.max_train_samples is not None):
+        bank = _part_of_split(results["num_train"], data_args, "train")
+        if bank is not None:
+            notes.append(f"memory bank: {bank} train images")
+    if data_args.max_eval_samples is not None:
+        queries = _part_of_split(results["num_test"], data_args, "eval")
+        if queries is not None:
+            notes.append(f"evaluated on {queries} {data_args.eval_split_name} images")
+    if not notes:
         return records
-    bank = results["num_train"]
-    whole = count_examples(replace(data_args, max_train_samples=None), "train")
-    if whole is not None and bank >= whole:
-        return records
-    note = f"memory bank: {bank} of {whole} train images" if whole else f"memory bank: {bank} train images"
-    return [replace(record, metric_name=f"{record.metric_name}, {note}") for record in records]
+    return [replace(record, metric_name=", ".join([record.metric_name, *notes])) for record in records]
+
+
+def _part_of_split(used: int, data_args: DataArguments, split: Literal["train", "eval"]) -> str | None:
+    """``"N of M"`` when ``used`` examples are fewer than the ``M`` of the whole split, ``"N"`` when ``M`` is
+    unknown, None when they are the whole split."""
+    whole = count_examples(replace(data_args, max_train_samples=None, max_eval_samples=None), split)
+    if whole is not None and used >= whole:
+        return None
+    return f"{used} of {whole}" if whole else str(used)
 
 
 def add_results_to_card(eval_args: EvalArguments, data_args: DataArguments, results: Mapping[str, Any]) -> None:
@@ -238,20 +290,25 @@ def run_knn_eval(
 
     Both loaders should use the eval preprocessing (resize + center crop). The model is put in eval
     mode for the duration and restored afterwards. Returns ``{"knn": {k: {"top1", "top5"}}, ...}`` with
-    string keys for k, as written to ``output_json``.
+    string keys for k, as written to ``output_json``: each k is one the memory bank could give, so a
+    requested k larger than the bank appears as ``k = num_train``; ``ks_requested`` lists the request and
+    ``clipped_ks`` maps each requested k that was larger than the bank to the k it was reported as.
     """
     train, test = train_test_features(
         model, train_loader, test_loader, kind, cache_dir, accelerator=accelerator, dtype=dtype, progress=progress
     )
     scores = knn_accuracy(*train, *test, ks=ks, temperature=temperature, num_classes=num_classes, progress=progress)
+    num_train = int(train[0].shape[0])
     results: dict[str, Any] = {
         **(extra or {}),
         "protocol": "knn",
         "kind": kind,
         "temperature": temperature,
-        "num_train": int(train[0].shape[0]),
+        "num_train": num_train,
         "num_test": int(test[0].shape[0]),
         "feature_dim": int(train[0].shape[1]),
+        "ks_requested": [int(k) for k in ks],
+        "clipped_ks": {str(k): used for k, used in knn_ks_used(ks, num_train).items() if used != k},
         "knn": {str(k): score for k, score in scores.items()},
     }
     if print_table and is_main_process(accelerator):

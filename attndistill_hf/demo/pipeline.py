@@ -41,13 +41,13 @@ import yaml
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, ViTModel, set_seed
 
-from .data import DataArguments, ImageCollator, decode_image, eval_view_loader, load_split, train_transform
-from .evaluation import run_knn_eval
+from ..data import DataArguments, ImageCollator, decode_image, eval_view_loader, load_split, train_transform
+from ..evaluation import run_knn_eval
+from ..hardware import hardware_description
+from ..hub import build_teacher_card, records_from_results
+from ..models import LAYER_NORM_EPS, build_image_processor, build_student, sincos_2d_position_embeddings
+from ..trainer import exportable_student
 from .fashion_mnist import CLASS_NAMES, HUB_DATASET_ID, INFO_FILENAME
-from .hardware import hardware_description
-from .hub import build_teacher_card, records_from_results
-from .models import LAYER_NORM_EPS, build_image_processor, build_student, sincos_2d_position_embeddings
-from .trainer import exportable_student
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,179 @@
+"""Input mistakes refused when parsed, naming the flag: numeric ranges, student names, broken config files,
+a launch that started one process where several were asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from attndistill_hf.cli import check_single_process_launch, read_config_file, run_recipe
+from attndistill_hf.trainer import AttnDistillConfig, StudentSpec, check_student_name, student_specs
+from attndistill_hf.validation import POSITIVE_INT, Bound, check_value
+
+from helpers import distill_command, tiny_student
+
+
+def refusal(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str]:
+    """``python recipes/distill.py ARGV`` in this process: its exit status and its error line."""
+    try:
+        run_recipe(lambda: distill_command(argv))
+    except SystemExit as stopped:
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        return stopped.code, lines[-1] if lines else ""
+    return 0, ""
+
+
+def base_argv(tmp_path: Path) -> list[str]:
+    # The teacher does not exist: a refusal must come before anything loads or is written.
+    return ["--teacher_name_or_path", str(tmp_path / "teacher"), "--output_dir", str(tmp_path / "out")]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--attn_loss_weight", "nan"], "--attn_loss_weight must be a finite number >= 0, got nan."),
+        (["--proj_loss_weight", "inf"], "--proj_loss_weight must be a finite number >= 0, got inf."),
+        (["--attn_loss_weight", "-1"], "--attn_loss_weight must be a finite number >= 0, got -1.0."),
+        (["--fusion_temperature", "0"], "--fusion_temperature must be a finite number > 0, got 0.0."),
+        (["--learning_rate", "0"], "--learning_rate must be a finite number > 0 (or null), got 0.0."),
+        (["--base_learning_rate", "nan"], "--base_learning_rate must be a finite number > 0, got nan."),
+        (["--max_steps", "0"], "--max_steps must be a positive integer, or -1 for num_train_epochs, got 0."),
+        (["--num_train_epochs", "0"], "--num_train_epochs must be a finite number > 0, got 0.0."),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer, got 0."),
+        (["--per_device_train_batch_size", "-4"], "--per_device_train_batch_size must be a positive integer, got -4."),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be a positive integer, got 0."),
+        (["--warmup_epochs", "-1"], "--warmup_epochs must be a finite number >= 0, got -1.0."),
+        (["--weight_decay", "nan"], "--weight_decay must be a finite number >= 0, got nan."),
+        (["--adam_beta2", "1"], "--adam_beta2 must be a finite number >= 0 and < 1, got 1.0."),
+        (["--projector_depth", "0"], "--projector_depth must be a positive integer, got 0."),
+        (["--projector_hidden_dims", "64", "0"], "--projector_hidden_dims must be a positive integer"),
+        (["--effective_batch_size", "0"], "--effective_batch_size must be a positive integer (or null), got 0."),
+        (["--max_grad_norm", "-1"], "--max_grad_norm must be a finite number >= 0, got -1.0."),
+        (["--knn_k", "0"], "--knn_k must be a positive integer, got 0."),
+        (["--knn_eval_steps", "0"], "--knn_eval_steps must be a positive integer (or null), got 0."),
+        (["--attention_figure_images", "-1"], "--attention_figure_images must be a non-negative integer, got -1."),
+        (["--patch_size", "0"], "--patch_size must be a positive integer (or null), got 0."),
+        (["--seed", "-1"], "--seed must be an integer >= 0 and < 4.29497e+09, got -1."),
+        (
+            ["--students", '{"name": "a", "attn_loss_weight": NaN}'],
+            "--students entry 'a': attn_loss_weight must be a finite number >= 0, got nan.",
+        ),
+        (
+            ["--students", '{"name": "a", "fusion_temperature": -2}'],
+            "--students entry 'a': fusion_temperature must be a finite number > 0, got -2.",
+        ),
+        (
+            ["--students", '{"name": "a", "projector_depth": 1.5}'],
+            "--students entry 'a': projector_depth must be a positive integer, got 1.5.",
+        ),
+        (
+            ["--students", '{"name": "a", "patch_size": 0}'],
+            "--students entry 'a': patch_size must be a positive integer, got 0.",
+        ),
+    ],
+)
+def test_a_setting_out_of_range_is_refused_when_parsed_naming_its_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    status, error = refusal([*base_argv(tmp_path), *flags], capsys)
+    assert status == 2
+    assert error.startswith(f"error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["checkpoint-2", "checkpoint-9", "Checkpoint-3", "checkpoint", "runs"])
+def test_a_student_named_like_what_a_run_writes_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    status, error = refusal([*base_argv(tmp_path), "--students", f'{{"name": "{name}"}}', '{"name": "b"}'], capsys)
+    assert status == 2
+    assert error == (
+        f"error: --students: Student name {name!r} is taken by what a run writes in its output folder "
+        "(checkpoint-N checkpoints, runs/ logs): choose another name."
+    )
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="is taken by what a run writes"):
+        student_specs({name: tiny_student(), "b": tiny_student()})
+
+
+def test_ordinary_student_names_are_accepted() -> None:
+    for name in ("a", "proj-only", "checkpointed_b", "run", "s1"):
+        check_student_name(name)
+    with pytest.raises(ValueError, match="must be letters, digits"):
+        check_student_name("../a")
+
+
+def test_a_student_spec_refuses_settings_out_of_range() -> None:
+    with pytest.raises(ValueError, match=r"^StudentSpec\.attn_loss_weight must be a finite number >= 0, got nan\.$"):
+        StudentSpec(tiny_student(), attn_loss_weight=float("nan"))
+    with pytest.raises(ValueError, match=r"^StudentSpec\.projector_hidden_dims must be a positive integer"):
+        StudentSpec(tiny_student(), projector_hidden_dims=[8, -1])
+    with pytest.raises(ValueError, match="Unknown projector loss 'l1'"):
+        StudentSpec(tiny_student(), projector_loss="l1")
+    assert StudentSpec(tiny_student(), attn_loss_weight=0.0).attn_loss_weight == 0.0
+
+
+def test_the_library_config_refuses_what_the_recipe_refuses(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^--attn_loss_weight must be a finite number >= 0, got nan\.$"):
+        AttnDistillConfig(output_dir=str(tmp_path), attn_loss_weight=float("nan"))
+    with pytest.raises(ValueError, match=r"^--max_steps must be a positive integer, or -1 for num_train_epochs"):
+        AttnDistillConfig(output_dir=str(tmp_path), max_steps=0)
+    # num_train_epochs is not used when max_steps is given.
+    assert AttnDistillConfig(output_dir=str(tmp_path), max_steps=3, num_train_epochs=0).max_steps == 3
+
+
+def test_bounds_describe_what_they_accept() -> None:
+    check_value("--n", 3, POSITIVE_INT)
+    for bad in (0, -1, 1.0, True, "3", None, float("nan")):
+        with pytest.raises(ValueError, match=r"^--n must be a positive integer, got"):
+            check_value("--n", bad, POSITIVE_INT)
+    unit = Bound(above=0, maximum=1)
+    assert unit.accepts(1.0) and unit.accepts(1e-9) and not unit.accepts(0.0) and not unit.accepts(float("inf"))
+    with pytest.raises(ValueError, match=r"^--dims must not be empty\.$"):
+        check_value("--dims", [], POSITIVE_INT)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        (
+            "run.yaml",
+            "max_steps: 3\nteacher_name_or_path: [unclosed\n",
+            "line 2: not valid YAML (while parsing a flow sequence: expected ',' or ']', but got '<stream end>').",
+        ),
+        (
+            "run.yaml",
+            "max_steps: 3\n  image_size: 32\n",
+            "line 2: not valid YAML (mapping values are not allowed here).",
+        ),
+        ("run.json", '{"max_steps": 3,\n "image_size": }\n', "line 2: not valid JSON (Expecting value)."),
+    ],
+)
+def test_a_broken_config_file_is_one_line_naming_the_file_and_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, message: str
+) -> None:
+    config = tmp_path / name
+    config.write_text(text)
+    with pytest.raises(ValueError, match="not valid"):
+        read_config_file(config)
+    status, error = refusal([str(config), "--output_dir", str(tmp_path / "out")], capsys)
+    assert (status, error) == (2, f"error: Config file {config}, {message}")
+
+
+def test_a_cpu_launch_that_started_one_of_several_processes_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.argv", ["recipes/distill.py", "--max_steps", "2"])
+    launcher = ["python", "accelerate", "launch", "--num_processes", "2", "--cpu", "recipes/distill.py"]
+    # What `accelerate launch --num_processes 2 --cpu` gives its one process: CPU, and a rendezvous address.
+    one_of_two = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    with pytest.raises(ValueError) as refused:
+        check_single_process_launch(one_of_two, launcher)
+    assert str(refused.value) == (
+        "accelerate launch --cpu started 1 process, not the 2 asked for (Accelerate starts several CPU processes "
+        "only through mpirun); run: torchrun --nproc_per_node 2 recipes/distill.py --max_steps 2 --use_cpu true"
+    )
+    # One process asked for (no rendezvous address), a torchrun rank, an MPI rank, no Accelerate at all: fine.
+    check_single_process_launch({"ACCELERATE_USE_CPU": "True"}, launcher)
+    check_single_process_launch({**one_of_two, "WORLD_SIZE": "2"}, launcher)
+    check_single_process_launch({**one_of_two, "OMPI_COMM_WORLD_SIZE": "2"}, launcher)
+    check_single_process_launch({"MASTER_ADDR": "10.0.0.1"}, [])
