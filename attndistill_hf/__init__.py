@@ -9,11 +9,13 @@ or, piece by piece:
 """
 
 from .attention import eager_last_cls_attention, last_cls_attention
+from .config import AttnDistillConfig
 from .families import UnsupportedModelError, family_of
 from .losses import AttnDistillLoss
 from .models import STUDENT_PRESETS, build_student, load_teacher
 from .pipeline import DistillResult, StudentResult, distill
-from .trainer import AttnDistillConfig, AttnDistillTrainer, check_pair
+from .students import check_pair
+from .trainer import AttnDistillTrainer
 
 __version__ = "0.1.0"
 

@@ -12,15 +12,12 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .config import LOSS_SETTING_BOUNDS
 from .losses import check_projector_loss
 from .models import (
     STUDENT_PRESETS,
 )
-from .trainer import (
-    LOSS_SETTING_BOUNDS,
-    StudentSpec,
-    check_student_name,
-)
+from .students import StudentSpec, check_student_name
 from .validation import NON_NEGATIVE_INT, OPTIONAL_POSITIVE_INT, POSITIVE_INT, check_fields
 
 # What one entry of --students may set: its architecture and its loss settings (trainer.StudentSpec).

@@ -18,11 +18,14 @@ import json
 import os
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers import PretrainedConfig, PreTrainedModel, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -163,3 +166,81 @@ def unsafe_weights_error(name_or_path: str, role: str = "teacher") -> UnsafePick
         "anything in it ran. If it comes from a source you trust, load the model once in a trusted, isolated "
         "environment and save it with save_pretrained, which writes model.safetensors; then give that folder."
     )
+
+
+# The students' architectures, kept in each checkpoint for a resume to compare with its own students.
+STUDENT_CONFIGS_FILE = "student_configs.json"
+# Config entries that do not change what a checkpoint's weights mean.
+_NOT_ARCHITECTURE = {
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "_name_or_path",
+    "output_attentions",
+}
+
+
+def architecture(config: PretrainedConfig) -> dict[str, Any]:
+    """A student config's entries that decide its architecture (JSON types, as written to a checkpoint)."""
+    return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}))
+
+
+def describe_architecture(config: Mapping[str, Any], keys: list[str]) -> str:
+    settings = ", ".join(f"{key}={config.get(key)!r}" for key in keys)
+    return f"{config.get('model_type', 'a model')} with {settings}"
+
+
+def _architectures(students: Mapping[str | None, PreTrainedModel]) -> dict[str, dict[str, Any]]:
+    # The single student (None) is "" in the file: JSON keys are strings.
+    return {name or "": architecture(student.config) for name, student in students.items()}
+
+
+def write_student_configs(checkpoint: str | os.PathLike[str], students: Mapping[str | None, PreTrainedModel]) -> None:
+    """Keep the students' architectures in ``checkpoint``, for a resume to compare with its own students."""
+    text = json.dumps(_architectures(students), indent=2, sort_keys=True)
+    (Path(checkpoint) / STUDENT_CONFIGS_FILE).write_text(text)
+
+
+def check_same_students(checkpoint: str | os.PathLike[str], students: Mapping[str | None, PreTrainedModel]) -> None:
+    """Refuse to continue a checkpoint's students with students of another architecture: weights of the same
+    shapes (another head count, say) would load without a word. Checkpoints without the file pass."""
+    path = Path(checkpoint) / STUDENT_CONFIGS_FILE
+    if not path.is_file():
+        return
+    saved, current = json.loads(path.read_text()), _architectures(students)
+    if set(saved) != set(current):
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it trained the students {sorted(saved)}, this run has "
+            f"{sorted(current)}; resume with the same students or start a new run."
+        )
+    for name, config in current.items():
+        if saved[name] != config:
+            differ = sorted(
+                key for key in saved[name].keys() | config.keys() if saved[name].get(key) != config.get(key)
+            )
+            who = f"student {name!r}" if name else "the student"
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: {who} there is {describe_architecture(saved[name], differ)}, "
+                f"this run builds {describe_architecture(config, differ)}; resume with the same student "
+                "(--student_preset / --student_name_or_path / --patch_size) or start a new run."
+            )
+
+
+def finished_state(checkpoint: str | os.PathLike[str], args: TrainingArguments) -> TrainerState | None:
+    """The trainer state of ``checkpoint`` when it is the end of the run that ``args`` describe, else None.
+
+    The run's length is ``max_steps`` when given; else the checkpoint's own plan, when it was made for
+    the same number of epochs (a longer run continues it).
+    """
+    path = Path(checkpoint) / TRAINER_STATE_NAME
+    if not path.is_file():
+        return None
+    state = TrainerState.load_from_json(str(path))
+    if args.max_steps > 0:
+        planned = args.max_steps
+    elif state.num_train_epochs == args.num_train_epochs:
+        planned = state.max_steps
+    else:
+        return None
+    return state if planned and state.global_step >= planned else None

@@ -76,7 +76,7 @@ _SUMMARY_LABELS: dict[str, str] = {
     "effective_batch": "Effective batch size",
     "effective_batch_size": "Effective batch size",
     "skipped_images": "Images skipped (unreadable)",
-    "nan_skipped_steps": "Steps skipped (non-finite student output)",
+    "nonfinite_steps": "Steps skipped (non-finite student output)",
     "hardware": "Hardware",
     "wall_time": "Wall time",
     "wall_time_s": "Wall time",

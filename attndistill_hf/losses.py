@@ -203,8 +203,14 @@ def _cls_token(output: ModelOutput | torch.Tensor) -> torch.Tensor:
     return cls_features(output.last_hidden_state)
 
 
+# The names of AttnDistillLossOutput's fields, as logged (``<name>/...`` for each of several students).
+LOSS_TERMS: tuple[str, ...] = ("loss", "loss_proj", "loss_attn")
+
+
 @dataclass
 class AttnDistillLossOutput:
+    """The weighted total and its two terms (each unweighted; detached: logged, never backpropagated)."""
+
     loss: torch.Tensor
     loss_proj: torch.Tensor
     loss_attn: torch.Tensor

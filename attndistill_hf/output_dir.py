@@ -15,11 +15,9 @@ from transformers import TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .trainer import (
-    AttnDistillConfig,
-    AttnDistillTrainer,
-    finished_state,
-)
+from .checkpoints import finished_state
+from .config import AttnDistillConfig
+from .trainer import AttnDistillTrainer
 
 logger = logging.getLogger(__name__)
 

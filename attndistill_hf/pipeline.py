@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel, set_seed
 
 from .arguments import STUDENT_LOSS_FIELDS, STUDENT_MODEL_FIELDS, DistillModelArguments, DistillRunArguments
 from .cli import USER_ERRORS, fields_text, parse_config_and_fields
+from .config import AttnDistillConfig
 from .data import (
     DataArguments,
     EqualStepsIterable,
@@ -48,13 +49,8 @@ from .models import (
 )
 from .output_dir import empty_folder, exported_final_step, prepare_output_dir, resume_checkpoint
 from .publish import publish_student, push_students
-from .trainer import (
-    AttnDistillConfig,
-    AttnDistillTrainer,
-    StudentSpec,
-    check_pair,
-    student_specs,
-)
+from .students import StudentSpec, check_pair, student_specs
+from .trainer import AttnDistillTrainer
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 
 from .arguments import DistillModelArguments, DistillRunArguments
 from .attention import last_cls_attention, unwrap_model
+from .config import AttnDistillConfig
 from .data import (
     DataArguments,
 )
@@ -30,10 +31,7 @@ from .hub import (
 from .models import (
     patch_grid,
 )
-from .trainer import (
-    AttnDistillConfig,
-    AttnDistillTrainer,
-)
+from .trainer import AttnDistillTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +124,8 @@ def publish_student(
                 "epochs": round(trainer.state.epoch or 0.0, 3),
                 "effective_batch_size": args.total_train_batch_size,
                 "peak_learning_rate": args.learning_rate,
-                "skipped_images": trainer.skipped_images,
-                "nan_skipped_steps": trainer.nonfinite_steps_by_student[name],
+                "skipped_images": trainer.skips.skipped_images,
+                "nonfinite_steps": trainer.skips.nonfinite_by_student[name],
                 **({"students_in_this_run": len(trainer.students)} if name else {}),
                 "hardware": hardware_description(args.device, args.world_size),
                 "wall_time_s": round(time.time() - started, 1),

@@ -45,13 +45,12 @@ from attndistill_hf.attention import (
     eager_last_cls_attention,
     install_attention_capture,
     last_cls_attention,
-    run_model,
 )
-from attndistill_hf.families import cls_feature
 from attndistill_hf.hardware import hardware_description as device_name  # run_gpu.sh imports it by this name
 from attndistill_hf.losses import AttnDistillLoss
-from attndistill_hf.models import DINOV3_REGISTERS, LAYER_NORM_EPS, STUDENT_PRESETS, build_student, patch_grid
-from attndistill_hf.trainer import DistillationModule
+from attndistill_hf.models import DINOV3_REGISTERS, LAYER_NORM_EPS, STUDENT_PRESETS, build_student
+from attndistill_hf.students import DistillationModule
+from attndistill_hf.teacher import teacher_targets
 
 MODES = ("naive", "default", "floor", "default+compile")
 # The relative difference allowed between the naive and the default loss (and gradients) in float32.
@@ -163,21 +162,16 @@ class StepSetup:
     teacher: nn.Module
     module: nn.Module
     with_attention: bool
-    teacher_grid: tuple[int, int]
 
     def loss(self, pixel_values: torch.Tensor, *, validate: bool = False) -> torch.Tensor:
-        """Teacher forward under ``no_grad``, then the trainable module's loss (student forward + loss)."""
-        with torch.no_grad():
-            if self.mode == "naive":
-                teacher_out, teacher_attn = eager_last_cls_attention(self.teacher, pixel_values)
-            elif self.with_attention:
-                teacher_out, teacher_attn = last_cls_attention(self.teacher, pixel_values)
-            else:
-                teacher_out, teacher_attn = run_model(self.teacher, pixel_values), None
-        loss, _, _ = self.module(
-            pixel_values, cls_feature(self.teacher, teacher_out), teacher_attn, self.teacher_grid, validate
+        """The trainer's teacher step (under ``no_grad``), then the trainable module's loss (student + loss)."""
+        targets = teacher_targets(
+            self.teacher,
+            pixel_values,
+            with_attention=self.mode == "naive" or self.with_attention,
+            capture=eager_last_cls_attention if self.mode == "naive" else last_cls_attention,
         )
-        return loss
+        return self.module(pixel_values, targets.cls, targets.attention, targets.grid, validate).loss
 
 
 def make_setup(
@@ -223,7 +217,6 @@ def make_setup(
         teacher=teacher_module,
         module=module,
         with_attention=with_attention,
-        teacher_grid=patch_grid(teacher, image_size),
     )
 
 

@@ -33,9 +33,11 @@ import torch
 from transformers import ViTConfig, ViTModel
 
 from attndistill_hf.attention import last_cls_attention
+from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.hardware import hardware_description
 from attndistill_hf.models import build_student
-from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer, StudentSpec
+from attndistill_hf.students import StudentSpec
+from attndistill_hf.trainer import AttnDistillTrainer
 
 # The ablation's loss settings, in the order students are added.
 LOSS_SETTINGS: dict[str, dict[str, float]] = {

@@ -26,6 +26,7 @@ import torch
 from transformers.trainer_pt_utils import safe_globals
 
 from attndistill_hf.checkpoints import UnsafePickleError, check_checkpoint, unsafe_globals
+from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.convert import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -34,7 +35,7 @@ from attndistill_hf.convert import (
 )
 from attndistill_hf.models import load_teacher
 from attndistill_hf.reference_vit import ReferenceViT
-from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+from attndistill_hf.trainer import AttnDistillTrainer
 
 from helpers import PixelDataset, tiny_student, tiny_teacher, write_image_folder
 

@@ -399,7 +399,8 @@ def test_converted_teacher_gives_reference_attention_through_library_capture(tmp
 
 @pytest.mark.parametrize("format", ["mugs", "mae"])
 def test_converted_teacher_drives_a_short_distillation(tmp_path: Path, format: str) -> None:
-    from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+    from attndistill_hf.config import AttnDistillConfig
+    from attndistill_hf.trainer import AttnDistillTrainer
 
     checkpoint = tmp_path / "teacher.pth"
     make_reference_checkpoint(checkpoint, format, wrap="teacher", prefix="module.backbone.", seed=5, **SMALL)

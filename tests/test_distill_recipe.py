@@ -23,13 +23,14 @@ from transformers import AutoModel, ResNetConfig, ResNetModel
 from attndistill_hf import pipeline, publish
 from attndistill_hf.arguments import DistillRunArguments
 from attndistill_hf.cli import run_recipe
+from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, DataArguments
 from attndistill_hf.evaluation import KNNEvaluationCallback, card_records
 from attndistill_hf.families import UnsupportedModelError
 from attndistill_hf.hub import HubPushError
 from attndistill_hf.pipeline import build_knn_loaders, knn_streamed
 from attndistill_hf.publish import push_students
-from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+from attndistill_hf.trainer import AttnDistillTrainer
 
 from helpers import distill_command, tiny_teacher, write_image_folder
 

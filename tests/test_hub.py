@@ -75,7 +75,7 @@ def card_kwargs(records: list[EvalRecord], figures: dict[str, str], **overrides:
             "epochs": 3.5,
             "effective_batch": 4096,
             "skipped_images": 2,
-            "nan_skipped_steps": 1,
+            "nonfinite_steps": 1,
             "hardware": "1x accelerator",
             "wall_time_s": 3725.4,
         },

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from attndistill_hf.cli import check_single_process_launch, read_config_file, run_recipe
-from attndistill_hf.trainer import AttnDistillConfig, StudentSpec, check_student_name, student_specs
+from attndistill_hf.config import AttnDistillConfig
+from attndistill_hf.students import StudentSpec, check_student_name, student_specs
 from attndistill_hf.validation import POSITIVE_INT, Bound, check_value
 
 from helpers import distill_command, tiny_student

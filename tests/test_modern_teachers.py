@@ -21,8 +21,9 @@ from transformers import (
 )
 
 from attndistill_hf.attention import eager_last_cls_attention, last_cls_attention
+from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.models import build_student
-from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+from attndistill_hf.trainer import AttnDistillTrainer
 
 from helpers import REPO, TINY_ENCODER, PixelDataset, distill_command, write_image_folder
 
@@ -106,13 +107,13 @@ def test_naive_eager_loss_equals_default_loss_for_a_dinov3_pair(tmp_path: Path) 
         capture = last_cls_attention if trainer is fast else eager_last_cls_attention
         with torch.no_grad():
             teacher_out, teacher_attn = capture(trainer.teacher, pixels)
-            loss, loss_proj, loss_attn = trainer.model(
+            terms = trainer.model(
                 pixel_values=pixels,
                 teacher_cls=teacher_out.last_hidden_state[:, 0],
                 teacher_attn=teacher_attn,
                 teacher_grid=(4, 4),
             )
-        losses.append((loss.item(), loss_proj.item(), loss_attn.item()))
+        losses.append((terms.loss.item(), terms.loss_proj.item(), terms.loss_attn.item()))
     assert losses[0][2] > 0.05  # the attention term is not negligible
     for fast_term, naive_term in zip(*losses, strict=True):
         assert fast_term == pytest.approx(naive_term, rel=1e-5)

@@ -12,7 +12,14 @@ import inspect
 import pytest
 from transformers import Trainer, trainer_utils
 
-from attndistill_hf.trainer import PRIVATE_TRAINER_API, AttnDistillTrainer
+from attndistill_hf.trainer import AttnDistillTrainer
+
+# The private methods of transformers.Trainer that AttnDistillTrainer overrides, with the parameters it relies on.
+PRIVATE_TRAINER_API: dict[str, tuple[str, ...]] = {
+    "_get_output_dir": ("self", "trial"),
+    "_save_checkpoint": ("self", "model", "trial"),
+    "_save": ("self", "output_dir", "state_dict"),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PRIVATE_TRAINER_API))

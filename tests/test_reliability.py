@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
 from attndistill_hf.cli import recipe_text
-from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+from attndistill_hf.config import AttnDistillConfig
+from attndistill_hf.trainer import AttnDistillTrainer
 
 from helpers import PixelDataset, run_two_processes, tiny_student, tiny_teacher, write_image_folder
 
@@ -166,7 +167,8 @@ NONFINITE_WORKER = """
 import sys
 import torch
 from transformers import TrainerCallback
-from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+from attndistill_hf.config import AttnDistillConfig
+from attndistill_hf.trainer import AttnDistillTrainer
 from helpers import PixelDataset, tiny_student, tiny_teacher
 
 class Poisoned(PixelDataset):
@@ -201,7 +203,7 @@ record = Record()
 trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=Poisoned(args.process_index),
                              data_collator=collate, callbacks=[record])
 trainer.train()
-result = {"after": record.after, "nonfinite": trainer.nonfinite_steps, "unreadable": trainer.skipped_images}
+result = {"after": record.after, "nonfinite": trainer.skips.nonfinite_steps, "unreadable": trainer.skips.skipped_images}
 torch.save(result, f"{sys.argv[1]}/rank{args.process_index}.pt")
 """
 
@@ -229,7 +231,8 @@ LOSS_SETTINGS = {"both": (1.0, 0.1), "projector": (1.0, 0.0), "attention": (0.0,
 LOSS_SETTINGS_WORKER = """
 import sys
 import torch
-from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer
+from attndistill_hf.config import AttnDistillConfig
+from attndistill_hf.trainer import AttnDistillTrainer
 from helpers import PixelDataset, tiny_student, tiny_teacher
 from test_reliability import LOSS_SETTINGS, loss_setting_config
 

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
+from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.data import (
     DataArguments,
     EqualStepsIterable,
@@ -33,7 +34,8 @@ from attndistill_hf.data import (
     train_transform,
 )
 from attndistill_hf.gpu_augment import GpuAugment, RawBytesCollator
-from attndistill_hf.trainer import AttnDistillConfig, AttnDistillTrainer, UnreadableDataError
+from attndistill_hf.skipping import UnreadableDataError
+from attndistill_hf.trainer import AttnDistillTrainer
 
 from helpers import encode, run_two_processes, tiny_student, tiny_teacher, write_image_folder
 
@@ -257,12 +259,12 @@ def unreadable_counts(data: Path, out: Path) -> dict[str, int | str]:
     trainer = train(args, out / "mixed", workers=0, max_steps=6, logging_steps=6)
     assert trainer.state.epoch == 3
     logged = [entry["skipped_images"] for entry in trainer.state.log_history if "skipped_images" in entry]
-    assert logged[-1] == trainer.skipped_images
+    assert logged[-1] == trainer.skips.skipped_images
     only = write_mixed_folder(data / "only", readable=0, unreadable=4)
     args = DataArguments(train_dir=str(only), image_size=32, cache_dir=str(data / "cache"))
     with pytest.raises(UnreadableDataError) as stopped:
         train(args, out / "only", workers=0, max_steps=2)
-    return {"mixed": trainer.skipped_images, "only_unreadable": str(stopped.value)}
+    return {"mixed": trainer.skips.skipped_images, "only_unreadable": str(stopped.value)}
 
 
 def test_unreadable_files_are_counted_once_not_once_per_read(tmp_path: Path) -> None:

@@ -19,15 +19,12 @@ from transformers import (
 
 from attndistill_hf.attention import last_cls_attention
 from attndistill_hf.checkpoints import CorruptCheckpointError
+from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.data import EqualStepsIterable
 from attndistill_hf.families import UnsupportedModelError
-from attndistill_hf.trainer import (
-    AttnDistillConfig,
-    AttnDistillTrainer,
-    NonFiniteLossError,
-    UnreadableDataError,
-    check_pair,
-)
+from attndistill_hf.skipping import NonFiniteLossError, UnreadableDataError
+from attndistill_hf.students import check_pair
+from attndistill_hf.trainer import AttnDistillTrainer
 
 from helpers import TINY_ENCODER, PixelDataset, tiny_student, tiny_teacher
 
@@ -116,7 +113,7 @@ def test_projector_reads_the_last_block_before_the_final_norm(tmp_path: Path) ->
     with torch.no_grad():
         teacher_out, teacher_attn = last_cls_attention(trainer.teacher, pixels)
     teacher_cls = teacher_out.last_hidden_state[:, 0]
-    _, loss_proj, _ = trainer.model(pixel_values=pixels, teacher_cls=teacher_cls, teacher_attn=teacher_attn)
+    loss_proj = trainer.model(pixel_values=pixels, teacher_cls=teacher_cls, teacher_attn=teacher_attn).loss_proj
     seen = []  # what enters the final norm: the last block's tokens
     handle = student.layernorm.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
     with torch.no_grad():
@@ -257,7 +254,7 @@ def test_nonfinite_batch_is_skipped_and_stops_the_run_when_repeated(tmp_path: Pa
     trainer._validated = True  # input validation happens on the first step; here the NaN must be survived
     trainer.current_gradient_accumulation_steps = 1
     loss = trainer.training_step(trainer.model, bad)
-    assert loss.item() == 0.0 and trainer.nonfinite_steps == 1
+    assert loss.item() == 0.0 and trainer.skips.nonfinite_steps == 1
     # The whole update was skipped: no gradient reaches the optimizer (zeros would still move AdamW).
     assert all(p.grad is None for p in trainer.model.parameters())
     with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
@@ -301,7 +298,7 @@ def run_with_poisoned_second_update(
     if scaler is not None:
         trainer.accelerator.scaler = scaler  # what Accelerate creates for fp16 on a GPU
     trainer.train()
-    assert trainer.nonfinite_steps == 1
+    assert trainer.skips.nonfinite_steps == 1
     return trainer, record
 
 
@@ -346,7 +343,7 @@ def test_a_batch_without_a_readable_image_is_skipped_and_a_run_without_any_stops
     after = record.after_step
     assert_same(after[0], after[1])  # the second update had nothing to learn from
     assert any(not torch.equal(after[1][k], after[2][k]) for k in after[1])
-    assert (trainer.skipped_images, trainer.nonfinite_steps) == (8, 0)
+    assert (trainer.skips.skipped_images, trainer.skips.nonfinite_steps) == (8, 0)
 
     def unreadable_run(**overrides: int) -> AttnDistillTrainer:
         return AttnDistillTrainer(
@@ -382,7 +379,7 @@ def test_a_batch_transform_that_decodes_nothing_is_skipped_like_an_unreadable_ba
     trainer.train()
     after = record.after_step
     assert_same(after[0], after[1])  # the second update had nothing to learn from
-    assert (trainer.skipped_images, trainer.nonfinite_steps) == (8, 0)
+    assert (trainer.skips.skipped_images, trainer.skips.nonfinite_steps) == (8, 0)
 
 
 def test_fp16_grad_scaler_skips_the_poisoned_update_and_backs_off(tmp_path: Path) -> None:
@@ -474,7 +471,7 @@ def test_batch_transform_runs_in_the_training_process(tmp_path: Path) -> None:
     )
     trainer.train()
     assert seen == [(8, 3, 32, 32), (8, 3, 32, 32)]
-    assert trainer.skipped_images == 6
+    assert trainer.skips.skipped_images == 6
 
 
 def test_checkpoints_appear_whole_or_not_at_all(tmp_path: Path) -> None:
