@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .losses import check_projector_loss
+from .losses import (
+    DEFAULT_ATTN_WEIGHT,
+    DEFAULT_CLAMP,
+    DEFAULT_FUSION_TEMPERATURE,
+    DEFAULT_PROJ_WEIGHT,
+    DEFAULT_PROJECTOR_DEPTH,
+    DEFAULT_PROJECTOR_LOSS,
+    check_projector_loss,
+)
 from .validation import (
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
@@ -72,16 +80,20 @@ class AttnDistillConfig(TrainingArguments):
     published code fills its batch of 4096.
     """
 
-    proj_loss_weight: float = field(default=1.0, metadata={"help": "Weight w_proj of the projector alignment term."})
+    proj_loss_weight: float = field(
+        default=DEFAULT_PROJ_WEIGHT, metadata={"help": "Weight w_proj of the projector alignment term."}
+    )
     attn_loss_weight: float = field(
-        default=0.1, metadata={"help": "Weight w_attn of the last-layer CLS-attention KL term (0 disables it)."}
+        default=DEFAULT_ATTN_WEIGHT,
+        metadata={"help": "Weight w_attn of the last-layer CLS-attention KL term (0 disables it)."},
     )
     fusion_temperature: float = field(
-        default=10.0,
+        default=DEFAULT_FUSION_TEMPERATURE,
         metadata={"help": "Temperature T of the head fusion softmax(sum_h log a_h / T) when head counts differ."},
     )
     projector_depth: int = field(
-        default=4, metadata={"help": "Linear layers in the projector (4 = the published d-2d-d-2d-D head)."}
+        default=DEFAULT_PROJECTOR_DEPTH,
+        metadata={"help": "Linear layers in the projector (4 = the published d-2d-d-2d-D head)."},
     )
     projector_hidden_dims: list[int] | None = field(
         default=None,
@@ -99,10 +111,15 @@ class AttnDistillConfig(TrainingArguments):
         },
     )
     projector_loss: str = field(
-        default="mse", metadata={"help": "Projector distance: 'mse' (published) or 'cosine' (2 - 2 cos)."}
+        default=DEFAULT_PROJECTOR_LOSS,
+        metadata={"help": "Projector distance: 'mse' (published) or 'cosine' (2 - 2 cos)."},
     )
-    attn_clamp_min: float = field(default=1e-5, metadata={"help": "Lower clamp of the attention maps before the KL."})
-    attn_clamp_max: float = field(default=0.996, metadata={"help": "Upper clamp of the attention maps before the KL."})
+    attn_clamp_min: float = field(
+        default=DEFAULT_CLAMP[0], metadata={"help": "Lower clamp of the attention maps before the KL."}
+    )
+    attn_clamp_max: float = field(
+        default=DEFAULT_CLAMP[1], metadata={"help": "Upper clamp of the attention maps before the KL."}
+    )
     learning_rate: float | None = field(  # type: ignore[assignment]
         default=None,
         metadata={"help": "Peak learning rate. Default: base_learning_rate x total batch size / 256."},

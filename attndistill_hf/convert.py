@@ -83,14 +83,6 @@ BLOCK_PARAMS: tuple[str, ...] = (
     "mlp.fc2.weight",
     "mlp.fc2.bias",
 )
-TOP_PARAMS: tuple[str, ...] = (
-    "cls_token",
-    "pos_embed",
-    "patch_embed.proj.weight",
-    "patch_embed.proj.bias",
-    "norm.weight",
-    "norm.bias",
-)
 
 # Tensors that are not part of the image -> tokens forward, per format, with the reason they go.
 # Patterns match the backbone-relative key (after prefixes are stripped).

@@ -233,8 +233,9 @@ def token_layout(model: nn.Module) -> TokenLayout:
     return family_of(model).layout(model)
 
 
-def cls_feature(model: nn.Module, output: Any) -> torch.Tensor:
-    """The model's normalised CLS feature ``[B, D]`` from its forward output (what DINO's k-NN evaluates)."""
+def normalised_cls_feature(model: nn.Module, output: Any) -> torch.Tensor:
+    """The model's CLS feature ``[B, D]`` after its final norm (CLIP: the pooled output), from its forward
+    output: what DINO's k-NN evaluates and the teacher's target in the projector alignment."""
     model = unwrap_model(model)
     family = family_of(model)
     if family.feature == "pooler_output":

@@ -17,13 +17,17 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-if TYPE_CHECKING:
-    from .losses import AttnDistillLoss
+from .losses import (
+    DEFAULT_CLAMP,
+    DEFAULT_FUSION_TEMPERATURE,
+    DEFAULT_PROJECTOR_LOSS,
+    AttnDistillLoss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +77,10 @@ _SECRET_FLAG_PATTERN = re.compile(
 _SUMMARY_LABELS: dict[str, str] = {
     "steps": "Optimizer steps",
     "epochs": "Epochs",
-    "effective_batch": "Effective batch size",
     "effective_batch_size": "Effective batch size",
     "skipped_images": "Images skipped (unreadable)",
     "nonfinite_steps": "Steps skipped (non-finite student output)",
     "hardware": "Hardware",
-    "wall_time": "Wall time",
     "wall_time_s": "Wall time",
 }
 
@@ -121,8 +123,8 @@ class EvalRecord:
             task_type=self.task_type,
             task_name=self.task_type.replace("-", " ").capitalize(),
             # A local data folder is published by its name only, never by its path.
-            dataset_type=_public_name(self.dataset_type or self.dataset_name),
-            dataset_name=_public_name(self.dataset_name),
+            dataset_type=public_name(self.dataset_type or self.dataset_name),
+            dataset_name=public_name(self.dataset_name),
             dataset_config=self.dataset_config,
             dataset_split=self.dataset_split,
             metric_type=self.metric_type,
@@ -160,9 +162,9 @@ class LossSettings:
     proj_weight: float
     attn_weight: float
     projector_widths: tuple[int, ...]
-    projector_loss: str = "mse"
-    fusion_temperature: float = 10.0
-    clamp: tuple[float, float] = (1e-5, 0.996)
+    projector_loss: str = DEFAULT_PROJECTOR_LOSS
+    fusion_temperature: float = DEFAULT_FUSION_TEMPERATURE
+    clamp: tuple[float, float] = DEFAULT_CLAMP
 
     @classmethod
     def of(cls, loss: AttnDistillLoss) -> LossSettings:
@@ -269,7 +271,7 @@ def _looks_like_hub_id(name: str) -> bool:
     return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
 
 
-def _public_name(name: str) -> str:
+def public_name(name: str) -> str:
     """A name safe to publish: Hub ids as they are, local paths reduced to their last component."""
     return name if _looks_like_hub_id(name) else Path(name.rstrip("/\\")).name or name
 
@@ -303,7 +305,7 @@ def publish_local_paths(text: str) -> str:
         if not _is_local_path(value):
             return match.group(0)
         quote = {"single": "'", "double": '"'}.get(group, "")
-        return f"{quote}{_public_name(value)}{quote}"
+        return f"{quote}{public_name(value)}{quote}"
 
     return _VALUE_PATTERN.sub(publish, text)
 
@@ -322,7 +324,7 @@ def _format_duration(seconds: float) -> str:
 
 
 def _format_summary_value(key: str, value: Any) -> str:
-    if key in {"wall_time", "wall_time_s"} and isinstance(value, int | float) and not isinstance(value, bool):
+    if key == "wall_time_s" and isinstance(value, int | float) and not isinstance(value, bool):
         return _format_duration(float(value))
     if isinstance(value, float):
         return f"{value:g}"
@@ -430,14 +432,14 @@ def build_model_card(
     than the default.
     """
     records = list(eval_results)
-    teacher_public = _public_name(teacher)
-    dataset_public = _public_name(dataset_name)
+    teacher_public = public_name(teacher)
+    dataset_public = public_name(dataset_name)
     tags = list(dict.fromkeys([*CARD_TAGS, *extra_tags]))
     inherited = teacher_license if teacher_license is not None and teacher_license.id != "apache-2.0" else None
     card_license = License(license) if inherited is None or license != "apache-2.0" else inherited
     license_fields = {"license_name": card_license.name, "license_link": card_license.link} if card_license.name else {}
     card_data = ModelCardData(
-        model_name=_public_name(model_id_or_name),
+        model_name=public_name(model_id_or_name),
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
         license=card_license.id,
@@ -450,7 +452,7 @@ def build_model_card(
 
     model_ref = model_id_or_name if _looks_like_hub_id(model_id_or_name) else "path/to/this/folder"
     sections = [
-        f"# {_public_name(model_id_or_name)}",
+        f"# {public_name(model_id_or_name)}",
         (
             f"A Vision Transformer student ({_architecture_line(student_config)}) distilled without labels "
             f"from the teacher `{teacher_public}` with **AttnDistill** on `{dataset_public}` images "
@@ -466,9 +468,9 @@ def build_model_card(
         loss.describe(),
         "## Training recipe",
         "The exact configuration of this run:",
-        _code_block(publish_local_paths(recipe_text), "yaml"),  # redacted with the whole card below
+        code_block(publish_local_paths(recipe_text), "yaml"),  # redacted with the whole card below
         "## Training summary",
-        _summary_table(training_summary),
+        summary_table(training_summary),
     ]
     if figures:
         sections.append("## Figures")
@@ -485,25 +487,27 @@ def build_model_card(
         ]
     sections += [
         "## How to use",
-        _code_block(_usage_snippet(model_ref), "python"),
+        code_block(usage_snippet(model_ref), "python"),
         "## Results",
-        _results_table(records),
+        results_table(records),
         "## Limitations",
         _limitations_text(limitations, dataset_public, records),
         "## Citation",
-        _code_block(CITATION_BIBTEX, "bibtex"),
+        code_block(CITATION_BIBTEX, "bibtex"),
     ]
     body = "\n\n".join(sections) + "\n"
     content = f"---\n{card_data.to_yaml()}\n---\n\n{body}"
     return ModelCard(redact(content))
 
 
-def _code_block(text: str, language: str) -> str:
+def code_block(text: str, language: str) -> str:
+    """``text`` as a fenced Markdown code block in ``language``, fenced so that nothing in it can close it."""
     fence = _fence(text)
     return f"{fence}{language}\n{text.rstrip()}\n{fence}"
 
 
-def _summary_table(summary: Mapping[str, Any]) -> str:
+def summary_table(summary: Mapping[str, Any]) -> str:
+    """A card's training-summary table: one row per key, labelled and formatted (durations, thousands)."""
     if not summary:
         return "No training summary was recorded."
     lines = ["| | |", "|---|---|"]
@@ -513,19 +517,21 @@ def _summary_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _results_table(records: Sequence[EvalRecord]) -> str:
+def results_table(records: Sequence[EvalRecord]) -> str:
+    """A card's results table, one row per record: the numbers of its ``model-index`` metadata."""
     if not records:
         return "No evaluation was run for this model."
     lines = ["| Evaluation | Dataset | Split | Metric | Value (%) |", "|---|---|---|---|---|"]
     for r in records:
         lines.append(
-            f"| {_md_cell(r.metric_name)} | {_md_cell(_public_name(r.dataset_name))} | "
+            f"| {_md_cell(r.metric_name)} | {_md_cell(public_name(r.dataset_name))} | "
             f"{_md_cell(r.dataset_split)} | {_md_cell(r.metric_type)} | {float(r.value):.2f} |"
         )
     return "\n".join(lines)
 
 
-def _usage_snippet(model_ref: str) -> str:
+def usage_snippet(model_ref: str) -> str:
+    """Python that loads the model ``model_ref`` (a Hub id or a folder), extracts features and fine-tunes it."""
     ref = json.dumps(model_ref)
     return (
         "import torch\n"
@@ -576,59 +582,6 @@ def write_model_card(output_dir: str | Path, **card_kwargs: Any) -> Path:
     return path
 
 
-def build_teacher_card(
-    *,
-    model_name: str,
-    description: str,
-    provenance: Sequence[str],
-    recipe_text: str,
-    training_summary: Mapping[str, Any],
-    eval_results: Sequence[EvalRecord],
-    evaluation: str,
-    limitations: str,
-    datasets: Sequence[str] = (),
-    extra_tags: Iterable[str] = (),
-    license: str = "apache-2.0",
-) -> ModelCard:
-    """The model card of a teacher trained by this library (the demo's supervised ViT).
-
-    ``description`` opens the card; ``provenance`` lists how it was made (data, objective,
-    augmentation), one bullet each; ``recipe_text`` is the recipe as its config file reads;
-    ``eval_results`` become ``model-index`` entries and the results table, introduced by
-    ``evaluation`` (the protocol). ``datasets`` are Hub dataset ids. Like the student's card, every
-    number comes from the arguments and the text passes through :func:`redact`.
-    """
-    records = list(eval_results)
-    card_data = ModelCardData(
-        model_name=_public_name(model_name),
-        library_name="transformers",
-        pipeline_tag="image-feature-extraction",
-        license=license,
-        datasets=list(datasets) or None,
-        tags=list(dict.fromkeys(["vit", "teacher", *extra_tags])),
-        eval_results=[record.to_eval_result() for record in records] or None,
-    )
-    sections = [
-        f"# {_public_name(model_name)}",
-        description,
-        "## How it was made",
-        "\n".join(f"- {item}" for item in provenance),
-        "## Training recipe",
-        _code_block(publish_local_paths(recipe_text), "yaml"),
-        "## Training summary",
-        _summary_table(training_summary),
-        "## Results",
-        evaluation,
-        _results_table(records),
-        "## How to use",
-        _code_block(_usage_snippet("path/to/this/folder"), "python"),
-        "## Limitations",
-        limitations,
-    ]
-    body = "\n\n".join(sections) + "\n"
-    return ModelCard(redact(f"---\n{card_data.to_yaml()}\n---\n\n{body}"))
-
-
 def add_eval_records(model_dir: str | Path, records: Sequence[EvalRecord]) -> Path:
     """Add evaluation results to the model card of a local model folder (``model_dir/README.md``).
 
@@ -652,7 +605,7 @@ def add_eval_records(model_dir: str | Path, records: Sequence[EvalRecord]) -> Pa
     merged = [new.pop(key(record), record) for record in before]  # re-measured results keep their place
     merged += list(new.values())
     card.data.eval_results = [record.to_eval_result() for record in merged] or None
-    text = set_section(card.text, "Results", _results_table(merged))
+    text = set_section(card.text, "Results", results_table(merged))
     if merged and not before:  # the card said no evaluation was run; local data is named in the text only
         unmeasured = re.escape(_limitations_text(None, "DATASET", [])).replace("DATASET", "(?P<dataset>[^`]*)")
         text = re.sub(unmeasured, lambda match: _limitations_text(None, match["dataset"], merged), text)

@@ -18,10 +18,18 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .models import LAYER_NORM_EPS, cls_features, square_side
+from .models import LAYER_NORM_EPS, cls_token, square_side
+from .validation import POSITIVE, POSITIVE_INT, check_value
 
 Grid = tuple[int, int]
 
+# The published loss settings, declared once: AttnDistillLoss, the run's config, model cards and the
+# benchmarks read them from here.
+DEFAULT_PROJ_WEIGHT = 1.0
+DEFAULT_ATTN_WEIGHT = 0.1
+DEFAULT_FUSION_TEMPERATURE = 10.0
+DEFAULT_PROJECTOR_DEPTH = 4  # the d-2d-d-2d-D head
+DEFAULT_PROJECTOR_LOSS = "mse"
 DEFAULT_CLAMP = (1e-5, 0.996)
 # Floor against log(0) in the head fusion; far below any float32 softmax output a ViT produces.
 LOG_FLOOR = 1e-30
@@ -55,8 +63,7 @@ def fuse_heads(attention: torch.Tensor, temperature: float, floor: float = LOG_F
 
     With ``temperature == H`` this is the normalised geometric mean of the heads.
     """
-    if temperature <= 0:
-        raise ValueError(f"The fusion temperature must be positive, got {temperature}.")
+    check_value("temperature", temperature, POSITIVE)
     log_sum = attention.clamp_min(floor).log().sum(dim=1, keepdim=True)
     return (log_sum / temperature).softmax(dim=-1)
 
@@ -102,7 +109,7 @@ def attention_guidance_loss(
     teacher_attn: torch.Tensor,
     student_attn: torch.Tensor,
     *,
-    fusion_temperature: float = 10.0,
+    fusion_temperature: float = DEFAULT_FUSION_TEMPERATURE,
     teacher_grid: Grid | None = None,
     student_grid: Grid | None = None,
     clamp: tuple[float, float] = DEFAULT_CLAMP,
@@ -165,8 +172,7 @@ def projector_alignment_loss(
 
 def projector_hidden_dims(student_dim: int, depth: int) -> list[int]:
     """Hidden widths of the published projector generalised to any depth: 2d, d, 2d, d, ..."""
-    if depth < 1:
-        raise ValueError(f"The projector needs at least one linear layer, got depth={depth}.")
+    check_value("depth", depth, POSITIVE_INT)  # at least the linear layer to the teacher's width
     return [2 * student_dim if i % 2 == 0 else student_dim for i in range(depth - 1)]
 
 
@@ -179,7 +185,11 @@ class AttnDistillProjector(nn.Module):
     """
 
     def __init__(
-        self, student_dim: int, teacher_dim: int, depth: int = 4, hidden_dims: Sequence[int] | None = None
+        self,
+        student_dim: int,
+        teacher_dim: int,
+        depth: int = DEFAULT_PROJECTOR_DEPTH,
+        hidden_dims: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         widths = [student_dim, *(hidden_dims if hidden_dims is not None else projector_hidden_dims(student_dim, depth))]
@@ -197,10 +207,11 @@ class AttnDistillProjector(nn.Module):
         return self.layers(student_tokens)
 
 
-def _cls_token(output: ModelOutput | torch.Tensor) -> torch.Tensor:
+def _as_cls_token(output: ModelOutput | torch.Tensor) -> torch.Tensor:
+    """The CLS token ``[B, D]`` of a loss input: given as is, or the first of its tokens ``[B, T, D]``."""
     if isinstance(output, torch.Tensor):
-        return output if output.dim() == 2 else cls_features(output)
-    return cls_features(output.last_hidden_state)
+        return output if output.dim() == 2 else cls_token(output)
+    return cls_token(output.last_hidden_state)
 
 
 # The names of AttnDistillLossOutput's fields, as logged (``<name>/...`` for each of several students).
@@ -228,12 +239,12 @@ class AttnDistillLoss(nn.Module):
         student_dim: int,
         teacher_dim: int,
         *,
-        proj_weight: float = 1.0,
-        attn_weight: float = 0.1,
-        fusion_temperature: float = 10.0,
-        projector_depth: int = 4,
+        proj_weight: float = DEFAULT_PROJ_WEIGHT,
+        attn_weight: float = DEFAULT_ATTN_WEIGHT,
+        fusion_temperature: float = DEFAULT_FUSION_TEMPERATURE,
+        projector_depth: int = DEFAULT_PROJECTOR_DEPTH,
         projector_hidden_dims: Sequence[int] | None = None,
-        projector_loss: str = "mse",
+        projector_loss: str = DEFAULT_PROJECTOR_LOSS,
         clamp: tuple[float, float] = DEFAULT_CLAMP,
     ) -> None:
         super().__init__()
@@ -267,8 +278,8 @@ class AttnDistillLoss(nn.Module):
         The projector is per token, so projecting only the CLS token equals projecting every token and
         taking the CLS token, at a fraction of the cost.
         """
-        teacher_cls = _cls_token(teacher_output)
-        student_cls = _cls_token(student_output)
+        teacher_cls = _as_cls_token(teacher_output)
+        student_cls = _as_cls_token(student_output)
         zero = student_cls.new_zeros((), dtype=torch.float32)
         loss_proj = zero
         loss_attn = zero

@@ -110,8 +110,9 @@ def student_config(
     patch_size: int | None = None,
     num_channels: int = 3,
     **overrides: Any,
-) -> ViTConfig:
-    """The ``ViTConfig`` of a named student preset, with image/patch size and any field overridden."""
+) -> ViTConfig | DINOv3ViTConfig:
+    """The config of a named student preset (``DINOv3ViTConfig`` for the dinov3-* presets, else ``ViTConfig``),
+    with image/patch size and any field overridden."""
     if preset not in STUDENT_PRESETS:
         raise ValueError(f"Unknown student preset {preset!r}; choose one of {sorted(STUDENT_PRESETS)}.")
     fields: dict[str, Any] = dict(STUDENT_PRESETS[preset])
@@ -338,10 +339,14 @@ def patch_grid(model: nn.Module, image_size: tuple[int, int] | int | None = None
     return height // patch_h, width // patch_w
 
 
-def cls_features(last_hidden_state: torch.Tensor) -> torch.Tensor:
-    """The CLS token of ``last_hidden_state``: after the final LayerNorm, what DINO evaluates (and the
-    teacher's side of the projector alignment)."""
-    return last_hidden_state[:, 0]
+def cls_token(tokens: torch.Tensor) -> torch.Tensor:
+    """The CLS token ``[B, D]`` of a student's token sequence ``[B, T, D]`` (first, before any register).
+
+    It is as normalised as ``tokens``: the trainer passes the last block's tokens *before* the final
+    LayerNorm, as the published code reads them. A model's normalised CLS feature (what the k-NN evaluates
+    and the teacher's target) is :func:`~attndistill_hf.families.normalised_cls_feature`.
+    """
+    return tokens[:, 0]
 
 
 def final_norm(model: nn.Module) -> nn.Module:

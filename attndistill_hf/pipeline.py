@@ -26,7 +26,9 @@ from .config import AttnDistillConfig
 from .data import (
     DataArguments,
     EqualStepsIterable,
+    GpuAugment,
     ImageCollator,
+    RawBytesCollator,
     check_hub_split,
     count_examples,
     dataloader_workers,
@@ -40,7 +42,6 @@ from .data import (
     train_transform,
 )
 from .evaluation import KNNEvaluationCallback
-from .gpu_augment import GpuAugment, RawBytesCollator
 from .models import (
     build_image_processor,
     build_student,
@@ -322,6 +323,7 @@ def _run(
     trainer.save_model(args.output_dir)
     trainer.save_state()
 
+    skipped_images = trainer.skipped_images_in_all_processes()  # on every process, before only one publishes
     result = DistillResult(Path(args.output_dir), train_metrics=train_result.metrics)
     if trainer.is_world_process_zero():
         entries = {entry["name"]: entry for entry in model_args.student_entries}
@@ -343,6 +345,7 @@ def _run(
                 data_args=data_args,
                 run_args=run_args,
                 recipe=recipe,
+                skipped_images=skipped_images,
                 mean=mean,
                 std=std,
             )

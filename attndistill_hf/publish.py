@@ -88,6 +88,7 @@ def publish_student(
     data_args: DataArguments,
     run_args: DistillRunArguments,
     recipe: str,
+    skipped_images: int,
     mean: Any,
     std: Any,
 ) -> dict[str, dict[str, float]] | None:
@@ -124,7 +125,7 @@ def publish_student(
                 "epochs": round(trainer.state.epoch or 0.0, 3),
                 "effective_batch_size": args.total_train_batch_size,
                 "peak_learning_rate": args.learning_rate,
-                "skipped_images": trainer.skips.skipped_images,
+                "skipped_images": skipped_images,
                 "nonfinite_steps": trainer.skips.nonfinite_by_student[name],
                 **({"students_in_this_run": len(trainer.students)} if name else {}),
                 "hardware": hardware_description(args.device, args.world_size),

@@ -31,7 +31,7 @@ from .attention import (
 from .config import LOSS_SETTING_BOUNDS, AttnDistillConfig
 from .families import UnsupportedModelError, family_of
 from .losses import AttnDistillLoss, AttnDistillLossOutput, check_projector_loss
-from .models import cls_features, patch_grid
+from .models import cls_token, patch_grid
 from .validation import (
     check_fields,
 )
@@ -125,7 +125,7 @@ class DistillationModule(nn.Module):
         return self.loss_fn(
             teacher_cls,
             teacher_attn,
-            cls_features(last_block_tokens(self.student)),  # before the final norm
+            cls_token(last_block_tokens(self.student)),  # before the final norm
             student_attn,
             teacher_grid=teacher_grid,
             student_grid=patch_grid(self.student, tuple(pixel_values.shape[-2:])),

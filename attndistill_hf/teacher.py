@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .attention import last_cls_attention, run_model, unwrap_model
-from .families import cls_feature
+from .families import normalised_cls_feature
 from .models import patch_grid
 
 
@@ -46,4 +46,4 @@ def teacher_targets(
         else:
             output, attention = run_model(teacher, pixel_values), None
     grid = patch_grid(unwrap_model(teacher), tuple(pixel_values.shape[-2:]))
-    return TeacherTargets(cls=cls_feature(teacher, output), attention=attention, grid=grid)
+    return TeacherTargets(cls=normalised_cls_feature(teacher, output), attention=attention, grid=grid)

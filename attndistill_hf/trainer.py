@@ -100,7 +100,7 @@ class AttnDistillTrainer(Trainer):
     ``teacher`` is a model, a Hub id or a local directory. ``image_processor`` is saved next to the
     exported student so that ``AutoImageProcessor.from_pretrained`` works on the output directory.
     ``batch_transform`` runs on each batch in the training process before the models see it, e.g.
-    :class:`~attndistill_hf.gpu_augment.GpuAugment` decoding and augmenting JPEG bytes on the GPU.
+    :class:`~attndistill_hf.data.GpuAugment` decoding and augmenting JPEG bytes on the GPU.
     ``image_size`` is the crop size of the data transform (default: the student's configured size);
     a pair that cannot take it fails before the first step.
     """
@@ -154,6 +154,8 @@ class AttnDistillTrainer(Trainer):
         self.batch_transform = batch_transform
         self._validated = False
         self.skips = SkipTracker(members, args.max_consecutive_nonfinite_steps)
+        if args.warmup_epochs > 0:  # in steps, which the Trainer's scheduler takes
+            args.warmup_steps = max(1, round(args.warmup_epochs * self._update_steps_per_epoch()))
         # A single student's "loss" is the Trainer's own logged loss; each of several has its own.
         self._terms = TermMeans(
             [f"{name}/{term}" for name in members for term in LOSS_TERMS]
@@ -259,6 +261,10 @@ class AttnDistillTrainer(Trainer):
         self.skips.check_some_batch_was_readable(self._sum_over_processes)
         return output
 
+    def skipped_images_in_all_processes(self) -> int:
+        """Unreadable images met so far by every process (each counts on one of them); a collective."""
+        return int(self._sum_over_processes(torch.tensor([self.skips.skipped_images]))[0])
+
     def _sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values.to(self.args.device), reduction="sum").cpu()
 
@@ -282,7 +288,7 @@ class AttnDistillTrainer(Trainer):
         """Add the mean of each loss term since the last log, and the skip counters."""
         if "loss" in logs:
             logs |= self._terms.means(self._sum_over_processes)
-            logs["skipped_images"] = self.skips.skipped_images
+            logs["skipped_images"] = self.skipped_images_in_all_processes()
             logs["nonfinite_steps"] = self.skips.nonfinite_steps
             if None not in self.skips.nonfinite_by_student:
                 logs |= {f"{name}/nonfinite_steps": n for name, n in self.skips.nonfinite_by_student.items()}
@@ -353,13 +359,6 @@ class AttnDistillTrainer(Trainer):
         """Weight decay on matrices only: biases and every 1-D parameter (norms, tokens' scales) are exempt."""
         return [name for name, param in model.named_parameters() if param.ndim > 1]
 
-    def create_scheduler(
-        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
-    ) -> torch.optim.lr_scheduler.LRScheduler:
-        if self.args.warmup_epochs > 0 and self.lr_scheduler is None:
-            self.args.warmup_steps = max(1, round(self.args.warmup_epochs * self._update_steps_per_epoch()))
-        return super().create_scheduler(num_training_steps, optimizer)
-
     def _update_steps_per_epoch(self) -> int:
         if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
             raise ValueError(
@@ -372,8 +371,8 @@ class AttnDistillTrainer(Trainer):
         return max(1, math.ceil(len(self.train_dataset) / batch))
 
     # ---- transformers' private Trainer API ---------------------------------------------------------
-    # The only overrides of private Trainer methods, listed in PRIVATE_TRAINER_API with the parameters
-    # they rely on; tests/test_private_trainer_api.py fails when a transformers release changes them.
+    # The only overrides of private Trainer methods, listed with the parameters they rely on in
+    # tests/test_private_api.py, which fails when a transformers release changes them.
     # transformers 5.24 writes checkpoint-N in place, so a run killed mid-write would leave a half
     # checkpoint for resume to pick: _get_output_dir + _save_checkpoint stage it and rename it. _save
     # pickles the arguments into training_args.bin: it must not carry the Hub token.

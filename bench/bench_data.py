@@ -34,7 +34,7 @@ import torchvision
 from PIL import Image
 
 from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, ImageCollator, train_transform
-from attndistill_hf.gpu_augment import GpuAugment, RawBytesCollator
+from attndistill_hf.data.gpu_augment import GpuAugment, RawBytesCollator
 from attndistill_hf.hardware import hardware_description
 
 

@@ -47,7 +47,12 @@ from attndistill_hf.attention import (
     last_cls_attention,
 )
 from attndistill_hf.hardware import hardware_description as device_name  # run_gpu.sh imports it by this name
-from attndistill_hf.losses import AttnDistillLoss
+from attndistill_hf.losses import (
+    DEFAULT_ATTN_WEIGHT,
+    DEFAULT_FUSION_TEMPERATURE,
+    DEFAULT_PROJ_WEIGHT,
+    AttnDistillLoss,
+)
 from attndistill_hf.models import DINOV3_REGISTERS, LAYER_NORM_EPS, STUDENT_PRESETS, build_student
 from attndistill_hf.students import DistillationModule
 from attndistill_hf.teacher import teacher_targets
@@ -197,9 +202,9 @@ def make_setup(
     loss_fn = AttnDistillLoss(
         student.config.hidden_size,
         teacher.config.hidden_size,
-        proj_weight=1.0,
-        attn_weight=0.1 if with_attention else 0.0,
-        fusion_temperature=10.0,
+        proj_weight=DEFAULT_PROJ_WEIGHT,
+        attn_weight=DEFAULT_ATTN_WEIGHT if with_attention else 0.0,
+        fusion_temperature=DEFAULT_FUSION_TEMPERATURE,
     )
     # The naive step differs only in how the student's map is taken (eager, every block's maps).
     capture = eager_last_cls_attention if mode == "naive" else last_cls_attention

@@ -59,7 +59,7 @@ from attndistill_hf.attention import (
     find_last_attention,
     last_cls_attention,
 )
-from attndistill_hf.families import UnsupportedModelError, cls_feature, token_layout
+from attndistill_hf.families import UnsupportedModelError, normalised_cls_feature, token_layout
 from attndistill_hf.models import build_student, forward_kwargs, load_teacher
 
 TINY = {
@@ -331,7 +331,7 @@ def test_clip_teacher_feature_is_the_post_layernorm_cls() -> None:
     pixels = torch.randn(2, 3, 32, 32)
     output, _ = last_cls_attention(fast, pixels)
     expected = fast.post_layernorm(output.last_hidden_state[:, 0])
-    torch.testing.assert_close(cls_feature(fast, output), expected)
+    torch.testing.assert_close(normalised_cls_feature(fast, output), expected)
     assert not torch.allclose(output.last_hidden_state[:, 0], expected)
 
 
@@ -491,5 +491,5 @@ def test_clip_checkpoints_load_as_their_vision_tower(tmp_path) -> None:
     with torch.no_grad():
         expected = clip.vision_model.eval()(pixel_values=pixels).pooler_output
         output, attention = last_cls_attention(teacher, pixels)
-    torch.testing.assert_close(cls_feature(teacher, output), expected)
+    torch.testing.assert_close(normalised_cls_feature(teacher, output), expected)
     assert attention.shape == (2, 4, 17)

@@ -109,7 +109,7 @@ def test_missing_local_model_is_named_by_its_role(tmp_path: Path) -> None:
     with pytest.raises(TeacherLoadError, match=r"The model directory './nowhere/at/all' does not exist"):
         load_teacher("./nowhere/at/all", role="model")
     with pytest.raises(TeacherLoadError, match=r"The student directory '.*/gone' does not exist"):
-        load_recipe("finetune").parse_args(["--student_dir", str(tmp_path / "gone"), "--output_dir", str(tmp_path)])
+        load_recipe("finetune").main(["--student_dir", str(tmp_path / "gone"), "--output_dir", str(tmp_path)])
     assert check_model_location("facebook/dino-vits16") == "facebook/dino-vits16"  # a Hub id is left to the Hub
     assert check_model_location(str(tmp_path)) == str(tmp_path)
 

@@ -497,7 +497,7 @@ def test_image_stats_from_processor_and_fallback() -> None:
     assert image_stats(ViTImageProcessor(do_normalize=False)) == (ZERO, ONE)
     with pytest.raises(ValueError, match="1 or 3 values"):
         image_stats({"image_mean": [0.1, 0.2], "image_std": [0.2]})
-    with pytest.raises(ValueError, match="std must be positive"):
+    with pytest.raises(ValueError, match="std must be a finite number > 0"):
         image_stats({"image_mean": [0.1], "image_std": [0.0]})
 
 

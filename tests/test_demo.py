@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,16 @@ from transformers import set_seed
 from attndistill_hf.arguments import DistillModelArguments
 from attndistill_hf.cli import parse_config_and_flags, read_config_file
 from attndistill_hf.data import DataArguments, train_transform
-from attndistill_hf.demo.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, SOURCE_FILES
+from attndistill_hf.demo.ablation import (
+    CASE_ORDER,
+    LOSSES,
+    AblationArguments,
+    case_of,
+    loss_of,
+    render_results,
+    run_ablation,
+)
+from attndistill_hf.demo.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, HUB_DATASET_ID, SOURCE_FILES
 from attndistill_hf.demo.pipeline import (
     FULL,
     QUICK,
@@ -22,6 +32,7 @@ from attndistill_hf.demo.pipeline import (
     DemoScale,
     TeacherRecipe,
     TeacherRunArguments,
+    build_teacher_card,
     launch_distillation,
     path_overrides,
     recipe_hash,
@@ -30,14 +41,16 @@ from attndistill_hf.demo.pipeline import (
     train_teacher,
     untrained_student,
 )
-from attndistill_hf.hub import set_section
+from attndistill_hf.demo.run import DemoArguments, check_student_preset, run_demo
+from attndistill_hf.hub import EvalRecord, set_section
 from attndistill_hf.models import LAYER_NORM_EPS, STUDENT_PRESETS, build_student
 from attndistill_hf.pipeline import load_student
 
 from helpers import encode, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "recipes" / "configs"
+RECIPES = REPO / "recipes"
+CONFIGS = RECIPES / "configs"
 
 needs_real = pytest.mark.skipif(
     not all((Path(DEBIAN_FASHION_MNIST_DIR) / name).is_file() for pair in SOURCE_FILES.values() for name in pair),
@@ -51,8 +64,7 @@ needs_real = pytest.mark.skipif(
 @pytest.mark.slow
 @needs_real
 def test_quick_demo_distilled_student_beats_untrained(tmp_path: Path) -> None:
-    demo = load_recipe("demo")
-    results = demo.main(["--quick", "--output_root", str(tmp_path), "--no_progress"])
+    results = load_recipe("demo").main(["--quick", "--output_root", str(tmp_path), "--no_progress"])
 
     rows = {row["model"]: row for row in results["rows"]}
     teacher = rows["teacher (supervised)"]["knn"]
@@ -185,11 +197,10 @@ def test_demo_untrained_baseline_is_the_distilled_student_at_initialisation() ->
 
 
 def test_demo_refuses_a_student_that_is_not_a_preset() -> None:
-    demo = load_recipe("demo")
-    demo.check_student_preset({"student_preset": "vit-mini-2heads-patch8"}, "demo.yaml")
+    check_student_preset({"student_preset": "vit-mini-2heads-patch8"}, "demo.yaml")
     for config in ({"student_name_or_path": "some/dir"}, {"student_preset": "x", "student_name_or_path": "some/dir"}):
         with pytest.raises(ValueError, match="student_preset"):
-            demo.check_student_preset(config, "demo.yaml")
+            check_student_preset(config, "demo.yaml")
 
 
 def test_card_sections_go_before_limitations_and_are_replaced() -> None:
@@ -199,6 +210,27 @@ def test_card_sections_go_before_limitations_and_are_replaced() -> None:
     # A second demo run replaces its comparison instead of adding another one.
     assert set_section(once, "Demo comparison", "table 2", before="Limitations") == once.replace("table 1", "table 2")
     assert set_section("# m\n", "Demo comparison", "t", before="Limitations") == "# m\n\n## Demo comparison\n\nt\n"
+
+
+def test_teacher_card_publishes_its_numbers_without_local_paths_or_tokens() -> None:
+    token = "hf_" + "Zq8" * 12  # token-shaped, never valid
+    card = build_teacher_card(
+        model_name="/home/someone/runs/demo-teacher",
+        description="A supervised demo teacher.",
+        provenance=["**Data**: Fashion-MNIST.", "**Objective**: supervised."],
+        recipe_text=f"data_dir: /home/someone/fashion_mnist\nhub_token: {token}\nmax_steps: 300\n",
+        training_summary={"steps": 300, "wall_time_s": 75.0},
+        eval_results=[EvalRecord("k-NN top-1 (k=20)", 81.25, "fashion_mnist", "test")],
+        evaluation="Weighted k-NN of the frozen CLS features:",
+        limitations="A demonstration model.",
+        datasets=[HUB_DATASET_ID],
+    )
+    assert card.data.model_name == "demo-teacher" and card.data.datasets == [HUB_DATASET_ID]
+    assert [result.metric_value for result in card.data.eval_results] == [81.25]
+    assert "| k-NN top-1 (k=20) | fashion_mnist | test | accuracy | 81.25 |" in card.text
+    assert "| Wall time | 0:01:15 (h:mm:ss) |" in card.text and "data_dir: fashion_mnist\n" in card.text
+    assert "/home/someone" not in card.content and token not in card.content
+    assert card.text.index("## How it was made") < card.text.index("## Results") < card.text.index("## Limitations")
 
 
 @pytest.mark.slow
@@ -211,31 +243,38 @@ def test_a_failed_distillation_ends_in_one_error(tmp_path: Path) -> None:
 
 def test_demo_and_ablation_take_their_documented_flags() -> None:
     """``make demo`` / ``make ablation``, README, docs and bench/bench_ablation.py spell the switches bare."""
-    demo, ablation = load_recipe("demo"), load_recipe("ablation")
-    (on,) = parse_config_and_flags((demo.DemoArguments,), ["--quick", "--hub", "--retrain_teacher", "--no_progress"])
-    (default,) = parse_config_and_flags((demo.DemoArguments,), [])
+    (on,) = parse_config_and_flags((DemoArguments,), ["--quick", "--hub", "--retrain_teacher", "--no_progress"])
+    (default,) = parse_config_and_flags((DemoArguments,), [])
     for name in ("quick", "hub", "retrain_teacher"):
         assert getattr(on, name) is True and getattr(default, name) is False, name
     assert on.progress is False and default.progress is True and default.data_dir is None
-    assert Path(default.config) == CONFIGS / "demo.yaml"
+    assert default.config is None  # the recipe's own configs/demo.yaml
     with pytest.raises(ValueError, match="--launcher: invalid choice: 'torchrun'"):
-        parse_config_and_flags((demo.DemoArguments,), ["--launcher", "torchrun"])
+        parse_config_and_flags((DemoArguments,), ["--launcher", "torchrun"])
 
     flags = ["--seeds", "0", "1", "2", "3", "--max_steps", "600", "--rerun", "--separate_runs", "--no_progress"]
-    (on,) = parse_config_and_flags((ablation.AblationArguments,), flags)
-    (default,) = parse_config_and_flags((ablation.AblationArguments,), [])
+    (on,) = parse_config_and_flags((AblationArguments,), flags)
+    (default,) = parse_config_and_flags((AblationArguments,), [])
     assert (on.seeds, on.max_steps, default.seeds, default.max_steps) == ([0, 1, 2, 3], 600, [0, 1, 2], None)
     for name in ("rerun", "separate_runs"):
         assert getattr(on, name) is True and getattr(default, name) is False, name
     assert on.progress is False and default.progress is True
 
 
+def test_demo_and_ablation_read_the_recipes_configs_by_default(tmp_path: Path) -> None:
+    """Unset, ``--config`` and ``--configs`` name the configs of the recipes folder the front end passes."""
+    assert (CONFIGS / "demo.yaml").is_file() and list(CONFIGS.glob("ablation_*.yaml"))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"Config file {tmp_path / 'configs' / 'demo.yaml'} ")):
+        run_demo(DemoArguments(output_root=str(tmp_path)), tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"No config matches {tmp_path / 'configs'}/ablation_")):
+        run_ablation(AblationArguments(output_root=str(tmp_path)), tmp_path)
+
+
 def test_ablation_configs_cover_three_cases_times_three_losses() -> None:
-    ablation = load_recipe("ablation")
     cells = set()
     for path in sorted(CONFIGS.glob("ablation_*.yaml")):
         config = read_config_file(path)
-        case, loss = ablation.case_of(config), ablation.loss_of(config)
+        case, loss = case_of(config), loss_of(config)
         assert path.stem == f"ablation_{case}_{loss}"
         cells.add((case, loss))
         # Each case's preset differs from the teacher exactly as the case says.
@@ -244,19 +283,14 @@ def test_ablation_configs_cover_three_cases_times_three_losses() -> None:
         assert (heads < teacher.num_attention_heads) == (case == "heads")
         assert (patch > teacher.patch_size) == (case == "patch")
         assert heads <= teacher.num_attention_heads and patch >= teacher.patch_size
-    assert cells == {(case, loss) for case in ablation.CASE_ORDER for loss in ablation.LOSSES}
+    assert cells == {(case, loss) for case in CASE_ORDER for loss in LOSSES}
 
 
 @pytest.mark.slow
 @needs_real
-def test_ablation_one_run_per_case_gives_each_student_its_own_runs_result(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_ablation_one_run_per_case_gives_each_student_its_own_runs_result(tmp_path: Path) -> None:
     """A case's three loss settings trained side by side score exactly as with one run each (--separate_runs)."""
-    ablation = load_recipe("ablation")
-    monkeypatch.setattr(
-        ablation, "FULL", DemoScale(max_train=256, max_test=96, teacher=TeacherRecipe(max_steps=8, warmup_steps=2))
-    )
+    scale = DemoScale(max_train=256, max_test=96, teacher=TeacherRecipe(max_steps=8, warmup_steps=2))
     common = ["--configs", str(CONFIGS / "ablation_heads_*.yaml"), "--seeds", "0", "--max_steps", "4"]
     common += ["--data_dir", str(tmp_path / "data"), "--launcher", "python", "--no_progress"]
     states = {}
@@ -266,7 +300,8 @@ def test_ablation_one_run_per_case_gives_each_student_its_own_runs_result(
             root.mkdir()
             (root / "demo-teacher").symlink_to(tmp_path / "together" / "demo-teacher", target_is_directory=True)
         outputs = ["--output_root", str(root), "--results", str(root / "results.md")]
-        states[way] = ablation.main([*common, *flags, *outputs])
+        (args,) = parse_config_and_flags((AblationArguments,), [*common, *flags, *outputs])
+        states[way] = run_ablation(args, RECIPES, scale=scale)
     together, separate = ({run["config"]: run for run in states[way]["runs"]} for way in ("together", "separate"))
     assert sorted(together) == sorted(separate) == [f"ablation_heads_{loss}.yaml" for loss in ("attn", "both", "proj")]
     assert {run["students_in_run"] for run in together.values()} == {3}
@@ -281,8 +316,6 @@ def test_ablation_one_run_per_case_gives_each_student_its_own_runs_result(
 
 
 def test_ablation_report_states_mean_and_spread() -> None:
-    ablation = load_recipe("ablation")
-
     def knn(value: float) -> dict[str, float]:
         return {"10": value, "20": value, "200": value}
 
@@ -318,7 +351,7 @@ def test_ablation_report_states_mean_and_spread() -> None:
         "total_time_s": 120.0,
         "load_average": [None, None],
     }
-    text = ablation.render_results(state)
+    text = render_results(state)
     # One table per schedule, each with mean ± sample standard deviation over the seeds.
     assert "## 300 steps" in text and "## 600 steps" in text and "--max_steps 600" in text
     assert "| 72.00 ± 2.00 |" in text and "| 76.00 ± 1.00 |" in text and "| 60.00 ± 0.00 |" in text

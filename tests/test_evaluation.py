@@ -585,7 +585,7 @@ def test_probe_train_transform_is_dinos_eval_linear_view() -> None:
     # Any PIL mode becomes normalised RGB with the given statistics: a constant grey image stays constant.
     grey = probe_train_transform(16, (0.5, 0.25, 0.0), (0.5, 0.25, 1.0))(Image.new("L", (40, 30), 255))
     torch.testing.assert_close(grey, torch.tensor([1.0, 3.0, 1.0])[:, None, None].expand(3, 16, 16))
-    with pytest.raises(ValueError, match="std must be positive"):
+    with pytest.raises(ValueError, match="std must be a finite number > 0"):
         probe_train_transform(16, (0.5,) * 3, (0.0,) * 3)
 
 

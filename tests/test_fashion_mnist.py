@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from attndistill_hf.demo import fashion_mnist
 from attndistill_hf.demo.fashion_mnist import (
     CLASS_NAMES,
     DEBIAN_FASHION_MNIST_DIR,
@@ -246,14 +247,15 @@ def test_prepare_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str
 
 
 def test_prepare_cli_flags_reach_the_preparation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    recipe = load_recipe("prepare_fashion_mnist")
     calls: list[dict[str, Any]] = []
 
     def record(output_dir: str, **kwargs: Any) -> dict[str, Any]:
         calls.append({"output_dir": output_dir, **kwargs})
         return {"data_dir": output_dir, "train": [], "test": []}
 
-    monkeypatch.setattr(recipe, "prepare_fashion_mnist", record)
+    # The library's function is replaced before the recipe is loaded, so the recipe imports the stand-in.
+    monkeypatch.setattr(fashion_mnist, "prepare_fashion_mnist", record)
+    recipe = load_recipe("prepare_fashion_mnist")
     # The documented spellings: bare switches, and --no_progress for the progress bars.
     recipe.main(["--output_dir", str(tmp_path), "--hub", "--overwrite", "--no_progress", "--max_train", "20"])
     recipe.main(["--output_dir", str(tmp_path), "--hub", "false", "--image_size", "32"])

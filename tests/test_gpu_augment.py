@@ -21,7 +21,7 @@ from attndistill_hf.data import (
     train_transform,
     view_seed,
 )
-from attndistill_hf.gpu_augment import (
+from attndistill_hf.data.gpu_augment import (
     GpuAugment,
     RawBytesCollator,
     center_crop_boxes,
@@ -198,7 +198,7 @@ def test_default_device_and_argument_checks() -> None:
     assert GpuAugment(8).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="image_size"):
         GpuAugment(0)
-    with pytest.raises(ValueError, match="std > 0"):
+    with pytest.raises(ValueError, match=r"^std must be a finite number > 0, got 0.0 in \[0.1, 0.0, 0.1\]\.$"):
         GpuAugment(8, std=(0.1, 0.0, 0.1))
     with pytest.raises(ValueError, match="flip_prob"):
         GpuAugment(8, flip_prob=2.0)

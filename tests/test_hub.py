@@ -73,7 +73,7 @@ def card_kwargs(records: list[EvalRecord], figures: dict[str, str], **overrides:
         "training_summary": {
             "steps": 1234,
             "epochs": 3.5,
-            "effective_batch": 4096,
+            "effective_batch_size": 4096,
             "skipped_images": 2,
             "nonfinite_steps": 1,
             "hardware": "1x accelerator",
@@ -137,6 +137,7 @@ def test_card_parses_and_carries_the_measured_numbers(tmp_path: Path) -> None:
         assert (tmp_path / rel).is_file()
     assert "```yaml\nteacher: facebook/dino-vits16\nstudent: vit-tiny-patch16\nhub_token: <redacted>\n" in text
     assert "| Optimizer steps | 1,234 |" in text
+    assert "| Effective batch size | 4,096 |" in text
     assert "| Wall time | 1:02:05 (h:mm:ss) |" in text
     assert "| Steps skipped (non-finite student output) | 1 |" in text
     assert 'AutoModel.from_pretrained("someone/vit-tiny-attndistill")' in text

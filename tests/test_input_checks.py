@@ -1,14 +1,33 @@
-"""Input mistakes refused when parsed, naming the flag: numeric ranges, student names, broken config files,
-a launch that started one process where several were asked for."""
+"""Input mistakes refused when parsed, naming the flag (or the library function's argument): numeric ranges,
+student names, broken config files, a launch that started one process where several were asked for."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from attndistill_hf.cli import check_single_process_launch, read_config_file, run_recipe
 from attndistill_hf.config import AttnDistillConfig
+from attndistill_hf.data import (
+    EqualStepsIterable,
+    GpuAugment,
+    dataloader_workers,
+    image_stats,
+    steps_per_epoch,
+    train_transform,
+)
+from attndistill_hf.demo.fashion_mnist import prepare_fashion_mnist
+from attndistill_hf.evaluation import (
+    EvalArguments,
+    KNNEvaluationCallback,
+    LinearProbeConfig,
+    balanced_label_subset,
+    knn_accuracy,
+)
+from attndistill_hf.losses import fuse_heads, projector_hidden_dims
 from attndistill_hf.students import StudentSpec, check_student_name, student_specs
 from attndistill_hf.validation import POSITIVE_INT, Bound, check_value
 
@@ -133,6 +152,62 @@ def test_bounds_describe_what_they_accept() -> None:
     assert unit.accepts(1.0) and unit.accepts(1e-9) and not unit.accepts(0.0) and not unit.accepts(float("inf"))
     with pytest.raises(ValueError, match=r"^--dims must not be empty\.$"):
         check_value("--dims", [], POSITIVE_INT)
+
+
+FEATURES, LABELS = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: steps_per_epoch(7, 0, 4), "world_size must be a positive integer, got 0."),
+        (lambda: EqualStepsIterable([], 0, 4), "steps must be a positive integer, got 0."),
+        (lambda: dataloader_workers([], -1), "the number of workers must be a non-negative integer, got -1."),
+        (lambda: train_transform(True), "image_size must be a positive integer, got True."),
+        (
+            lambda: train_transform(8, std=(0.5, 0.0, 0.5)),
+            "std must be a finite number > 0, got 0.0 in [0.5, 0.0, 0.5].",
+        ),
+        (
+            lambda: image_stats({"image_mean": [0.1], "image_std": [0.0]}),
+            "image std must be a finite number > 0, got 0.0 in [0.0, 0.0, 0.0].",
+        ),
+        (lambda: GpuAugment(8, flip_prob=2.0), "flip_prob must be a finite number >= 0 and <= 1, got 2.0."),
+        (lambda: knn_accuracy(FEATURES, LABELS, FEATURES, LABELS, ks=[]), "ks must not be empty."),
+        (
+            lambda: knn_accuracy(FEATURES, LABELS, FEATURES, LABELS, ks=[1, 0]),
+            "ks must be a positive integer, got 0 in [1, 0].",
+        ),
+        (
+            lambda: knn_accuracy(FEATURES, LABELS, FEATURES, LABELS, temperature=float("nan")),
+            "temperature must be a finite number > 0, got nan.",
+        ),
+        (lambda: KNNEvaluationCallback([], [], k=0), "k must be a positive integer, got 0."),
+        (
+            lambda: LinearProbeConfig(eval_every=-1),
+            "eval_every must be 0 (the final epoch only) or a positive integer, got -1.",
+        ),
+        (
+            lambda: LinearProbeConfig(lr_sweep=(0.1, 0.0)),
+            "lr_sweep must be a finite number > 0, got 0.0 in [0.1, 0.0].",
+        ),
+        (lambda: balanced_label_subset(LABELS, 1.5, 0), "fraction must be a finite number > 0 and <= 1, got 1.5."),
+        (
+            lambda: EvalArguments(model_name_or_path="model", num_workers=-1),
+            "--num_workers must be a non-negative integer, got -1.",
+        ),
+        (lambda: fuse_heads(torch.rand(1, 2, 5), temperature=0.0), "temperature must be a finite number > 0, got 0.0."),
+        (lambda: projector_hidden_dims(8, 0), "depth must be a positive integer, got 0."),
+        (
+            lambda: prepare_fashion_mnist("unused", num_test_shards=0),
+            "num_test_shards must be a positive integer, got 0.",
+        ),
+    ],
+)
+def test_library_functions_name_the_argument_out_of_range(call: Callable[[], object], message: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        call()
+    assert str(refused.value) == message
 
 
 @pytest.mark.parametrize(

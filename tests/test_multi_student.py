@@ -278,13 +278,13 @@ def test_recipe_trains_a_students_list_and_publishes_each_student_in_its_folder(
         "  - {name: attn, student_preset: vit-mini-2heads-patch4, proj_loss_weight: 0.0, hub_model_id: me/attn-only}\n"
     )
     out = tmp_path / "out"
-    summary = distill_command(
+    result = distill_command(
         [str(config), "--teacher_name_or_path", str(tmp_path / "teacher"), "--image_size", "32", "--use_cpu", "true"]
         + ["--train_dir", str(images), "--eval_dir", str(images), "--max_steps", "2", "--logging_steps", "1"]
         + ["--per_device_train_batch_size", "4", "--output_dir", str(out), "--report_to", "none"]
         + ["--knn_train_samples", "8", "--disable_tqdm", "true", "--knn_eval_steps", "1"]
     )
-    assert set(summary["students"]) == {"both", "attn"}
+    assert set(result.students) == {"both", "attn"}
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     monitored = {name: [e for e in history if f"{name}/eval_knn_top1" in e] for name in ("both", "attn")}
     for name, heads in (("both", 4), ("attn", 2)):
@@ -294,7 +294,7 @@ def test_recipe_trains_a_students_list_and_publishes_each_student_in_its_folder(
         assert {"README.md", "knn_results.json", "training_curves.png", "attention_maps.png"} <= {
             path.name for path in folder.iterdir()
         }
-        assert "knn" in summary["students"][name]
+        assert result.students[name].knn is not None
         # Each student's own monitor, at every step; at the end it is the final evaluation of that student.
         assert [entry["step"] for entry in monitored[name]] == [1, 2]
         final = json.loads((folder / "knn_results.json").read_text())

@@ -33,7 +33,7 @@ from attndistill_hf.data import (
     steps_per_epoch,
     train_transform,
 )
-from attndistill_hf.gpu_augment import GpuAugment, RawBytesCollator
+from attndistill_hf.data.gpu_augment import GpuAugment, RawBytesCollator
 from attndistill_hf.skipping import UnreadableDataError
 from attndistill_hf.trainer import AttnDistillTrainer
 
@@ -254,12 +254,12 @@ def unreadable_counts(data: Path, out: Path) -> dict[str, int | str]:
     count; and a folder of 4 unreadable files alone, read twice: the error that stops the run."""
     mixed = write_mixed_folder(data / "mixed", readable=4, unreadable=4)
     args = DataArguments(train_dir=str(mixed), image_size=32, cache_dir=str(data / "cache"))
-    # One log for the run: under DDP the loss terms of a logging window are averaged over the ranks, and
-    # a window in which one rank met only unreadable batches has no terms on that rank.
-    trainer = train(args, out / "mixed", workers=0, max_steps=6, logging_steps=6)
+    # A log at every step: under DDP every rank reduces the same loss terms, also in a window in which it
+    # met only unreadable batches (a rank with fewer reductions than the others would hang them).
+    trainer = train(args, out / "mixed", workers=0, max_steps=6, logging_steps=1)
     assert trainer.state.epoch == 3
     logged = [entry["skipped_images"] for entry in trainer.state.log_history if "skipped_images" in entry]
-    assert logged[-1] == trainer.skips.skipped_images
+    assert len(logged) == 6 and logged[-1] == trainer.skipped_images_in_all_processes()
     only = write_mixed_folder(data / "only", readable=0, unreadable=4)
     args = DataArguments(train_dir=str(only), image_size=32, cache_dir=str(data / "cache"))
     with pytest.raises(UnreadableDataError) as stopped:

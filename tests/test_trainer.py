@@ -589,3 +589,14 @@ def test_parameters_the_loss_cannot_reach_are_frozen(tmp_path: Path, proj_weight
     exported = AutoModel.from_pretrained(tmp_path / "student").state_dict()
     for name, value in trainer.student.state_dict().items():
         assert torch.equal(exported[name], value), name
+
+
+def test_warmup_epochs_become_warmup_steps_of_the_schedule(tmp_path: Path) -> None:
+    # 32 images, batches of 8, accumulation 2: 2 updates per epoch, so 1.5 warm-up epochs are 3 steps.
+    args = config(tmp_path, max_steps=6, warmup_epochs=1.5, gradient_accumulation_steps=2, lr_scheduler_type="linear")
+    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset(count=32))
+    assert trainer.args.warmup_steps == 3
+    trainer.train()
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    # The rate each step used: linear warm-up from 0 to 1e-3 over 3 steps, then linear decay towards 0 at step 6.
+    assert rates == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3, 2e-3 / 3, 1e-3 / 3])

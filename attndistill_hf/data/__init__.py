@@ -25,11 +25,21 @@ The modules:
 * :mod:`.decoding`: image bytes, files and PIL images to 8-bit RGB; None for what cannot be decoded.
 * :mod:`.transforms`: the teacher's normalisation, the training and evaluation views, example keys and
   seeded views, :class:`ImageCollator`.
+* :mod:`.gpu_augment`: the training view on the accelerator (``--gpu_augment``): workers collate encoded
+  bytes (:class:`RawBytesCollator`), :class:`GpuAugment` decodes and augments the batch on the device.
 
-The public names of all four are importable from here (``from attndistill_hf.data import load_split``).
+The public names of all five are importable from here (``from attndistill_hf.data import load_split``).
 """
 
 from .decoding import decode_image, to_rgb
+from .gpu_augment import (
+    GpuAugment,
+    RawBytesCollator,
+    center_crop_boxes,
+    jpeg_components,
+    read_image_bytes,
+    sample_crop_boxes,
+)
 from .sources import (
     DEFAULT_SUBSET_SEED,
     WEBDATASET_IMAGE_KEYS,
@@ -83,9 +93,12 @@ __all__ = [
     "EpochShuffle",
     "EqualStepsIterable",
     "ExampleKey",
+    "GpuAugment",
     "ImageCollator",
     "KeyedExamples",
+    "RawBytesCollator",
     "UnreadableTally",
+    "center_crop_boxes",
     "check_hub_split",
     "column_names",
     "count_examples",
@@ -96,10 +109,13 @@ __all__ = [
     "eval_view_loader",
     "example_id",
     "image_stats",
+    "jpeg_components",
     "load_split",
     "prepare_per_rank_dataloader",
     "probe_train_transform",
+    "read_image_bytes",
     "require_label_column",
+    "sample_crop_boxes",
     "seeded_view",
     "shard_stream",
     "steps_per_epoch",

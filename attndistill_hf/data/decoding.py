@@ -1,7 +1,7 @@
 """Decoding: any image value (bytes, path, ``{"bytes", "path"}`` dict, PIL image) to 8-bit RGB, or None.
 
 Bad data never raises here: truncated, corrupt, missing or empty data gives None, so that the collator (and
-the GPU decoding of :mod:`attndistill_hf.gpu_augment`) can skip the image and count it. So does an image
+the GPU decoding of :mod:`attndistill_hf.data.gpu_augment`) can skip the image and count it. So does an image
 larger than :data:`MAX_IMAGE_PIXELS` that cannot be decoded reduced.
 """
 

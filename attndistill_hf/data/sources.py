@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from ..validation import OPTIONAL_POSITIVE_INT, POSITIVE_INT, Bound, check_fields, check_value
 from .streaming import dataloader_workers
 from .transforms import _DEFAULT_IMAGE_COLUMN, IMAGENET_MEAN, IMAGENET_STD, ImageCollator, eval_transform
 
@@ -30,6 +31,14 @@ WEBDATASET_LABEL_KEYS: tuple[str, ...] = ("cls",)
 
 _SHARD_BUILDERS: dict[str, str] = {".parquet": "parquet", ".tar": "webdataset"}
 _DEFAULT_LABEL_COLUMN = "label"
+# The ranges of DataArguments' numeric fields (None: not given).
+_DATA_BOUNDS: dict[str, Bound] = {
+    "shuffle_buffer_size": POSITIVE_INT,
+    "image_size": OPTIONAL_POSITIVE_INT,
+    "max_train_samples": OPTIONAL_POSITIVE_INT,
+    "max_eval_samples": OPTIONAL_POSITIVE_INT,
+    "num_train_examples": OPTIONAL_POSITIVE_INT,
+}
 
 
 def _shard_builder(patterns: Sequence[str], flag: str) -> str:
@@ -190,15 +199,7 @@ class DataArguments:
             _shard_builder(self.eval_data_files, "--eval_data_files")
         if not self.image_column:
             raise ValueError("--image_column must name a column")
-        for flag, value in (
-            ("--shuffle_buffer_size", self.shuffle_buffer_size),
-            ("--image_size", self.image_size),
-            ("--max_train_samples", self.max_train_samples),
-            ("--max_eval_samples", self.max_eval_samples),
-            ("--num_train_examples", self.num_train_examples),
-        ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        check_fields(self, _DATA_BOUNDS)
 
     @property
     def source_name(self) -> str:
@@ -370,8 +371,7 @@ def load_split(
     if streaming is None:
         streaming = data_args.streaming
 
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    check_value("limit", limit, OPTIONAL_POSITIVE_INT)
 
     if split == "train":
         source, configured = data_args.train_source, data_args.max_train_samples

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..validation import NON_NEGATIVE_INT, POSITIVE_INT, check_value
 from .transforms import EXAMPLE_KEY, UNREADABLE_IDS, ExampleKey, derived_seed
 
 
@@ -48,8 +49,7 @@ def steps_per_epoch(num_examples: int, world_size: int, per_device_batch: int, *
         ("world_size", world_size),
         ("per_device_batch", per_device_batch),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_value(name, value, POSITIVE_INT)
     global_batch = world_size * per_device_batch
     steps = num_examples // global_batch if drop_last else math.ceil(num_examples / global_batch)
     if steps == 0:
@@ -76,8 +76,8 @@ def shard_stream(
         raise TypeError(f"shard_stream expects a streamed datasets.IterableDataset, got {type(ds).__name__}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
-    if shuffle and buffer_size < 1:
-        raise ValueError(f"buffer_size must be positive, got {buffer_size}")
+    if shuffle:
+        check_value("buffer_size", buffer_size, POSITIVE_INT)
     if world_size > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     if shuffle:
@@ -100,8 +100,8 @@ class EqualStepsIterable(torch.utils.data.IterableDataset):
 
     def __init__(self, dataset: Any, steps: int, per_device_batch: int) -> None:
         super().__init__()
-        if steps < 1 or per_device_batch < 1:
-            raise ValueError(f"steps and per_device_batch must be positive, got {steps} and {per_device_batch}")
+        check_value("steps", steps, POSITIVE_INT)
+        check_value("per_device_batch", per_device_batch, POSITIVE_INT)
         self.dataset = dataset
         self.steps = steps
         self.per_device_batch = per_device_batch
@@ -173,8 +173,7 @@ def dataloader_workers(ds: Any, requested: int) -> int:
 
     Warns and returns the shard count when ``requested`` exceeds it (the surplus workers would sit idle).
     """
-    if requested < 0:
-        raise ValueError(f"the number of workers cannot be negative, got {requested}")
+    check_value("the number of workers", requested, NON_NEGATIVE_INT)
     shards = getattr(ds, "num_shards", None)
     streamed = isinstance(ds, torch.utils.data.IterableDataset) or type(ds).__name__ == "IterableDataset"
     if streamed and shards and requested > shards:

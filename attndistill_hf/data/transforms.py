@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from ..validation import POSITIVE, POSITIVE_INT, check_value
 from .decoding import decode_image, to_rgb
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -74,18 +75,15 @@ def image_stats(
     if mean is None or std is None:
         return IMAGENET_MEAN, IMAGENET_STD
     mean3, std3 = _stats_triplet(mean, "mean"), _stats_triplet(std, "std")
-    if min(std3) <= 0:
-        raise ValueError(f"image std must be positive, got {std3}")
+    check_value("image std", list(std3), POSITIVE)
     return mean3, std3
 
 
 def _check_transform_args(image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    check_value("image_size", image_size, POSITIVE_INT)
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values each (RGB), got {list(mean)} and {list(std)}")
-    if min(std) <= 0:
-        raise ValueError(f"std must be positive, got {list(std)}")
+    check_value("std", list(std), POSITIVE)
 
 
 def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[Any]:

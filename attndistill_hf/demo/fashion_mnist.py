@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ..validation import NON_NEGATIVE_INT, OPTIONAL_POSITIVE_INT, POSITIVE_INT, check_value
+
 logger = logging.getLogger(__name__)
 
 # Where Debian's ``dataset-fashion-mnist`` package installs the original files.
@@ -140,8 +142,7 @@ def balanced_subset_indices(labels: np.ndarray, total: int, seed: int) -> np.nda
     (the original files are already shuffled), so shards stay class-mixed.
     """
     labels = np.asarray(labels)
-    if total < 0:
-        raise ValueError(f"Subset size must be non-negative, got {total}.")
+    check_value("total", total, NON_NEGATIVE_INT)
     if total >= len(labels):
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
@@ -285,11 +286,9 @@ def prepare_fashion_mnist(
     """
     output_dir = Path(output_dir)
     for name, value in (("max_train", max_train), ("max_test", max_test), ("image_size", image_size)):
-        if value is not None and value <= 0:
-            raise ValueError(f"{name} must be a positive integer or None, got {value}.")
+        check_value(name, value, OPTIONAL_POSITIVE_INT)
     for name, value in (("num_train_shards", num_train_shards), ("num_test_shards", num_test_shards)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}.")
+        check_value(name, value, POSITIVE_INT)
     source = HUB_DATASET_ID if hub else str(Path(source_dir).resolve())
     request = {
         "layout_version": LAYOUT_VERSION,

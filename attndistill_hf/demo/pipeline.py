@@ -1,8 +1,8 @@
 """The offline Fashion-MNIST demo's shared stages: its supervised teacher, its sizes, the distillation launch.
 
-``recipes/train_teacher.py``, ``recipes/demo.py`` and ``recipes/ablation.py`` are thin front ends over
-this module, so that the teacher, its cache, the k-NN protocol and the way distillation is started are
-the same in all three.
+``recipes/train_teacher.py`` and the demo's and the ablation's runs (``demo/run.py``, ``demo/ablation.py``)
+share this module, so that the teacher, its cache, the k-NN protocol and the way distillation is started
+are the same in all three.
 
 AttnDistill's teachers are self-supervised ViTs (DINO, Mugs, MAE). None of them exists for 28 px
 clothing images, and self-supervised pre-training does not fit a CPU budget of minutes, so the demo
@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,13 +38,24 @@ import numpy as np
 import torch
 import transformers
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, ViTModel, set_seed
 
 from ..data import DataArguments, ImageCollator, decode_image, eval_view_loader, load_split, train_transform
 from ..evaluation import run_knn_eval
 from ..hardware import hardware_description
-from ..hub import build_teacher_card, records_from_results
+from ..hub import (
+    EvalRecord,
+    code_block,
+    public_name,
+    publish_local_paths,
+    records_from_results,
+    redact,
+    results_table,
+    summary_table,
+    usage_snippet,
+)
 from ..models import LAYER_NORM_EPS, build_image_processor, build_student, sincos_2d_position_embeddings
 from ..trainer import exportable_student
 from .fashion_mnist import CLASS_NAMES, HUB_DATASET_ID, INFO_FILENAME
@@ -366,6 +377,59 @@ def _data_description(data_dir: Path) -> dict[str, Any]:
         "max_examples": info.get("max_examples", {}),
         "subset_seed": info.get("seed"),
     }
+
+
+def build_teacher_card(
+    *,
+    model_name: str,
+    description: str,
+    provenance: Sequence[str],
+    recipe_text: str,
+    training_summary: Mapping[str, Any],
+    eval_results: Sequence[EvalRecord],
+    evaluation: str,
+    limitations: str,
+    datasets: Sequence[str] = (),
+    extra_tags: Iterable[str] = (),
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """The model card of the demo's supervised teacher.
+
+    ``description`` opens the card; ``provenance`` lists how it was made (data, objective,
+    augmentation), one bullet each; ``recipe_text`` is the recipe as its config file reads;
+    ``eval_results`` become ``model-index`` entries and the results table, introduced by
+    ``evaluation`` (the protocol). ``datasets`` are Hub dataset ids. Like the student's card, every
+    number comes from the arguments and the text passes through :func:`~attndistill_hf.hub.redact`.
+    """
+    records = list(eval_results)
+    card_data = ModelCardData(
+        model_name=public_name(model_name),
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        license=license,
+        datasets=list(datasets) or None,
+        tags=list(dict.fromkeys(["vit", "teacher", *extra_tags])),
+        eval_results=[record.to_eval_result() for record in records] or None,
+    )
+    sections = [
+        f"# {public_name(model_name)}",
+        description,
+        "## How it was made",
+        "\n".join(f"- {item}" for item in provenance),
+        "## Training recipe",
+        code_block(publish_local_paths(recipe_text), "yaml"),
+        "## Training summary",
+        summary_table(training_summary),
+        "## Results",
+        evaluation,
+        results_table(records),
+        "## How to use",
+        code_block(usage_snippet("path/to/this/folder"), "python"),
+        "## Limitations",
+        limitations,
+    ]
+    body = "\n\n".join(sections) + "\n"
+    return ModelCard(redact(f"---\n{card_data.to_yaml()}\n---\n\n{body}"))
 
 
 def write_teacher_card(output_dir: Path, record: Mapping[str, Any]) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attention import run_model
-from ..families import cls_feature, token_layout
+from ..families import normalised_cls_feature, token_layout
 from ..models import final_norm
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def compute_features(model: nn.Module, pixel_values: torch.Tensor, kind: Feature
         norm = final_norm(model)
         return torch.cat([norm(state[:, 0]) for state in hidden_states[-4:]], dim=-1)
     outputs = run_model(model, pixel_values)
-    cls = cls_feature(model, outputs)
+    cls = normalised_cls_feature(model, outputs)
     if kind == "cls":
         return cls
     tokens = outputs.last_hidden_state

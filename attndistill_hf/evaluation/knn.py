@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..attention import unwrap_model
+from ..validation import OPTIONAL_POSITIVE_INT, POSITIVE, POSITIVE_INT, check_value
 from .features import FeatureKind, check_features, check_kind, num_classes_of, train_test_features
 
 logger = logging.getLogger(__name__)
@@ -72,10 +73,9 @@ def knn_accuracy(
         raise ValueError(
             f"Train features have dimension {train_features.shape[1]}, test features {test_features.shape[1]}."
         )
-    if not ks or any(int(k) < 1 for k in ks):
-        raise ValueError(f"ks must be a non-empty list of positive integers, got {list(ks)}.")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}.")
+    check_value("ks", list(ks), POSITIVE_INT)
+    check_value("temperature", temperature, POSITIVE)
+    check_value("chunk_size", chunk_size, OPTIONAL_POSITIVE_INT)
     device = train_features.device
     train = F.normalize(train_features.float(), dim=1)
     train_labels = train_labels.to(device=device, dtype=torch.long)
@@ -94,8 +94,6 @@ def knn_accuracy(
     max_k = effective[-1]
     if chunk_size is None:
         chunk_size = max(1, _KNN_SIMILARITY_BUDGET // num_train)
-    elif chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
 
     top1 = dict.fromkeys(effective, 0)
     top5 = dict.fromkeys(effective, 0)
@@ -166,10 +164,8 @@ class KNNEvaluationCallback(TrainerCallback):
         dtype: torch.dtype | None = None,
         progress: bool = False,
     ) -> None:
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps}.")
-        if k < 1:
-            raise ValueError(f"k must be positive, got {k}.")
+        check_value("every_n_steps", every_n_steps, OPTIONAL_POSITIVE_INT)
+        check_value("k", k, POSITIVE_INT)
         check_kind(kind)
         self.train_loader, self.test_loader = train_loader, test_loader
         self.every_n_steps, self.k, self.temperature, self.kind = every_n_steps, k, temperature, kind

@@ -9,7 +9,7 @@ a model; ``balanced_label_subset`` gives the 1% / 10% semi-supervised label spli
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from ..validation import POSITIVE, POSITIVE_INT, Bound, check_fields, check_value
 from .features import (
     FEATURE_KINDS,
     FeatureKind,
@@ -34,6 +35,15 @@ from .features import (
 )
 
 ProbeFeatureKind = Literal["auto", "cls", "last4_cls", "cls+avgpool"]
+# A share of the labelled samples: some, at most all.
+_FRACTION = Bound(above=0, maximum=1)
+# The ranges of LinearProbeConfig's numeric fields (the learning rates are checked by which of them applies).
+_PROBE_BOUNDS: dict[str, Bound] = {
+    "epochs": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "eval_every": Bound(integer=True, minimum=0, text="0 (the final epoch only) or a positive integer"),
+    "label_fraction": replace(_FRACTION, optional=True),
+}
 # DINO's linear probe: CLS + average-pooled patch tokens from ViT-B's width on, the last 4 CLS below.
 _AVGPOOL_MIN_HIDDEN_SIZE = 768
 
@@ -52,8 +62,7 @@ def balanced_label_subset(labels: torch.Tensor | Sequence[int], fraction: float,
     labels = torch.as_tensor(labels)
     if labels.ndim != 1 or labels.numel() == 0:
         raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {tuple(labels.shape)}.")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    check_value("fraction", fraction, _FRACTION)
     generator = torch.Generator().manual_seed(seed)
     # Group indices by class with one stable sort (ImageNet: 1.28M labels, 1000 classes).
     order = torch.argsort(labels, stable=True)
@@ -117,20 +126,15 @@ class LinearProbeConfig:
     eval_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}.")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be 0 (final epoch only) or positive, got {self.eval_every}.")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}.")
+        check_fields(self, _PROBE_BOUNDS, prefix="")
         if self.lr is not None and self.lr_sweep:
             raise ValueError("Give either lr (one absolute learning rate) or lr_sweep (base lrs), not both.")
-        rates = [self.base_lr] if self.lr is None else [self.lr]
-        rates += list(self.lr_sweep or [])
-        if any(rate <= 0 for rate in rates):
-            raise ValueError(f"Learning rates must be positive, got {rates}.")
-        if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
-            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}.")
+        if self.lr is None:
+            check_value("base_lr", self.base_lr, POSITIVE)
+        else:
+            check_value("lr", self.lr, POSITIVE)
+        if self.lr_sweep:
+            check_value("lr_sweep", list(self.lr_sweep), POSITIVE)
         if self.lr_sweep is not None:
             self.lr_sweep = tuple(float(rate) for rate in self.lr_sweep)
 

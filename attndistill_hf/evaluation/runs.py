@@ -28,6 +28,7 @@ from ..data.transforms import image_stats
 from ..families import UnsupportedModelError, configured_image_size, family_of
 from ..hub import EvalRecord, add_eval_records, records_from_results
 from ..models import load_image_processor, load_teacher
+from ..validation import NON_NEGATIVE_INT, POSITIVE_INT, check_fields
 from .features import FeatureKind, check_kind, is_main_process, train_test_features
 from .knn import DEFAULT_KNN_KS, knn_accuracy, knn_ks_used
 from .linear import (
@@ -118,11 +119,7 @@ class EvalArguments:
             check_kind(self.feature_kind)
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}.")
-        for name in ("batch_size",):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
-        if self.num_workers < 0:
-            raise ValueError(f"--num_workers cannot be negative, got {self.num_workers}.")
+        check_fields(self, {"batch_size": POSITIVE_INT, "num_workers": NON_NEGATIVE_INT})
 
     @property
     def dtype(self) -> torch.dtype | None:

@@ -18,7 +18,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from attndistill_hf.losses import clamp_and_renormalise, fuse_heads, resize_patch_attention
+from attndistill_hf.losses import DEFAULT_FUSION_TEMPERATURE, clamp_and_renormalise, fuse_heads, resize_patch_attention
 
 FIGURE = Path(__file__).resolve().parents[1] / "figures" / "attention_cases.png"
 
@@ -56,7 +56,7 @@ def _tile_heads(rows: torch.Tensor, side: int) -> np.ndarray:
     return np.concatenate(tiles[:-1], axis=1)
 
 
-def plot_attention_cases(path: str | Path, *, temperature: float = 10.0) -> Path:
+def plot_attention_cases(path: str | Path, *, temperature: float = DEFAULT_FUSION_TEMPERATURE) -> Path:
     """A schematic of the attention loss cases, drawn from synthetic CLS-attention maps, written to ``path``.
 
     Rows: (a) same heads and patches, head-to-head KL; (b) a finer teacher grid, bicubic-resized to the

@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .data.decoding import decode_image
-from .data.streaming import UnreadableTally
-from .data.transforms import (
+from ..validation import POSITIVE, POSITIVE_INT, Bound, check_value
+from .decoding import decode_image
+from .streaming import UnreadableTally
+from .transforms import (
     EXAMPLE_KEY,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -268,12 +269,11 @@ class GpuAugment(torch.nn.Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need 3 values each and std > 0, got {list(mean)} and {list(std)}")
-        if not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        check_value("image_size", image_size, POSITIVE_INT)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 values each (RGB), got {list(mean)} and {list(std)}")
+        check_value("std", list(std), POSITIVE)
+        check_value("flip_prob", flip_prob, Bound(minimum=0, maximum=1))
         self.image_size = image_size
         self.device = torch.device(device) if device is not None else _default_device()
         self.train_mode = train
