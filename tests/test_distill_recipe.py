@@ -22,7 +22,6 @@ from transformers import AutoModel, ResNetConfig, ResNetModel
 
 from attndistill_hf import pipeline, publish
 from attndistill_hf.arguments import DistillRunArguments
-from attndistill_hf.cli import run_recipe
 from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, DataArguments
 from attndistill_hf.evaluation import KNNEvaluationCallback, card_records
@@ -32,7 +31,7 @@ from attndistill_hf.pipeline import build_knn_loaders, knn_streamed
 from attndistill_hf.publish import push_students
 from attndistill_hf.trainer import AttnDistillTrainer
 
-from helpers import distill_command, tiny_teacher, write_image_folder
+from helpers import distill_command, distill_exit_status, tiny_teacher, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = ROOT / "recipes" / "distill.py"
@@ -63,15 +62,6 @@ def run(args: list[str], processes: int = 0) -> subprocess.CompletedProcess:
     result = subprocess.run(command + args, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
-
-
-def exit_status(argv: list[str]) -> int | str | None:
-    """``python recipes/distill.py ARGV`` run in this process (faster than a subprocess): its exit status."""
-    try:
-        run_recipe(lambda: distill_command(argv))
-    except SystemExit as stopped:
-        return stopped.code
-    return 0
 
 
 QUICK = ["--student_preset", "vit-tiny-patch16", "--image_size", "32", "--patch_size", "8", "--use_cpu", "true"]
@@ -129,7 +119,7 @@ def test_a_folder_of_only_unreadable_images_stops_in_one_line(
         (images / f"{index}.png").write_bytes(b"\x89PNG\r\n\x1a\n-not-an-image")
     out = tmp_path / "out"
     argv = ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--max_steps", "2", "--train_dir", str(images.parent)]
-    assert exit_status([*argv, "--per_device_train_batch_size", "4", "--output_dir", str(out)]) == 2
+    assert distill_exit_status([*argv, "--per_device_train_batch_size", "4", "--output_dir", str(out)]) == 2
     # 2 batches of the 3 files, every one unreadable: each file counted once
     error = next(line for line in capsys.readouterr().err.splitlines() if "error: " in line)
     assert error.endswith(
@@ -331,7 +321,10 @@ def test_card_names_local_data_by_name_and_publishes_no_local_path(tmp_path: Pat
     config.write_text(f"teacher_name_or_path: {teacher_dir}\noutput_dir: {tmp_path / 'elsewhere'}\n")
     argv = [str(config), *QUICK, "--train_dir", str(images), "--eval_dir", str(val), "--max_steps", "1"]
     assert (
-        exit_status([*argv, "--per_device_train_batch_size", "4", "--save_steps", "1", "--output_dir", str(out)]) == 0
+        distill_exit_status(
+            [*argv, "--per_device_train_batch_size", "4", "--save_steps", "1", "--output_dir", str(out)]
+        )
+        == 0
     )
     card = ModelCard.load(out / "README.md")
     assert "split: val" in card.content and "split: test" not in card.content
@@ -356,26 +349,31 @@ def test_a_finished_run_is_refused_unless_overwritten_or_resumed(
     out = tmp_path / "out"
     common = ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--train_dir", str(images), "--output_dir", str(out)]
     common += ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--attention_figure_images", "0"]
-    assert exit_status([*common, "--eval_dir", str(images), "--max_steps", "2", "--save_steps", "1"]) == 0
+    assert distill_exit_status([*common, "--eval_dir", str(images), "--max_steps", "2", "--save_steps", "1"]) == 0
     first = {path.relative_to(out).as_posix(): path.read_bytes() for path in out.rglob("*") if path.is_file()}
     assert {"knn_results.json", "checkpoint-1/optimizer.pt", "checkpoint-2/optimizer.pt"} <= first.keys()
 
     capsys.readouterr()
-    assert exit_status([*common, "--max_steps", "2"]) == 2
+    assert distill_exit_status([*common, "--max_steps", "2"]) == 2
     refused = capsys.readouterr().err
     assert refused.startswith(f"error: --output_dir {out} holds an earlier run (")
     assert "--overwrite_output_dir true" in refused and "--resume_from_checkpoint last" in refused
     assert len(refused.splitlines()) == 2  # the error and the hint for the traceback
     assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first
 
-    assert exit_status([*common, "--max_steps", "4", "--save_steps", "1", "--resume_from_checkpoint", "last"]) == 0
+    assert (
+        distill_exit_status([*common, "--max_steps", "4", "--save_steps", "1", "--resume_from_checkpoint", "last"]) == 0
+    )
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     logged = [entry for entry in history if "loss" in entry]
     assert [entry["step"] for entry in logged] == [1, 2, 3, 4]  # steps 1-2 come from checkpoint-2
     first_logs = json.loads(first["trainer_state.json"])["log_history"]
     assert logged[:2] == [entry for entry in first_logs if "loss" in entry]
 
-    assert exit_status([*common, "--max_steps", "1", "--save_strategy", "no", "--overwrite_output_dir", "true"]) == 0
+    assert (
+        distill_exit_status([*common, "--max_steps", "1", "--save_strategy", "no", "--overwrite_output_dir", "true"])
+        == 0
+    )
     files = sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file())
     assert files == [
         "README.md",
@@ -397,7 +395,7 @@ def test_a_failed_push_keeps_the_output_and_exits_non_zero(
     out = tmp_path / "out"
     argv = ["--teacher_name_or_path", str(teacher_dir), *QUICK, "--max_steps", "1", "--train_dir", str(images)]
     argv += ["--per_device_train_batch_size", "4", "--output_dir", str(out)]
-    assert exit_status([*argv, "--push_to_hub", "true", "--hub_model_id", "someone/student"]) == 1
+    assert distill_exit_status([*argv, "--push_to_hub", "true", "--hub_model_id", "someone/student"]) == 1
     stderr = capsys.readouterr().err
     assert f"error: Pushing {out} to the Hub repo 'someone/student' failed" in stderr
     assert f"hf upload someone/student {out} ." in stderr  # the retry hint

@@ -25,7 +25,7 @@ from attndistill_hf.data.gpu_augment import (
     GpuAugment,
     RawBytesCollator,
     center_crop_boxes,
-    jpeg_components,
+    jpeg_frame,
     read_image_bytes,
     sample_crop_boxes,
 )
@@ -81,17 +81,33 @@ def test_raw_bytes_collator_packs_bytes_and_counts_unreadable(tmp_path: Path) ->
         RawBytesCollator()([{"jpg": a}])
 
 
-def test_jpeg_components_reads_the_frame_header() -> None:
-    assert jpeg_components(encode(Image.new("L", (8, 8)), "JPEG")) == 1
-    assert jpeg_components(encode(Image.new("RGB", (8, 8)), "JPEG")) == 3
-    assert jpeg_components(encode(Image.new("RGB", (8, 8)), "JPEG", progressive=True)) == 3
-    assert jpeg_components(encode(Image.new("CMYK", (8, 8)), "JPEG")) == 4
+def test_jpeg_frame_reads_size_and_components_from_the_header() -> None:
+    assert jpeg_frame(encode(Image.new("L", (8, 6)), "JPEG")) == (6, 8, 1)
+    assert jpeg_frame(encode(Image.new("RGB", (300, 17)), "JPEG")) == (17, 300, 3)
+    assert jpeg_frame(encode(Image.new("RGB", (8, 8)), "JPEG", progressive=True)) == (8, 8, 3)
+    assert jpeg_frame(encode(Image.new("CMYK", (8, 8)), "JPEG")).components == 4
     exif = Image.Exif()
     exif[0x010E] = "x" * 5000  # a long APP1 segment before the frame header
     with_exif = encode(Image.new("RGB", (8, 8)), "JPEG", exif=exif)
-    assert jpeg_components(np.frombuffer(with_exif, dtype=np.uint8)) == 3
-    assert jpeg_components(encode(Image.new("RGB", (8, 8)), "PNG")) is None
-    assert jpeg_components(b"\xff\xd8\xff\xe0\x00") is None
+    assert jpeg_frame(np.frombuffer(with_exif, dtype=np.uint8)) == (8, 8, 3)
+    assert jpeg_frame(encode(Image.new("RGB", (8, 8)), "PNG")) is None
+    assert jpeg_frame(b"\xff\xd8\xff\xe0\x00") is None
+
+
+def test_a_jpeg_above_the_pixel_limit_is_decoded_reduced_on_the_batched_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attndistill_hf.data import decoding, gpu_augment
+
+    # The same rule as the PIL path, at small sizes: 120 x 60 is above 2,000 pixels, half of it fits.
+    monkeypatch.setattr(decoding, "MAX_IMAGE_PIXELS", 2_000)
+    monkeypatch.setattr(gpu_augment, "MAX_IMAGE_PIXELS", 2_000)
+    large, small = (
+        encode(Image.new("RGB", (120, 60), (200, 30, 30)), "JPEG"),
+        encode(Image.new("RGB", (40, 20)), "JPEG"),
+    )
+    data = torch.from_numpy(np.frombuffer(large + small, dtype=np.uint8).copy())
+    images, ok = GpuAugment(8, device="cpu").decode(data, torch.tensor([len(large), len(small)]))
+    assert ok.tolist() == [True, True]
+    assert [tuple(image.shape) for image in images] == [(3, 30, 60), (3, 20, 40)]
 
 
 # ----------------------------------------------------------------------------------------------

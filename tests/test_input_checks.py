@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attndistill_hf.cli import check_single_process_launch, read_config_file, run_recipe
+from attndistill_hf.cli import check_single_process_launch, read_config_file
 from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.data import (
     EqualStepsIterable,
@@ -31,17 +31,14 @@ from attndistill_hf.losses import fuse_heads, projector_hidden_dims
 from attndistill_hf.students import StudentSpec, check_student_name, student_specs
 from attndistill_hf.validation import POSITIVE_INT, Bound, check_value
 
-from helpers import distill_command, tiny_student
+from helpers import distill_exit_status, tiny_student
 
 
 def refusal(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str]:
     """``python recipes/distill.py ARGV`` in this process: its exit status and its error line."""
-    try:
-        run_recipe(lambda: distill_command(argv))
-    except SystemExit as stopped:
-        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-        return stopped.code, lines[-1] if lines else ""
-    return 0, ""
+    status = distill_exit_status(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    return status, lines[-1] if lines else ""
 
 
 def base_argv(tmp_path: Path) -> list[str]:

@@ -11,9 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from attndistill_hf.cli import run_recipe
-
-from helpers import distill_command, tiny_teacher, write_image_folder
+from helpers import distill_exit_status, tiny_teacher, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +23,6 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("inputs")
     tiny_teacher(root / "teacher")
     return root / "teacher", write_image_folder(root / "images")
-
-
-def distill(argv: list[str]) -> int | str | None:
-    """``python recipes/distill.py ARGV`` in this process: its exit status."""
-    try:
-        run_recipe(lambda: distill_command(argv))
-    except SystemExit as stopped:
-        return stopped.code
-    return 0
 
 
 def argv(inputs: tuple[Path, Path], out: Path, *extra: str, preset: str = "vit-tiny-patch16") -> list[str]:
@@ -48,13 +37,13 @@ def test_resuming_a_finished_run_does_nothing_and_says_so(
     tmp_path: Path, inputs: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "out"
-    assert distill(argv(inputs, out)) == 0
+    assert distill_exit_status(argv(inputs, out)) == 0
     # 18 images in batches of 4: step 3 ends mid-epoch, where Trainer would have run a step 4 on resume.
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert not (out / ".checkpoint-staging").exists()
     exported = (out / "model.safetensors").read_bytes()
     with caplog.at_level(logging.WARNING):
-        assert distill(argv(inputs, out, "--resume_from_checkpoint", "last")) == 0
+        assert distill_exit_status(argv(inputs, out, "--resume_from_checkpoint", "last")) == 0
     assert f"{out} finished at step 3 and its students are exported: nothing to resume" in caplog.text
     assert (out / "model.safetensors").read_bytes() == exported
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
@@ -65,11 +54,11 @@ def test_a_final_checkpoint_not_yet_exported_is_exported_without_another_step(
     tmp_path: Path, inputs: tuple[Path, Path]
 ) -> None:
     out = tmp_path / "out"
-    assert distill(argv(inputs, out)) == 0
+    assert distill_exit_status(argv(inputs, out)) == 0
     expected = load_file(out / "model.safetensors")
     for name in ("model.safetensors", "config.json", "trainer_state.json"):  # killed after the last checkpoint
         (out / name).unlink()
-    assert distill(argv(inputs, out, "--resume_from_checkpoint", "last")) == 0
+    assert distill_exit_status(argv(inputs, out, "--resume_from_checkpoint", "last")) == 0
     exported = load_file(out / "model.safetensors")
     assert exported.keys() == expected.keys()
     assert all(torch.equal(exported[key], expected[key]) for key in expected)
@@ -80,11 +69,11 @@ def test_resuming_with_another_student_architecture_is_refused_naming_both(
     tmp_path: Path, inputs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    assert distill(argv(inputs, out)) == 0
+    assert distill_exit_status(argv(inputs, out)) == 0
     (out / "checkpoint-3").rename(out / "kept")  # leave checkpoint-2, mid-run
     # 3 and 6 heads of width 192: the same parameter shapes, so the weights alone would load silently.
     resumed = argv(inputs, out, "--resume_from_checkpoint", "last", preset="vit-tiny-6heads-patch16")
-    assert distill(resumed) == 2
+    assert distill_exit_status(resumed) == 2
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")][-1]
     assert error == (
         f"error: Cannot resume from {out / 'checkpoint-2'}: the student there is vit with num_attention_heads=3, "
@@ -107,7 +96,7 @@ def test_a_run_without_a_readable_image_leaves_no_output_folder(
         *("--teacher_name_or_path", str(teacher), "--train_dir", str(images.parent), "--output_dir", str(out)),
         *("--student_preset", "vit-tiny-patch16", *QUICK, "--max_steps", "4", "--save_steps", "1"),
     ]
-    assert distill(refused) == 2
+    assert distill_exit_status(refused) == 2
     assert "error: No training batch held a readable image" in capsys.readouterr().err
     # Nothing written (no checkpoint of a student that saw no image), so a rerun is not refused as "an earlier run".
     assert not out.exists()

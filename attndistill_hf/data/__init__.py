@@ -36,7 +36,7 @@ from .gpu_augment import (
     GpuAugment,
     RawBytesCollator,
     center_crop_boxes,
-    jpeg_components,
+    jpeg_frame,
     read_image_bytes,
     sample_crop_boxes,
 )
@@ -109,7 +109,7 @@ __all__ = [
     "eval_view_loader",
     "example_id",
     "image_stats",
-    "jpeg_components",
+    "jpeg_frame",
     "load_split",
     "prepare_per_rank_dataloader",
     "probe_train_transform",

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..validation import POSITIVE, POSITIVE_INT, Bound, check_value
-from .decoding import decode_image
+from .decoding import MAX_IMAGE_PIXELS, decode_image
 from .streaming import UnreadableTally
 from .transforms import (
     EXAMPLE_KEY,
@@ -139,11 +139,16 @@ class RawBytesCollator:
         return batch
 
 
-def jpeg_components(data: np.ndarray | bytes) -> int | None:
-    """Colour components declared by a JPEG's frame header (1 gray, 3 YCbCr, 4 CMYK/YCCK), None if not found.
+class JpegFrame(NamedTuple):
+    """What a JPEG's frame header declares: its size and colour components (1 gray, 3 YCbCr, 4 CMYK/YCCK)."""
 
-    Walks the marker segments to the start-of-frame without decoding anything.
-    """
+    height: int
+    width: int
+    components: int
+
+
+def jpeg_frame(data: np.ndarray | bytes) -> JpegFrame | None:
+    """The frame header of a JPEG, None if not found; walks the marker segments without decoding anything."""
     view = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
     if view[:2] != b"\xff\xd8":
         return None
@@ -160,7 +165,11 @@ def jpeg_components(data: np.ndarray | bytes) -> int | None:
             continue
         length = (view[pos + 2] << 8) | view[pos + 3]
         if marker in _SOF_MARKERS:
-            return view[pos + 9] if pos + 9 < size else None
+            if pos + 9 >= size:
+                return None
+            # Segment: length (2), precision (1), height (2), width (2), components (1).
+            height, width = (view[pos + 5] << 8) | view[pos + 6], (view[pos + 7] << 8) | view[pos + 8]
+            return JpegFrame(height, width, view[pos + 9])
         if marker == 0xDA or length < 2:  # scan data before any frame header: malformed
             return None
         pos += 2 + length
@@ -325,8 +334,10 @@ class GpuAugment(torch.nn.Module):
         jpeg_idx = []
         for i, piece in enumerate(pieces):
             head = piece[:3].numpy().tobytes()
-            # nvJPEG decodes gray and YCbCr; CMYK / YCCK go to PIL, which converts them like the CPU path.
-            if head == _JPEG_MAGIC and jpeg_components(piece.numpy()) in (1, 3):
+            frame = jpeg_frame(piece.numpy()) if head == _JPEG_MAGIC else None
+            # nvJPEG decodes gray and YCbCr whole; CMYK / YCCK go to PIL, which converts them like the CPU path,
+            # and so does a JPEG above MAX_IMAGE_PIXELS, which PIL decodes reduced (or skips).
+            if frame is not None and frame.components in (1, 3) and frame.height * frame.width <= MAX_IMAGE_PIXELS:
                 jpeg_idx.append(i)
             else:
                 decoded[i] = self._decode_fallback(piece)
