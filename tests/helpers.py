@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
 from attndistill_hf.cli import parse_config_and_flags, recipe_text, run_recipe
+from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.demo.fashion_mnist import DEBIAN_FASHION_MNIST_DIR
 from attndistill_hf.models import build_student
 from attndistill_hf.pipeline import DISTILL_ARGUMENTS, DistillResult, run_distillation
@@ -107,6 +108,27 @@ def tiny_student(seed: int = 0, image_size: int = 32) -> ViTModel:
         intermediate_size=64,
         seed=seed,
     )
+
+
+def tiny_run_config(output_dir: Path | str, **overrides: object) -> AttnDistillConfig:
+    """The config of a tiny CPU run: 2 steps of 8 images at learning rate 1e-3 from seed 0, a log entry per
+    step, no checkpoints, data loaded in the main process, no progress bar, no reporting.
+
+    ``overrides`` are what a test changes (or adds); every other value stays as here.
+    """
+    values: dict[str, object] = {
+        "per_device_train_batch_size": 8,
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+        "seed": 0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "dataloader_num_workers": 0,
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "report_to": "none",
+    }
+    return AttnDistillConfig(output_dir=str(output_dir), **(values | overrides))
 
 
 class PixelDataset(torch.utils.data.Dataset):

@@ -26,7 +26,6 @@ import torch
 from transformers.trainer_pt_utils import safe_globals
 
 from attndistill_hf.checkpoints import UnsafePickleError, check_checkpoint, unsafe_globals
-from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.convert import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -37,7 +36,7 @@ from attndistill_hf.models import load_teacher
 from attndistill_hf.reference_vit import ReferenceViT
 from attndistill_hf.trainer import AttnDistillTrainer
 
-from helpers import PixelDataset, tiny_student, tiny_teacher, write_image_folder
+from helpers import PixelDataset, tiny_run_config, tiny_student, tiny_teacher, write_image_folder
 
 PACKAGE_DIRS = [Path(__file__).resolve().parents[1] / name for name in ("attndistill_hf", "recipes")]
 
@@ -219,19 +218,7 @@ def test_the_distill_recipe_reports_a_crafted_teacher_in_one_line(tmp_path: Path
 
 
 def _trainer(output_dir: Path, max_steps: int) -> AttnDistillTrainer:
-    args = AttnDistillConfig(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=8,
-        max_steps=max_steps,
-        learning_rate=1e-3,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="steps",
-        save_steps=1,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    args = tiny_run_config(output_dir, max_steps=max_steps, save_strategy="steps", save_steps=1, logging_steps=500)
     return AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset())
 
 

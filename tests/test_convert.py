@@ -33,7 +33,7 @@ from attndistill_hf.convert import (
 from attndistill_hf.models import forward_kwargs, load_teacher
 from attndistill_hf.reference_vit import ReferenceViT
 
-from helpers import PixelDataset, load_recipe, tiny_student
+from helpers import PixelDataset, load_recipe, tiny_run_config, tiny_student
 from reference_checkpoints import make_reference_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -399,23 +399,12 @@ def test_converted_teacher_gives_reference_attention_through_library_capture(tmp
 
 @pytest.mark.parametrize("format", ["mugs", "mae"])
 def test_converted_teacher_drives_a_short_distillation(tmp_path: Path, format: str) -> None:
-    from attndistill_hf.config import AttnDistillConfig
     from attndistill_hf.trainer import AttnDistillTrainer
 
     checkpoint = tmp_path / "teacher.pth"
     make_reference_checkpoint(checkpoint, format, wrap="teacher", prefix="module.backbone.", seed=5, **SMALL)
     convert_checkpoint(checkpoint, format, tmp_path / "teacher", num_heads=2)
-    args = AttnDistillConfig(
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-    )
+    args = tiny_run_config(tmp_path / "run", per_device_train_batch_size=4, seed=42)
     trainer = AttnDistillTrainer(tiny_student(), str(tmp_path / "teacher"), args, train_dataset=PixelDataset())
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]

@@ -22,7 +22,6 @@ from transformers import AutoModel, ResNetConfig, ResNetModel
 
 from attndistill_hf import pipeline, publish
 from attndistill_hf.arguments import DistillRunArguments
-from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.data import IMAGENET_MEAN, IMAGENET_STD, DataArguments
 from attndistill_hf.evaluation import KNNEvaluationCallback, card_records
 from attndistill_hf.families import UnsupportedModelError
@@ -31,7 +30,7 @@ from attndistill_hf.pipeline import build_knn_loaders, knn_streamed
 from attndistill_hf.publish import push_students
 from attndistill_hf.trainer import AttnDistillTrainer
 
-from helpers import distill_command, distill_exit_status, tiny_teacher, write_image_folder
+from helpers import distill_command, distill_exit_status, tiny_run_config, tiny_teacher, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = ROOT / "recipes" / "distill.py"
@@ -159,7 +158,7 @@ def write_hub_layout(root: Path) -> Path:
 def test_knn_bank_of_a_class_sorted_folder_holds_every_class(tmp_path: Path) -> None:
     images = write_image_folder(tmp_path / "images", per_class=6, classes=3, size=16)
     data_args = DataArguments(train_dir=str(images), eval_dir=str(images), image_size=16, cache_dir=str(tmp_path))
-    args = AttnDistillConfig(output_dir=str(tmp_path / "out"), per_device_eval_batch_size=4, seed=0, use_cpu=True)
+    args = tiny_run_config(tmp_path / "out", per_device_eval_batch_size=4)
     # The folder loads class-sorted (its first 6 images are all of class 0); the bank is a random 6.
     bank, test = build_knn_loaders(
         data_args, DistillRunArguments(knn_train_samples=6), args, IMAGENET_MEAN, IMAGENET_STD
@@ -415,7 +414,7 @@ def test_every_student_is_pushed_and_any_failed_push_fails_the_run(
         return f"https://huggingface.co/{repo_id}"
 
     monkeypatch.setattr(publish, "push_output_dir", push)
-    args = AttnDistillConfig(output_dir=str(tmp_path), use_cpu=True)
+    args = tiny_run_config(tmp_path)
     targets = [(tmp_path / name, f"someone/{name}") for name in "abc"]
     with pytest.raises(HubPushError, match=rf"^Pushing {tmp_path}/b to 'someone/b' failed \(offline\)\.$"):
         push_students(targets, args)

@@ -21,11 +21,10 @@ from transformers import (
 )
 
 from attndistill_hf.attention import eager_last_cls_attention, last_cls_attention
-from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.models import build_student
 from attndistill_hf.trainer import AttnDistillTrainer
 
-from helpers import REPO, TINY_ENCODER, PixelDataset, distill_command, write_image_folder
+from helpers import REPO, TINY_ENCODER, PixelDataset, distill_command, tiny_run_config, write_image_folder
 
 
 def dinov3_teacher(path: Path | None = None, attn_implementation: str = "sdpa") -> DINOv3ViTModel:
@@ -60,18 +59,7 @@ def dinov3_student(seed: int = 0) -> DINOv3ViTModel:
 def test_trained_dinov3_student_exports_and_reloads_identically(tmp_path: Path) -> None:
     student = dinov3_student()
     before = {name: param.clone() for name, param in student.named_parameters()}
-    args = AttnDistillConfig(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=8,
-        max_steps=3,
-        learning_rate=1e-3,
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
-        report_to="none",
-    )
+    args = tiny_run_config(tmp_path / "run", max_steps=3)
     trainer = AttnDistillTrainer(student, dinov3_teacher(), args, train_dataset=PixelDataset())
     trainer.train()
     losses = [entry for entry in trainer.state.log_history if "loss_attn" in entry]
@@ -94,7 +82,7 @@ def test_naive_eager_loss_equals_default_loss_for_a_dinov3_pair(tmp_path: Path) 
     """The loss through the backend capture equals the loss from eager output_attentions maps."""
     pixels = torch.randn(4, 3, 32, 32)
     teacher_fast, teacher_eager = dinov3_teacher(), dinov3_teacher(attn_implementation="eager")
-    args = AttnDistillConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    args = tiny_run_config(tmp_path, seed=42)
     fast = AttnDistillTrainer(dinov3_student(), teacher_fast, args)
     eager_student = dinov3_student()
     eager_student.set_attn_implementation("eager")

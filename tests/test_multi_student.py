@@ -16,7 +16,6 @@ from transformers import AutoModel, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from attndistill_hf.arguments import DistillModelArguments
-from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.data import DataArguments
 from attndistill_hf.pipeline import load_students
 from attndistill_hf.students import MultiStudentModule, StudentSpec
@@ -27,6 +26,7 @@ from helpers import (
     PixelDataset,
     distill_command,
     run_two_processes,
+    tiny_run_config,
     tiny_student,
     tiny_teacher,
     write_image_folder,
@@ -37,24 +37,6 @@ def noisy_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     """A random augmentation drawn from the global RNG: both runs must draw it identically."""
     pixels = torch.stack([item["pixel_values"] for item in items])
     return {"pixel_values": pixels + 0.1 * torch.randn_like(pixels)}
-
-
-def run_config(output_dir: Path | str, **overrides: object) -> AttnDistillConfig:
-    values: dict[str, object] = {
-        "output_dir": str(output_dir),
-        "per_device_train_batch_size": 8,
-        "max_steps": 3,
-        "learning_rate": 1e-3,
-        "use_cpu": True,
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        "disable_tqdm": True,
-        "report_to": "none",
-    }
-    values.update(overrides)
-    return AttnDistillConfig(**values)
 
 
 def two_students() -> dict[str, StudentSpec]:
@@ -76,7 +58,7 @@ def test_two_students_in_one_run_equal_their_single_student_runs(tmp_path: Path)
     multi = AttnDistillTrainer(
         two_students(),
         tiny_teacher(),
-        run_config(tmp_path / "multi"),
+        tiny_run_config(tmp_path / "multi", max_steps=3),
         train_dataset=PixelDataset(),
         data_collator=noisy_collate,
     )
@@ -90,7 +72,7 @@ def test_two_students_in_one_run_equal_their_single_student_runs(tmp_path: Path)
         single = AttnDistillTrainer(
             tiny_student(seed),
             tiny_teacher(),
-            run_config(tmp_path / name, **overrides),
+            tiny_run_config(tmp_path / name, max_steps=3, **overrides),
             train_dataset=PixelDataset(),
             data_collator=noisy_collate,
         )
@@ -135,7 +117,10 @@ def test_a_nan_in_one_students_loss_leaves_the_other_students_update_unchanged(t
     runs = {}
     for poisoned in (False, True):
         trainer = AttnDistillTrainer(
-            two_students(), tiny_teacher(), run_config(tmp_path / str(poisoned)), train_dataset=PixelDataset()
+            two_students(),
+            tiny_teacher(),
+            tiny_run_config(tmp_path / str(poisoned), max_steps=3),
+            train_dataset=PixelDataset(),
         )
         if poisoned:
             poison_second_call(trainer.members["attn"].loss_fn)
@@ -158,10 +143,10 @@ DDP_WORKER = """
 import sys
 import torch
 from attndistill_hf.trainer import AttnDistillTrainer
-from helpers import PixelDataset, tiny_teacher
-from test_multi_student import run_config, two_students
+from helpers import PixelDataset, tiny_run_config, tiny_teacher
+from test_multi_student import two_students
 
-args = run_config(sys.argv[1], per_device_train_batch_size=4, optim="sgd", learning_rate=0.05, max_steps=2)
+args = tiny_run_config(sys.argv[1], per_device_train_batch_size=4, optim="sgd", learning_rate=0.05)
 trainer = AttnDistillTrainer(two_students(), tiny_teacher(), args, train_dataset=PixelDataset())
 trainer.train()
 if args.process_index == 0:
@@ -172,7 +157,7 @@ if args.process_index == 0:
 @pytest.mark.slow
 def test_two_students_under_ddp_equal_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     run_two_processes(DDP_WORKER, tmp_path)
-    args = run_config(tmp_path / "one", optim="sgd", learning_rate=0.05, max_steps=2)
+    args = tiny_run_config(tmp_path / "one", optim="sgd", learning_rate=0.05)
     trainer = AttnDistillTrainer(two_students(), tiny_teacher(), args, train_dataset=PixelDataset())
     trainer.train()
     one, two = trainer.model.state_dict(), torch.load(tmp_path / "two.pt")
@@ -186,8 +171,8 @@ KILL_WORKER = """
 import os, signal, sys
 from transformers import TrainerCallback
 from attndistill_hf.trainer import AttnDistillTrainer
-from helpers import PixelDataset, tiny_teacher
-from test_multi_student import noisy_collate, run_config, two_students
+from helpers import PixelDataset, tiny_run_config, tiny_teacher
+from test_multi_student import noisy_collate, two_students
 
 class Kill(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
@@ -195,7 +180,7 @@ class Kill(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 out, resume = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
-args = run_config(out, max_steps=4, save_strategy="steps", save_steps=2, optim="sgd", learning_rate=0.05)
+args = tiny_run_config(out, max_steps=4, save_strategy="steps", save_steps=2, optim="sgd", learning_rate=0.05)
 data = {"train_dataset": PixelDataset(), "data_collator": noisy_collate}
 trainer = AttnDistillTrainer(two_students(), tiny_teacher(), args, **data)
 trainer.add_callback(Kill())
@@ -228,14 +213,14 @@ def test_kill_and_resume_in_the_middle_of_a_multi_student_run_equals_the_uninter
 
 def test_bad_multi_student_settings_are_refused_with_their_reason(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Student name 'a/b' must be letters"):
-        AttnDistillTrainer({"a/b": tiny_student()}, tiny_teacher(), run_config(tmp_path))
+        AttnDistillTrainer({"a/b": tiny_student()}, tiny_teacher(), tiny_run_config(tmp_path))
     with pytest.raises(ValueError, match=r"max_grad_norm 1\.0 with several students"):
-        AttnDistillTrainer(two_students(), tiny_teacher(), run_config(tmp_path, max_grad_norm=1.0))
+        AttnDistillTrainer(two_students(), tiny_teacher(), tiny_run_config(tmp_path, max_grad_norm=1.0))
     with pytest.raises(ValueError, match="both loss weights at 0"):
         AttnDistillTrainer(
             {"x": StudentSpec(tiny_student(), proj_loss_weight=0.0, attn_loss_weight=0.0)},
             tiny_teacher(),
-            run_config(tmp_path),
+            tiny_run_config(tmp_path),
         )
 
 

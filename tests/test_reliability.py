@@ -18,7 +18,7 @@ from attndistill_hf.cli import recipe_text
 from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.trainer import AttnDistillTrainer
 
-from helpers import PixelDataset, run_two_processes, tiny_student, tiny_teacher, write_image_folder
+from helpers import PixelDataset, run_two_processes, tiny_run_config, tiny_student, tiny_teacher, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,15 +95,15 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(setup: Path, kill_at: s
 
 def test_hub_token_is_never_written_to_disk(tmp_path: Path) -> None:
     token = "hf_" + "x" * 30
-    args = AttnDistillConfig(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        save_steps=2,
+    args = tiny_run_config(
+        tmp_path,
         per_device_train_batch_size=4,
-        use_cpu=True,
-        report_to="none",
+        learning_rate=None,
+        seed=42,
+        logging_steps=500,
+        save_strategy="steps",
+        save_steps=2,
         hub_token=token,
-        disable_tqdm=True,
     )
     trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset())
     trainer.train()
@@ -167,9 +167,8 @@ NONFINITE_WORKER = """
 import sys
 import torch
 from transformers import TrainerCallback
-from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.trainer import AttnDistillTrainer
-from helpers import PixelDataset, tiny_student, tiny_teacher
+from helpers import PixelDataset, tiny_run_config, tiny_student, tiny_teacher
 
 class Poisoned(PixelDataset):
     def __init__(self, rank):
@@ -196,9 +195,7 @@ class Record(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.after.append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
-args = AttnDistillConfig(output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=5, learning_rate=1e-3,
-                         report_to="none", use_cpu=True, save_strategy="no", dataloader_num_workers=0,
-                         disable_tqdm=True, seed=0, max_grad_norm=0.0)
+args = tiny_run_config(sys.argv[1], per_device_train_batch_size=4, max_steps=5, logging_steps=500, max_grad_norm=0.0)
 record = Record()
 trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=Poisoned(args.process_index),
                              data_collator=collate, callbacks=[record])
@@ -231,7 +228,6 @@ LOSS_SETTINGS = {"both": (1.0, 0.1), "projector": (1.0, 0.0), "attention": (0.0,
 LOSS_SETTINGS_WORKER = """
 import sys
 import torch
-from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.trainer import AttnDistillTrainer
 from helpers import PixelDataset, tiny_student, tiny_teacher
 from test_reliability import LOSS_SETTINGS, loss_setting_config
@@ -247,19 +243,13 @@ for name, weights in LOSS_SETTINGS.items():
 
 def loss_setting_config(output_dir: str, weights: tuple[float, float], **overrides: int) -> AttnDistillConfig:
     # SGD: equal weights after the run mean equal averaged gradients at every step.
-    return AttnDistillConfig(
-        output_dir=output_dir,
+    return tiny_run_config(
+        output_dir,
         proj_loss_weight=weights[0],
         attn_loss_weight=weights[1],
-        max_steps=2,
         optim="sgd",
         learning_rate=0.05,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
+        logging_steps=500,
         **overrides,
     )
 

@@ -37,7 +37,7 @@ from attndistill_hf.data.gpu_augment import GpuAugment, RawBytesCollator
 from attndistill_hf.skipping import UnreadableDataError
 from attndistill_hf.trainer import AttnDistillTrainer
 
-from helpers import encode, run_two_processes, tiny_student, tiny_teacher, write_image_folder
+from helpers import encode, run_two_processes, tiny_run_config, tiny_student, tiny_teacher, write_image_folder
 
 GLOBAL_BATCH = 4
 MAX_STEPS = 10
@@ -119,18 +119,13 @@ def train(
     """A run of a fresh trainer on ``data_args`` with the published augmentation (the CPU path's views, or
     the GPU path's, here on the CPU), as ``distill.py`` sets it up: AdamW at 1e-3, ``max_steps`` planned."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    args = AttnDistillConfig(
-        output_dir=str(out),
+    args = tiny_run_config(
+        out,
         per_device_train_batch_size=GLOBAL_BATCH // processes,
         max_steps=max_steps,
-        learning_rate=1e-3,
         save_strategy="steps",
         save_steps=SAVE_STEPS,
         logging_steps=logging_steps,
-        seed=0,
-        use_cpu=True,
-        report_to="none",
-        disable_tqdm=True,
         dataloader_num_workers=workers,
         dataloader_persistent_workers=workers > 0,
     )
@@ -278,7 +273,7 @@ def test_unreadable_files_are_counted_once_not_once_per_read(tmp_path: Path) -> 
 def test_the_trainers_loader_repeats_an_epoch_exactly_and_reshuffles_the_next(
     sources: dict[str, DataArguments], tmp_path: Path
 ) -> None:
-    args = AttnDistillConfig(output_dir=str(tmp_path), per_device_train_batch_size=5, use_cpu=True, report_to="none")
+    args = tiny_run_config(tmp_path, per_device_train_batch_size=5, seed=42)
     trainer = AttnDistillTrainer(
         tiny_student(),
         tiny_teacher(),

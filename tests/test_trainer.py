@@ -19,6 +19,7 @@ from transformers import (
 
 from attndistill_hf.attention import last_cls_attention
 from attndistill_hf.checkpoints import CorruptCheckpointError
+from attndistill_hf.cli import run_recipe
 from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.data import EqualStepsIterable
 from attndistill_hf.families import UnsupportedModelError
@@ -26,30 +27,12 @@ from attndistill_hf.skipping import NonFiniteLossError, UnreadableDataError
 from attndistill_hf.students import check_pair
 from attndistill_hf.trainer import AttnDistillTrainer
 
-from helpers import TINY_ENCODER, PixelDataset, tiny_student, tiny_teacher
-
-
-def config(tmp_path: Path, **overrides) -> AttnDistillConfig:
-    values = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 8,
-        "max_steps": 2,
-        "learning_rate": 1e-3,
-        "report_to": "none",
-        "use_cpu": True,
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        "disable_tqdm": True,
-    }
-    values.update(overrides)
-    return AttnDistillConfig(**values)
+from helpers import TINY_ENCODER, PixelDataset, tiny_run_config, tiny_student, tiny_teacher
 
 
 def student_after(tmp_path: Path, **overrides) -> dict[str, torch.Tensor]:
     trainer = AttnDistillTrainer(
-        tiny_student(), tiny_teacher(), config(tmp_path, **overrides), train_dataset=PixelDataset()
+        tiny_student(), tiny_teacher(), tiny_run_config(tmp_path, **overrides), train_dataset=PixelDataset()
     )
     trainer.train()
     return {k: v.detach().clone() for k, v in trainer.student.state_dict().items()}
@@ -101,7 +84,7 @@ def test_a_negative_learning_rate_is_named_before_anything_loads(tmp_path: Path)
 def test_projector_reads_the_last_block_before_the_final_norm(tmp_path: Path) -> None:
     """The published student projects its last block's tokens; its final norm stays out of the loss, untrained."""
     trainer = AttnDistillTrainer(
-        tiny_student(), tiny_teacher(), config(tmp_path, max_steps=3), train_dataset=PixelDataset()
+        tiny_student(), tiny_teacher(), tiny_run_config(tmp_path, max_steps=3), train_dataset=PixelDataset()
     )
     student, loss_fn = trainer.model.student, trainer.model.loss_fn
     with torch.no_grad():  # a per-channel final norm: reading after it would change the projected token
@@ -161,7 +144,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     first = AttnDistillTrainer(
         tiny_student(),
         tiny_teacher(),
-        config(tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2),
+        tiny_run_config(tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2),
         train_dataset=PixelDataset(),
         callbacks=[StopAt(2)],  # "interrupted" after two steps, with the schedule of a 4-step run
     )
@@ -171,7 +154,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     second = AttnDistillTrainer(
         tiny_student(seed=99),  # different init: everything must come from the checkpoint
         tiny_teacher(),
-        config(tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2),
+        tiny_run_config(tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2),
         train_dataset=PixelDataset(),
     )
     second.train(resume_from_checkpoint=str(checkpoint))
@@ -186,7 +169,7 @@ def test_logged_terms_and_export(tmp_path: Path) -> None:
     trainer = AttnDistillTrainer(
         tiny_student(),
         tiny_teacher(),
-        config(tmp_path, max_steps=3),
+        tiny_run_config(tmp_path, max_steps=3),
         train_dataset=PixelDataset(),
         image_processor=ViTImageProcessor(size={"height": 32, "width": 32}),
     )
@@ -212,7 +195,9 @@ def test_logged_terms_and_export(tmp_path: Path) -> None:
 
 
 def test_export_leaves_the_global_random_state_alone(tmp_path: Path) -> None:
-    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path), train_dataset=PixelDataset())
+    trainer = AttnDistillTrainer(
+        tiny_student(), tiny_teacher(), tiny_run_config(tmp_path), train_dataset=PixelDataset()
+    )
     torch.manual_seed(1234)
     expected = torch.rand(4)
     torch.manual_seed(1234)
@@ -224,7 +209,9 @@ def test_export_leaves_the_global_random_state_alone(tmp_path: Path) -> None:
 
 
 def test_weight_decay_exempts_biases_and_1d_parameters(tmp_path: Path) -> None:
-    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path), train_dataset=PixelDataset())
+    trainer = AttnDistillTrainer(
+        tiny_student(), tiny_teacher(), tiny_run_config(tmp_path), train_dataset=PixelDataset()
+    )
     decayed = set(trainer.get_decay_parameter_names(trainer.model))
     params = dict(trainer.model.named_parameters())
     assert "loss_fn.projector.layers.1.weight" in decayed  # the projector trains (and decays) too
@@ -236,7 +223,9 @@ def test_weight_decay_exempts_biases_and_1d_parameters(tmp_path: Path) -> None:
 
 
 def test_teacher_is_frozen_and_not_wrapped(tmp_path: Path) -> None:
-    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path), train_dataset=PixelDataset())
+    trainer = AttnDistillTrainer(
+        tiny_student(), tiny_teacher(), tiny_run_config(tmp_path), train_dataset=PixelDataset()
+    )
     assert not trainer.teacher.training
     assert not any(p.requires_grad for p in trainer.teacher.parameters())
     assert not any(p is q for p in trainer.teacher.parameters() for q in trainer.model.parameters())
@@ -246,7 +235,7 @@ def test_nonfinite_batch_is_skipped_and_stops_the_run_when_repeated(tmp_path: Pa
     trainer = AttnDistillTrainer(
         tiny_student(),
         tiny_teacher(),
-        config(tmp_path, max_consecutive_nonfinite_steps=2),
+        tiny_run_config(tmp_path, max_consecutive_nonfinite_steps=2),
         train_dataset=PixelDataset(),
     )
     trainer.create_optimizer()
@@ -291,7 +280,7 @@ def run_with_poisoned_second_update(
     trainer = AttnDistillTrainer(
         tiny_student(),
         tiny_teacher(),
-        config(tmp_path, **{"max_steps": 3, "max_grad_norm": 0.0, **overrides}),
+        tiny_run_config(tmp_path, **{"max_steps": 3, "max_grad_norm": 0.0, **overrides}),
         train_dataset=PoisonedWindow(),
         callbacks=[record],
     )
@@ -330,7 +319,7 @@ class UnreadableBatches:
 
 def test_a_batch_without_a_readable_image_is_skipped_and_a_run_without_any_stops(tmp_path: Path) -> None:
     record = RecordWeights()
-    args = config(tmp_path, max_steps=3)
+    args = tiny_run_config(tmp_path, max_steps=3)
     trainer = AttnDistillTrainer(
         tiny_student(),
         tiny_teacher(),
@@ -349,7 +338,7 @@ def test_a_batch_without_a_readable_image_is_skipped_and_a_run_without_any_stops
         return AttnDistillTrainer(
             tiny_student(),
             tiny_teacher(),
-            config(tmp_path, **overrides),
+            tiny_run_config(tmp_path, **overrides),
             train_dataset=PixelDataset(),
             data_collator=UnreadableBatches(range(1, 100)),
         )
@@ -371,7 +360,7 @@ def test_a_batch_transform_that_decodes_nothing_is_skipped_like_an_unreadable_ba
     trainer = AttnDistillTrainer(
         tiny_student(),
         tiny_teacher(),
-        config(tmp_path, max_steps=3),
+        tiny_run_config(tmp_path, max_steps=3),
         train_dataset=PixelDataset(),
         batch_transform=decode,
         callbacks=[record],
@@ -392,9 +381,11 @@ def test_fp16_grad_scaler_skips_the_poisoned_update_and_backs_off(tmp_path: Path
 
 def test_fp16_without_a_grad_scaler_is_refused_and_bf16_needs_none(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fp16 needs a gradient scaler"):
-        AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path, fp16=True), train_dataset=PixelDataset())
+        AttnDistillTrainer(
+            tiny_student(), tiny_teacher(), tiny_run_config(tmp_path, fp16=True), train_dataset=PixelDataset()
+        )
     trainer = AttnDistillTrainer(
-        tiny_student(), tiny_teacher(), config(tmp_path, bf16=True), train_dataset=PixelDataset()
+        tiny_student(), tiny_teacher(), tiny_run_config(tmp_path, bf16=True), train_dataset=PixelDataset()
     )
     assert trainer.accelerator.mixed_precision == "bf16" and trainer.accelerator.scaler is None
 
@@ -410,7 +401,9 @@ def test_fp16_on_cuda_scales_the_loss_and_skips_a_poisoned_update(tmp_path: Path
 
 
 def test_first_step_validates_inputs(tmp_path: Path) -> None:
-    trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), config(tmp_path), train_dataset=PixelDataset())
+    trainer = AttnDistillTrainer(
+        tiny_student(), tiny_teacher(), tiny_run_config(tmp_path), train_dataset=PixelDataset()
+    )
     with pytest.raises(ValueError, match="NaN or inf"):
         trainer.compute_loss(trainer.model, {"pixel_values": torch.full((2, 3, 32, 32), float("nan"))})
 
@@ -465,7 +458,7 @@ def test_batch_transform_runs_in_the_training_process(tmp_path: Path) -> None:
     trainer = AttnDistillTrainer(
         tiny_student(),
         tiny_teacher(),
-        config(tmp_path, max_steps=2),
+        tiny_run_config(tmp_path, max_steps=2),
         train_dataset=PixelDataset(),
         batch_transform=halve,
     )
@@ -477,7 +470,7 @@ def test_batch_transform_runs_in_the_training_process(tmp_path: Path) -> None:
 def test_checkpoints_appear_whole_or_not_at_all(tmp_path: Path) -> None:
     from transformers.trainer_utils import get_last_checkpoint
 
-    args = config(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=2)
+    args = tiny_run_config(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=2)
     trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset())
     trainer.train()
     names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
@@ -488,7 +481,7 @@ def test_checkpoints_appear_whole_or_not_at_all(tmp_path: Path) -> None:
     resumed = AttnDistillTrainer(
         tiny_student(),
         tiny_teacher(),
-        config(tmp_path, max_steps=8, save_strategy="steps", save_steps=2, save_total_limit=2),
+        tiny_run_config(tmp_path, max_steps=8, save_strategy="steps", save_steps=2, save_total_limit=2),
         train_dataset=PixelDataset(),
     )
 
@@ -503,9 +496,11 @@ def test_checkpoints_appear_whole_or_not_at_all(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("broken", ["optimizer.pt", "model.safetensors"])
-def test_a_corrupt_checkpoint_is_named_with_the_newest_complete_one(tmp_path: Path, broken: str) -> None:
+def test_a_corrupt_checkpoint_is_named_with_the_newest_complete_one(
+    tmp_path: Path, broken: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def trainer(max_steps: int) -> AttnDistillTrainer:
-        args = config(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=1)
+        args = tiny_run_config(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=1)
         return AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset())
 
     def truncate(path: Path) -> None:  # a copy or a disk that gave out half-way
@@ -521,15 +516,23 @@ def test_a_corrupt_checkpoint_is_named_with_the_newest_complete_one(tmp_path: Pa
     ):
         trainer(4).train(resume_from_checkpoint=True)
     truncate(tmp_path / "checkpoint-1" / "trainer_state.json")
-    with pytest.raises(CorruptCheckpointError, match="holds no complete checkpoint before it: start the run afresh"):
-        trainer(4).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    assert issubclass(CorruptCheckpointError, ValueError)  # a recipe reports it in one line
+    # A recipe reports it as a mistake in its input: one line, exit status 2, no traceback.
+    monkeypatch.delenv("ATTNDISTILL_FULL_ERROR", raising=False)
+    capsys.readouterr()  # only what the recipe writes from here on
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe(lambda: trainer(4).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2")))
+    assert stopped.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr
+    assert errors[0].startswith(f"error: Cannot resume from {tmp_path}/checkpoint-2: rng_state.pth is incomplete")
+    assert errors[0].endswith("holds no complete checkpoint before it: start the run afresh.")
 
 
 def test_trainer_checks_the_data_crop_size(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="configured for 32 px but the data transform crops 48 px"):
         AttnDistillTrainer(
-            tiny_student(), tiny_teacher(), config(tmp_path), train_dataset=PixelDataset(), image_size=48
+            tiny_student(), tiny_teacher(), tiny_run_config(tmp_path), train_dataset=PixelDataset(), image_size=48
         )
 
 
@@ -543,7 +546,7 @@ class RandomStream(torch.utils.data.IterableDataset):
 
 def first_stream_batch(tmp_path: Path, rank: int, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
     monkeypatch.setattr(AttnDistillConfig, "process_index", property(lambda self: rank))
-    args = config(tmp_path, per_device_train_batch_size=4, dataloader_num_workers=1)
+    args = tiny_run_config(tmp_path, per_device_train_batch_size=4, dataloader_num_workers=1)
     trainer = AttnDistillTrainer(
         tiny_student(), tiny_teacher(), args, train_dataset=EqualStepsIterable(RandomStream(), 2, 4)
     )
@@ -572,7 +575,9 @@ LAST_BLOCK_AFTER_QK = {
     ("proj_weight", "attn_weight"), [(1.0, 0.1), (1.0, 0.0), (0.0, 0.1)], ids=["both", "projector", "attention"]
 )
 def test_parameters_the_loss_cannot_reach_are_frozen(tmp_path: Path, proj_weight: float, attn_weight: float) -> None:
-    args = config(tmp_path, proj_loss_weight=proj_weight, attn_loss_weight=attn_weight, optim="sgd", learning_rate=1.0)
+    args = tiny_run_config(
+        tmp_path, proj_loss_weight=proj_weight, attn_loss_weight=attn_weight, optim="sgd", learning_rate=1.0
+    )
     trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset())
     params = dict(trainer.model.named_parameters())
     expected = set(FINAL_NORM)  # neither term reads after the last block
@@ -593,7 +598,9 @@ def test_parameters_the_loss_cannot_reach_are_frozen(tmp_path: Path, proj_weight
 
 def test_warmup_epochs_become_warmup_steps_of_the_schedule(tmp_path: Path) -> None:
     # 32 images, batches of 8, accumulation 2: 2 updates per epoch, so 1.5 warm-up epochs are 3 steps.
-    args = config(tmp_path, max_steps=6, warmup_epochs=1.5, gradient_accumulation_steps=2, lr_scheduler_type="linear")
+    args = tiny_run_config(
+        tmp_path, max_steps=6, warmup_epochs=1.5, gradient_accumulation_steps=2, lr_scheduler_type="linear"
+    )
     trainer = AttnDistillTrainer(tiny_student(), tiny_teacher(), args, train_dataset=PixelDataset(count=32))
     assert trainer.args.warmup_steps == 3
     trainer.train()
