@@ -15,13 +15,34 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ViTConfig, ViTImageProcessor, ViTModel
+from transformers import TrainerCallback, ViTConfig, ViTImageProcessor, ViTModel
 
 from attndistill_hf.cli import parse_config_and_flags, recipe_text, run_recipe
 from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.demo.fashion_mnist import DEBIAN_FASHION_MNIST_DIR
 from attndistill_hf.models import build_student
 from attndistill_hf.pipeline import DISTILL_ARGUMENTS, DistillResult, run_distillation
+
+
+def distill_refusal(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str]:
+    """``python recipes/distill.py ARGV`` in this process: its exit status and its error line."""
+    status = distill_exit_status(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    return status, lines[-1] if lines else ""
+
+
+def argv_without_a_teacher(tmp_path: Path) -> list[str]:
+    # The teacher does not exist: a refusal must come before anything loads or is written.
+    return ["--teacher_name_or_path", str(tmp_path / "teacher"), "--output_dir", str(tmp_path / "out")]
+
+
+class RecordWeights(TrainerCallback):
+    def __init__(self) -> None:
+        self.after_step: list[dict[str, torch.Tensor]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.after_step.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,5 @@
-"""Recipe command lines: config file + flags, null values, no abbreviations, one-line errors."""
+"""Recipe command lines: config file + flags, null values, no abbreviations, one-line errors, broken config
+files, a launch that started one process where several were asked for."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from attndistill_hf.cli import RunFailedError, parse_config_and_flags, run_recipe
+from attndistill_hf.cli import (
+    RunFailedError,
+    check_single_process_launch,
+    parse_config_and_flags,
+    read_config_file,
+    run_recipe,
+)
 from attndistill_hf.models import TeacherLoadError, check_model_location, load_teacher
 
-from helpers import load_recipe
+from helpers import distill_refusal, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,3 +132,48 @@ def test_a_recipe_reports_a_bad_path_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.splitlines()[-2].startswith(f"error: The model directory '{tmp_path / 'gone'}' does not exist")
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        (
+            "run.yaml",
+            "max_steps: 3\nteacher_name_or_path: [unclosed\n",
+            "line 2: not valid YAML (while parsing a flow sequence: expected ',' or ']', but got '<stream end>').",
+        ),
+        (
+            "run.yaml",
+            "max_steps: 3\n  image_size: 32\n",
+            "line 2: not valid YAML (mapping values are not allowed here).",
+        ),
+        ("run.json", '{"max_steps": 3,\n "image_size": }\n', "line 2: not valid JSON (Expecting value)."),
+    ],
+)
+def test_a_broken_config_file_is_one_line_naming_the_file_and_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, message: str
+) -> None:
+    config = tmp_path / name
+    config.write_text(text)
+    with pytest.raises(ValueError, match="not valid"):
+        read_config_file(config)
+    status, error = distill_refusal([str(config), "--output_dir", str(tmp_path / "out")], capsys)
+    assert (status, error) == (2, f"error: Config file {config}, {message}")
+
+
+def test_a_cpu_launch_that_started_one_of_several_processes_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.argv", ["recipes/distill.py", "--max_steps", "2"])
+    launcher = ["python", "accelerate", "launch", "--num_processes", "2", "--cpu", "recipes/distill.py"]
+    # What `accelerate launch --num_processes 2 --cpu` gives its one process: CPU, and a rendezvous address.
+    one_of_two = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    with pytest.raises(ValueError) as refused:
+        check_single_process_launch(one_of_two, launcher)
+    assert str(refused.value) == (
+        "accelerate launch --cpu started 1 process, not the 2 asked for (Accelerate starts several CPU processes "
+        "only through mpirun); run: torchrun --nproc_per_node 2 recipes/distill.py --max_steps 2 --use_cpu true"
+    )
+    # One process asked for (no rendezvous address), a torchrun rank, an MPI rank, no Accelerate at all: fine.
+    check_single_process_launch({"ACCELERATE_USE_CPU": "True"}, launcher)
+    check_single_process_launch({**one_of_two, "WORLD_SIZE": "2"}, launcher)
+    check_single_process_launch({**one_of_two, "OMPI_COMM_WORLD_SIZE": "2"}, launcher)
+    check_single_process_launch({"MASTER_ADDR": "10.0.0.1"}, [])

@@ -1,5 +1,5 @@
-"""Input mistakes refused when parsed, naming the flag (or the library function's argument): numeric ranges,
-student names, broken config files, a launch that started one process where several were asked for."""
+"""Numeric settings refused when parsed, naming the flag (or the library function's argument): one range
+helper (``attndistill_hf.validation``) for the recipes' fields, the config and the library's functions."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from attndistill_hf.cli import check_single_process_launch, read_config_file
-from attndistill_hf.config import AttnDistillConfig
 from attndistill_hf.data import (
     EqualStepsIterable,
     GpuAugment,
@@ -28,22 +26,9 @@ from attndistill_hf.evaluation import (
     knn_accuracy,
 )
 from attndistill_hf.losses import fuse_heads, projector_hidden_dims
-from attndistill_hf.students import StudentSpec, check_student_name, student_specs
 from attndistill_hf.validation import POSITIVE_INT, Bound, check_value
 
-from helpers import distill_exit_status, tiny_student
-
-
-def refusal(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str]:
-    """``python recipes/distill.py ARGV`` in this process: its exit status and its error line."""
-    status = distill_exit_status(argv)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    return status, lines[-1] if lines else ""
-
-
-def base_argv(tmp_path: Path) -> list[str]:
-    # The teacher does not exist: a refusal must come before anything loads or is written.
-    return ["--teacher_name_or_path", str(tmp_path / "teacher"), "--output_dir", str(tmp_path / "out")]
+from helpers import argv_without_a_teacher, distill_refusal
 
 
 @pytest.mark.parametrize(
@@ -93,51 +78,10 @@ def base_argv(tmp_path: Path) -> list[str]:
 def test_a_setting_out_of_range_is_refused_when_parsed_naming_its_flag(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
 ) -> None:
-    status, error = refusal([*base_argv(tmp_path), *flags], capsys)
+    status, error = distill_refusal([*argv_without_a_teacher(tmp_path), *flags], capsys)
     assert status == 2
     assert error.startswith(f"error: {message}")
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("name", ["checkpoint-2", "checkpoint-9", "Checkpoint-3", "checkpoint", "runs"])
-def test_a_student_named_like_what_a_run_writes_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
-) -> None:
-    status, error = refusal([*base_argv(tmp_path), "--students", f'{{"name": "{name}"}}', '{"name": "b"}'], capsys)
-    assert status == 2
-    assert error == (
-        f"error: --students: Student name {name!r} is taken by what a run writes in its output folder "
-        "(checkpoint-N checkpoints, runs/ logs): choose another name."
-    )
-    assert not (tmp_path / "out").exists()
-    with pytest.raises(ValueError, match="is taken by what a run writes"):
-        student_specs({name: tiny_student(), "b": tiny_student()})
-
-
-def test_ordinary_student_names_are_accepted() -> None:
-    for name in ("a", "proj-only", "checkpointed_b", "run", "s1"):
-        check_student_name(name)
-    with pytest.raises(ValueError, match="must be letters, digits"):
-        check_student_name("../a")
-
-
-def test_a_student_spec_refuses_settings_out_of_range() -> None:
-    with pytest.raises(ValueError, match=r"^StudentSpec\.attn_loss_weight must be a finite number >= 0, got nan\.$"):
-        StudentSpec(tiny_student(), attn_loss_weight=float("nan"))
-    with pytest.raises(ValueError, match=r"^StudentSpec\.projector_hidden_dims must be a positive integer"):
-        StudentSpec(tiny_student(), projector_hidden_dims=[8, -1])
-    with pytest.raises(ValueError, match="Unknown projector loss 'l1'"):
-        StudentSpec(tiny_student(), projector_loss="l1")
-    assert StudentSpec(tiny_student(), attn_loss_weight=0.0).attn_loss_weight == 0.0
-
-
-def test_the_library_config_refuses_what_the_recipe_refuses(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"^--attn_loss_weight must be a finite number >= 0, got nan\.$"):
-        AttnDistillConfig(output_dir=str(tmp_path), attn_loss_weight=float("nan"))
-    with pytest.raises(ValueError, match=r"^--max_steps must be a positive integer, or -1 for num_train_epochs"):
-        AttnDistillConfig(output_dir=str(tmp_path), max_steps=0)
-    # num_train_epochs is not used when max_steps is given.
-    assert AttnDistillConfig(output_dir=str(tmp_path), max_steps=3, num_train_epochs=0).max_steps == 3
 
 
 def test_bounds_describe_what_they_accept() -> None:
@@ -205,48 +149,3 @@ def test_library_functions_name_the_argument_out_of_range(call: Callable[[], obj
     with pytest.raises(ValueError) as refused:
         call()
     assert str(refused.value) == message
-
-
-@pytest.mark.parametrize(
-    ("name", "text", "message"),
-    [
-        (
-            "run.yaml",
-            "max_steps: 3\nteacher_name_or_path: [unclosed\n",
-            "line 2: not valid YAML (while parsing a flow sequence: expected ',' or ']', but got '<stream end>').",
-        ),
-        (
-            "run.yaml",
-            "max_steps: 3\n  image_size: 32\n",
-            "line 2: not valid YAML (mapping values are not allowed here).",
-        ),
-        ("run.json", '{"max_steps": 3,\n "image_size": }\n', "line 2: not valid JSON (Expecting value)."),
-    ],
-)
-def test_a_broken_config_file_is_one_line_naming_the_file_and_the_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, message: str
-) -> None:
-    config = tmp_path / name
-    config.write_text(text)
-    with pytest.raises(ValueError, match="not valid"):
-        read_config_file(config)
-    status, error = refusal([str(config), "--output_dir", str(tmp_path / "out")], capsys)
-    assert (status, error) == (2, f"error: Config file {config}, {message}")
-
-
-def test_a_cpu_launch_that_started_one_of_several_processes_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sys.argv", ["recipes/distill.py", "--max_steps", "2"])
-    launcher = ["python", "accelerate", "launch", "--num_processes", "2", "--cpu", "recipes/distill.py"]
-    # What `accelerate launch --num_processes 2 --cpu` gives its one process: CPU, and a rendezvous address.
-    one_of_two = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
-    with pytest.raises(ValueError) as refused:
-        check_single_process_launch(one_of_two, launcher)
-    assert str(refused.value) == (
-        "accelerate launch --cpu started 1 process, not the 2 asked for (Accelerate starts several CPU processes "
-        "only through mpirun); run: torchrun --nproc_per_node 2 recipes/distill.py --max_steps 2 --use_cpu true"
-    )
-    # One process asked for (no rendezvous address), a torchrun rank, an MPI rank, no Accelerate at all: fine.
-    check_single_process_launch({"ACCELERATE_USE_CPU": "True"}, launcher)
-    check_single_process_launch({**one_of_two, "WORLD_SIZE": "2"}, launcher)
-    check_single_process_launch({**one_of_two, "OMPI_COMM_WORLD_SIZE": "2"}, launcher)
-    check_single_process_launch({"MASTER_ADDR": "10.0.0.1"}, [])
