@@ -58,7 +58,7 @@ name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA d
 print(name, "torch", torch.__version__, "torchvision", torchvision.__version__,
       "transformers", transformers.__version__, "accelerate", accelerate.__version__)' | tee "$logs/versions.txt"
 stage "CUDA-only tests" "$logs/cuda-tests.txt" "$python" -m pytest -q -rs \
-    "tests/test_trainer.py::test_fp16_on_cuda_scales_the_loss_and_skips_a_poisoned_update" \
+    "tests/test_skipping.py::test_fp16_on_cuda_scales_the_loss_and_skips_a_poisoned_update" \
     "tests/test_gpu_augment.py::test_cuda_decode_matches_the_cpu_fallback"
 stage "loss parity + naive/default/floor" "$logs/step.txt" "$python" bench/bench_step.py --check_loss \
     --modes naive,default,floor "${step_args[@]}" --json "$results/$tag.json"
