@@ -29,6 +29,8 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .skipping import who
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 # The Trainer's RNG state files (one per process under DDP); it loads them with numpy's array globals allowed.
 _RNG_STATE = re.compile(r"rng_state(_\d+)?\.pth")
@@ -219,9 +221,8 @@ def check_same_students(checkpoint: str | os.PathLike[str], students: Mapping[st
             differ = sorted(
                 key for key in saved[name].keys() | config.keys() if saved[name].get(key) != config.get(key)
             )
-            who = f"student {name!r}" if name else "the student"
             raise ValueError(
-                f"Cannot resume from {checkpoint}: {who} there is {describe_architecture(saved[name], differ)}, "
+                f"Cannot resume from {checkpoint}: {who(name)} there is {describe_architecture(saved[name], differ)}, "
                 f"this run builds {describe_architecture(config, differ)}; resume with the same student "
                 "(--student_preset / --student_name_or_path / --patch_size) or start a new run."
             )

@@ -349,7 +349,7 @@ def _run(
                 mean=mean,
                 std=std,
             )
-            result.students[name or None] = StudentResult(folder, hub_id, knn)
+            result.students[name] = StudentResult(folder, hub_id, knn)
             if push and hub_id:
                 targets.append((folder, hub_id))
         push_students(targets, args)  # last of all, when every student's folder is complete
