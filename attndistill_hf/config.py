@@ -29,6 +29,11 @@ from .validation import (
 
 logger = logging.getLogger(__name__)
 
+# The precisions a teacher's weights may be loaded in (its CLS row is computed in float32 whatever they are).
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+# none: a full copy of the teacher on every process; fsdp: each holds 1/world of it (FSDP2, teacher.py).
+TEACHER_SHARDINGS = ("none", "fsdp")
+
 
 # The loss settings that a StudentSpec may set for its student (None there: the run's value), with their ranges.
 LOSS_SETTING_BOUNDS: dict[str, Bound] = {
@@ -143,6 +148,22 @@ class AttnDistillConfig(TrainingArguments):
             "help": "Stop with an error after this many skipped batches in a row (NaN/inf loss, or no readable image)."
         },
     )
+    teacher_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Precision of the teacher's weights: float32, bfloat16 or float16 (the DINOv3-7B era: half "
+            "the bytes). The teacher computes its targets in it; its CLS attention row is computed in float32.",
+            "choices": list(TEACHER_DTYPES),
+        },
+    )
+    teacher_sharding: str = field(
+        default="none",
+        metadata={
+            "help": "none: every process holds the whole teacher; fsdp: the frozen teacher is sharded over all "
+            "processes with FSDP2 (each holds 1/world of its weights and gathers one block at a time).",
+            "choices": list(TEACHER_SHARDINGS),
+        },
+    )
     # Published recipe: AdamW (0.9, 0.95), weight decay 0.05, per-step warm-up then half-cosine to 0.
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (published: 0.95)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on >= 2-D weights (0.05)."})
@@ -161,6 +182,9 @@ class AttnDistillConfig(TrainingArguments):
         if self.max_steps <= 0:
             check_value("--num_train_epochs", self.num_train_epochs, POSITIVE)
         check_projector_loss(self.projector_loss)
+        for name, choices in (("teacher_dtype", TEACHER_DTYPES), ("teacher_sharding", TEACHER_SHARDINGS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name} {getattr(self, name)!r}: use one of {', '.join(choices)}.")
         if not self.attn_clamp_min < self.attn_clamp_max:
             raise ValueError("Need 0 < attn_clamp_min < attn_clamp_max <= 1.")
         if self.proj_loss_weight == 0 and self.attn_loss_weight == 0:

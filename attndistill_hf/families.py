@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 
 class UnsupportedModelError(TypeError):
@@ -206,10 +207,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def model_class_name(model: nn.Module) -> str:
+    """The name of ``model``'s own class, also once FSDP2's ``fully_shard`` has swapped in its ``FSDP<Class>``
+    subclass (a sharded teacher is still the model it was)."""
+    if isinstance(model, FSDPModule):
+        return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule)).__name__
+    return type(model).__name__
+
+
 def family_of(model: nn.Module) -> Family:
     """The family of ``model``, or an :class:`UnsupportedModelError` naming its class and the reason."""
     model = unwrap_model(model)
-    name = type(model).__name__
+    name = model_class_name(model)
     family = FAMILIES.get(name)
     if family is None:
         reason = KNOWN_REFUSALS.get(name)

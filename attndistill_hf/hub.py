@@ -414,6 +414,7 @@ def build_model_card(
     loss: LossSettings,
     teacher_license: License | None = None,
     hub_dataset: bool = True,
+    teacher_dtype: str = "float32",
 ) -> ModelCard:
     """The model card of a distilled student: Hub metadata, ``model-index`` and a body that explains it.
 
@@ -429,7 +430,7 @@ def build_model_card(
     ``datasets`` metadata only when ``hub_dataset`` says it is a Hub dataset id (and it is no local
     path): local data is named in the text alone. A ``teacher_license`` other than Apache-2.0 is named
     in a License section, and becomes the card's license unless ``license`` was set to something other
-    than the default.
+    than the default. ``teacher_dtype`` is the precision the teacher's weights were loaded in.
     """
     records = list(eval_results)
     teacher_public = public_name(teacher)
@@ -463,7 +464,13 @@ def build_model_card(
             + (" The projector used during training is not part of this model." if loss.proj_weight else "")
         ),
         "## Teacher",
-        f"`{teacher_public}`, frozen during training.",
+        f"`{teacher_public}`, frozen during training, with its weights in {teacher_dtype}"
+        + (
+            ": its CLS targets were computed in that precision, its last-layer CLS attention row in float32 from "
+            "the queries and keys it computed."
+            if teacher_dtype != "float32"
+            else "."
+        ),
         "## Distillation loss",
         loss.describe(),
         "## Training recipe",

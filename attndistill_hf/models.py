@@ -34,7 +34,7 @@ from transformers import (
 from transformers.image_utils import PILImageResampling
 
 from .checkpoints import unsafe_weights_error
-from .families import FAMILIES, configured_image_size, patch_size
+from .families import FAMILIES, configured_image_size, model_class_name, patch_size
 
 # LayerNorm eps of the published ViTs, their students and the projector (not PyTorch's default 1e-5).
 LAYER_NORM_EPS = 1e-6
@@ -271,6 +271,30 @@ def load_teacher(
     return model.eval()
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (the names of ``AttnDistillConfig.teacher_dtype``)."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name!r} is not a floating-point torch dtype.")
+    return dtype
+
+
+def cast_teacher(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """``model`` with its weights in ``dtype``, exactly as ``from_pretrained(..., dtype=dtype)`` loads them.
+
+    ``model.to(dtype)`` is not that: it also rounds the buffers a model computes for itself and never
+    saves (DINOv3's RoPE frequencies), which ``from_pretrained`` keeps in their own precision, and the
+    positions of every patch would move. Those non-persistent buffers keep their dtype here.
+    """
+    saved = set(model.state_dict())
+    computed = {name: buffer for name, buffer in model.named_buffers() if name not in saved}
+    model.to(dtype)
+    for name, buffer in computed.items():
+        module_name, _, attribute = name.rpartition(".")
+        model.get_submodule(module_name).register_buffer(attribute, buffer, persistent=False)
+    return model
+
+
 def build_image_processor(image_size: int, mean: Sequence[float], std: Sequence[float]) -> ViTImageProcessor:
     """The image processor saved with every model this library writes: bicubic resize to ``image_size``
     squared, then normalisation with the model's ``mean`` / ``std`` (one value per RGB channel)."""
@@ -301,7 +325,7 @@ def forward_kwargs(model: PreTrainedModel, pixel_values: torch.Tensor) -> dict[s
     """
     kwargs: dict[str, Any] = {}
     model_type = getattr(model.config, "model_type", "")
-    family = FAMILIES.get(type(model).__name__)
+    family = FAMILIES.get(model_class_name(model))
     if (
         family is not None
         and family.interpolates_on_request

@@ -47,9 +47,11 @@ from .models import (
     build_student,
     load_image_processor,
     load_teacher,
+    torch_dtype,
 )
 from .output_dir import empty_folder, exported_final_step, prepare_output_dir, resume_checkpoint
-from .publish import publish_student, push_students
+from .publish import figure_batch, publish_student, push_students
+from .sharding import check_teacher_sharding
 from .students import StudentSpec, check_pair, student_specs
 from .trainer import AttnDistillTrainer
 
@@ -279,7 +281,10 @@ def _run(
     # CNN, say) then loads, and check_pair refuses it as no ViT-family encoder, instead of the load failing
     # with advice to pass attn_implementation, which has no field.
     teacher = load_teacher(
-        model_args.teacher_name_or_path, attn_implementation=None, trust_remote_code=model_args.trust_remote_code
+        model_args.teacher_name_or_path,
+        attn_implementation=None,
+        trust_remote_code=model_args.trust_remote_code,
+        dtype=torch_dtype(args.teacher_dtype),  # loaded in it: a 7B teacher never exists in float32 here
     )
     # The teacher's normalisation (ImageNet's when it ships no image processor).
     mean, std = image_stats(
@@ -289,6 +294,8 @@ def _run(
     # A teacher or student whose last attention cannot be captured exactly is refused before any data loads.
     for model in student_specs(student).values():
         check_pair(teacher, model.model, data_args.image_size)
+    if args.teacher_sharding == "fsdp":
+        check_teacher_sharding(teacher, args)
     train_dataset, collator, batch_transform = training_data(data_args, run_args, args, mean, std)
     knn_loaders = build_knn_loaders(data_args, run_args, args, mean, std) if run_knn else None
     trainer = AttnDistillTrainer(
@@ -325,6 +332,11 @@ def _run(
 
     skipped_images = trainer.skipped_images_in_all_processes()  # on every process, before only one publishes
     result = DistillResult(Path(args.output_dir), train_metrics=train_result.metrics)
+    figure = (  # on every process, like skipped_images: a sharded teacher's forward is a collective
+        figure_batch(trainer, knn_loaders[1], run_args.attention_figure_images)
+        if knn_loaders is not None and run_args.attention_figure_images > 0
+        else None
+    )
     if trainer.is_world_process_zero():
         entries = {entry["name"]: entry for entry in model_args.student_entries}
         targets = []
@@ -341,6 +353,7 @@ def _run(
                 hub_id,
                 started=started,
                 knn_loaders=knn_loaders,
+                figure=figure,
                 model_args=model_args,
                 data_args=data_args,
                 run_args=run_args,

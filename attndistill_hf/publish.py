@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,36 +29,41 @@ from .hub import (
     teacher_license,
     write_model_card,
 )
-from .models import (
-    patch_grid,
-)
+from .models import patch_grid
+from .teacher import TeacherTargets, teacher_targets
 from .trainer import AttnDistillTrainer
 
 logger = logging.getLogger(__name__)
 
 
-def attention_figure(
-    trainer: AttnDistillTrainer,
-    student: PreTrainedModel,
-    loader: DataLoader,
-    count: int,
-    mean: Any,
-    std: Any,
-    path: Path,
-) -> str:
-    """Teacher vs student last-layer CLS attention on the first evaluation images."""
+@dataclass
+class FigureBatch:
+    """The evaluation images of the attention figure, and the teacher's targets for them."""
+
+    pixel_values: torch.Tensor
+    teacher: TeacherTargets
+
+
+def figure_batch(trainer: AttnDistillTrainer, loader: DataLoader, count: int) -> FigureBatch:
+    """The first ``count`` evaluation images and the teacher's maps of them. Every process calls it: the
+    forward of a sharded teacher gathers its weights from all of them."""
     pixel_values = next(iter(loader))["pixel_values"][:count].to(trainer.args.device)
+    return FigureBatch(pixel_values, teacher_targets(trainer.teacher, pixel_values))
+
+
+def attention_figure(batch: FigureBatch, student: PreTrainedModel, mean: Any, std: Any, path: Path) -> str:
+    """Teacher vs student last-layer CLS attention on the figure's images."""
+    pixel_values = batch.pixel_values
     student = student.eval()
     with torch.no_grad():
-        _, teacher_maps = last_cls_attention(trainer.teacher, pixel_values)
         _, student_maps = last_cls_attention(student, pixel_values)
     size = tuple(pixel_values.shape[-2:])
     images = pixel_values.cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
     plot_attention_maps(
         images.clamp(0, 1),
-        teacher_maps.cpu(),
+        batch.teacher.attention.cpu(),
         student_maps.cpu(),
-        patch_grid(unwrap_model(trainer.teacher), size),
+        batch.teacher.grid,
         patch_grid(student, size),
         path,
     )
@@ -84,6 +90,7 @@ def publish_student(
     *,
     started: float,
     knn_loaders: tuple[DataLoader, DataLoader] | None,
+    figure: FigureBatch | None,
     model_args: DistillModelArguments,
     data_args: DataArguments,
     run_args: DistillRunArguments,
@@ -104,9 +111,9 @@ def publish_student(
     history = student_log_history(trainer.state.log_history, name)
     if any("loss" in entry for entry in history):
         figures["Training curves"] = plot_training_curves(history, folder / "training_curves.png").name
-    if knn_loaders is not None and run_args.attention_figure_images > 0:
+    if figure is not None:
         figures["Last-layer CLS attention: teacher vs student"] = attention_figure(
-            trainer, student, knn_loaders[1], run_args.attention_figure_images, mean, std, folder / "attention_maps.png"
+            figure, student, mean, std, folder / "attention_maps.png"
         )
     if run_args.model_card:
         teacher = unwrap_model(trainer.teacher)
@@ -136,6 +143,7 @@ def publish_student(
             limitations=run_args.card_limitations,
             loss=LossSettings.of(trainer.members[name].loss_fn),  # this student's own loss settings
             teacher_license=teacher_license(model_args.teacher_name_or_path, teacher.config.model_type),
+            teacher_dtype=args.teacher_dtype,
         )
     return knn
 

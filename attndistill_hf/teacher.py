@@ -38,12 +38,15 @@ def teacher_targets(
     """The frozen teacher's targets for ``pixel_values``, without building a graph.
 
     ``capture`` takes the CLS row of the last attention (the benchmark passes the eager reference to
-    time the naive step); without attention guidance the teacher runs plainly.
+    time the naive step); without attention guidance the teacher runs plainly. The images enter in the
+    precision of the teacher's weights (``--teacher_dtype``); the targets leave in float32.
     """
+    pixel_values = pixel_values.to(next(teacher.parameters()).dtype)
     with torch.no_grad():
         if with_attention:
             output, attention = capture(teacher, pixel_values)
         else:
             output, attention = run_model(teacher, pixel_values), None
     grid = patch_grid(unwrap_model(teacher), tuple(pixel_values.shape[-2:]))
-    return TeacherTargets(cls=normalised_cls_feature(teacher, output), attention=attention, grid=grid)
+    cls = normalised_cls_feature(teacher, output).float()
+    return TeacherTargets(cls=cls, attention=attention, grid=grid)

@@ -47,7 +47,8 @@ from .data.streaming import (
     prepare_per_rank_dataloader,
 )
 from .losses import LOSS_TERMS
-from .models import load_teacher
+from .models import cast_teacher, load_teacher, torch_dtype
+from .sharding import check_teacher_sharding, describe_teacher, shard_teacher
 from .skipping import SkipTracker, drop_empty_updates, who, zero_surrogate
 from .students import (
     DistillationModule,
@@ -116,7 +117,11 @@ class AttnDistillTrainer(Trainer):
         image_size: int | None = None,
         **trainer_kwargs: Any,
     ) -> None:
-        teacher_model = load_teacher(teacher)
+        # The teacher's weights in the run's precision, as from_pretrained(dtype=...) loads them (a no-op
+        # for a teacher the recipe loaded so).
+        teacher_model = cast_teacher(load_teacher(teacher), torch_dtype(args.teacher_dtype))
+        if args.teacher_sharding == "fsdp":
+            check_teacher_sharding(teacher_model, args)
         specs = student_specs(student)
         if len(specs) > 1 and args.max_grad_norm:
             raise ValueError(
@@ -137,9 +142,16 @@ class AttnDistillTrainer(Trainer):
         # The loss is a per-batch mean and is not pre-scaled for gradient accumulation: let the
         # Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
+        processes = self.accelerator.num_processes
+        self.teacher_is_sharded = args.teacher_sharding == "fsdp" and processes > 1
+        if self.teacher_is_sharded:
+            shard_teacher(teacher_model, self.accelerator.device)  # Accelerate then leaves its placement alone
+        elif args.teacher_sharding == "fsdp":
+            logger.warning("--teacher_sharding fsdp with one process: the teacher is whole on it.")
         self.teacher = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
+        logger.info(describe_teacher(teacher_model, processes))
         if args.torch_compile:
             install_attention_capture(teacher_model)
             self.teacher = torch.compile(self.teacher, backend=args.torch_compile_backend or "inductor")
@@ -238,8 +250,11 @@ class AttnDistillTrainer(Trainer):
         """
         self.skips.skipped_images += int(inputs["skipped_images"].sum())
         self.skips.unreadable(self.state.global_step)
+        placeholder = next(iter(self.members.values())).placeholder_inputs()
         with self.compute_loss_context_manager():
-            model(**next(iter(self.members.values())).placeholder_inputs())
+            if self.teacher_is_sharded:  # the other processes' teacher forward gathers with this one's
+                teacher_targets(self.teacher, placeholder["pixel_values"], with_attention=False)
+            model(**placeholder)
         loss = zero_surrogate(model.parameters(), torch.zeros((), device=self.args.device))
         self.accelerator.backward(loss)
         return loss.detach()
