@@ -8,6 +8,9 @@ or, piece by piece:
 >>> from attndistill_hf import AttnDistillConfig, AttnDistillTrainer, build_student
 """
 
+# Before the imports: modules of the package read it while the package is still importing.
+__version__ = "0.1.0"
+
 from .attention import eager_last_cls_attention, last_cls_attention
 from .config import AttnDistillConfig
 from .families import UnsupportedModelError, family_of
@@ -16,8 +19,6 @@ from .models import STUDENT_PRESETS, build_student, load_teacher
 from .pipeline import DistillResult, StudentResult, distill
 from .students import check_pair
 from .trainer import AttnDistillTrainer
-
-__version__ = "0.1.0"
 
 __all__ = [
     "STUDENT_PRESETS",

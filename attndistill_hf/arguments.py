@@ -57,8 +57,16 @@ def parse_student_entry(entry: str | dict[str, Any]) -> dict[str, Any]:
 class DistillModelArguments:
     """Which teacher to distill and which student to train."""
 
-    teacher_name_or_path: str = field(
-        metadata={"help": "Teacher: a Hub id (e.g. facebook/dino-vits8) or a local model directory."}
+    teacher_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Teacher: a Hub id (e.g. facebook/dino-vits8) or a local model directory."},
+    )
+    teacher_targets: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train from a teacher-target cache (recipes/cache_teacher.py; a local folder or a Hub dataset id) "
+            "instead of a teacher: no teacher is loaded, each image is trained on one of its stored views."
+        },
     )
     student_preset: str | None = field(
         default="vit-tiny-patch16",
@@ -87,6 +95,11 @@ class DistillModelArguments:
     )
 
     def __post_init__(self) -> None:
+        if (self.teacher_name_or_path is None) == (self.teacher_targets is None):
+            raise ValueError(
+                "Give the teacher with --teacher_name_or_path, or its stored targets with --teacher_targets "
+                "(a cache names its teacher): one of the two."
+            )
         self.student_entries = [parse_student_entry(entry) for entry in self.students or []]
         check_fields(self, {"patch_size": OPTIONAL_POSITIVE_INT})
         names = [entry["name"] for entry in self.student_entries]

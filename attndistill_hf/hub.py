@@ -397,6 +397,21 @@ def teacher_license(teacher: str, model_type: str) -> License | None:
     return FAMILY_LICENSES.get(model_type)
 
 
+def teacher_text(teacher: str, dtype: str, target_cache: str | None) -> str:
+    """The card's Teacher section: the teacher, the precision of its weights, and where its targets came from."""
+    if target_cache is not None:
+        return (
+            f"`{teacher}`, with its weights in {dtype}. It did not run during this student's training: its targets "
+            f"came from {target_cache}"
+        )
+    if dtype == "float32":
+        return f"`{teacher}`, frozen during training, with its weights in float32."
+    return (
+        f"`{teacher}`, frozen during training, with its weights in {dtype}: its CLS targets were computed in that "
+        "precision, its last-layer CLS attention row in float32 from the queries and keys it computed."
+    )
+
+
 def build_model_card(
     *,
     model_id_or_name: str,
@@ -415,6 +430,7 @@ def build_model_card(
     teacher_license: License | None = None,
     hub_dataset: bool = True,
     teacher_dtype: str = "float32",
+    target_cache: str | None = None,
 ) -> ModelCard:
     """The model card of a distilled student: Hub metadata, ``model-index`` and a body that explains it.
 
@@ -430,7 +446,8 @@ def build_model_card(
     ``datasets`` metadata only when ``hub_dataset`` says it is a Hub dataset id (and it is no local
     path): local data is named in the text alone. A ``teacher_license`` other than Apache-2.0 is named
     in a License section, and becomes the card's license unless ``license`` was set to something other
-    than the default. ``teacher_dtype`` is the precision the teacher's weights were loaded in.
+    than the default. ``teacher_dtype`` is the precision the teacher's weights were loaded in;
+    ``target_cache`` describes the teacher-target cache a run without a teacher trained from.
     """
     records = list(eval_results)
     teacher_public = public_name(teacher)
@@ -464,13 +481,7 @@ def build_model_card(
             + (" The projector used during training is not part of this model." if loss.proj_weight else "")
         ),
         "## Teacher",
-        f"`{teacher_public}`, frozen during training, with its weights in {teacher_dtype}"
-        + (
-            ": its CLS targets were computed in that precision, its last-layer CLS attention row in float32 from "
-            "the queries and keys it computed."
-            if teacher_dtype != "float32"
-            else "."
-        ),
+        teacher_text(teacher_public, teacher_dtype, target_cache),
         "## Distillation loss",
         loss.describe(),
         "## Training recipe",
@@ -658,8 +669,9 @@ def push_output_dir(
     token: str | None = None,
     commit_message: str = "Upload AttnDistill student",
     ignore_patterns: Sequence[str] = DEFAULT_IGNORE_PATTERNS,
+    repo_type: str = "model",
 ) -> str:
-    """Create (or reuse) the model repo ``hub_model_id`` and upload ``output_dir`` to it; return its URL.
+    """Create (or reuse) the ``repo_type`` repo ``hub_model_id`` and upload ``output_dir`` to it; return its URL.
 
     ``token=None`` uses the standard login (``hf auth login`` / ``HF_TOKEN``). Checkpoints, optimizer
     state and the pickled training arguments are left out (``ignore_patterns``). Nothing local is
@@ -671,11 +683,11 @@ def push_output_dir(
         raise FileNotFoundError(f"Nothing to push: {local_dir} is not a folder.")
     try:
         api = HfApi(token=token)
-        repo_url = api.create_repo(hub_model_id, private=private, exist_ok=True, repo_type="model")
+        repo_url = api.create_repo(hub_model_id, private=private, exist_ok=True, repo_type=repo_type)
         api.upload_folder(
             repo_id=hub_model_id,
             folder_path=local_dir,
-            repo_type="model",
+            repo_type=repo_type,
             commit_message=commit_message,
             ignore_patterns=list(ignore_patterns),
         )

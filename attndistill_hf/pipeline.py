@@ -52,13 +52,14 @@ from .models import (
 from .output_dir import empty_folder, exported_final_step, prepare_output_dir, resume_checkpoint
 from .publish import figure_batch, publish_student, push_students
 from .sharding import check_teacher_sharding
-from .students import StudentSpec, check_pair, student_specs
+from .students import StudentSpec, check_pair, check_student, student_specs
+from .target_cache import CachedViewCollator, TargetCache, check_cache_run
 from .trainer import AttnDistillTrainer
 
 logger = logging.getLogger(__name__)
 
 
-def load_student(model_args: DistillModelArguments, data_args: DataArguments, teacher: PreTrainedModel, seed: int):
+def load_student(model_args: DistillModelArguments, data_args: DataArguments, teacher_model_type: str, seed: int):
     """The student: a pretrained/config directory, or a preset built for the crop size and initialised from
     ``seed`` (alone: a student of a ``--students`` list starts as it would in a run of its own)."""
     if model_args.student_name_or_path:
@@ -70,7 +71,7 @@ def load_student(model_args: DistillModelArguments, data_args: DataArguments, te
         return build_student(config=config, seed=seed)
     sincos = model_args.student_sincos_position_embeddings
     if sincos is None:
-        sincos = getattr(teacher.config, "model_type", "") == "vit_mae"
+        sincos = teacher_model_type == "vit_mae"
     return build_student(
         model_args.student_preset,
         image_size=data_args.image_size,
@@ -81,11 +82,12 @@ def load_student(model_args: DistillModelArguments, data_args: DataArguments, te
 
 
 def load_students(
-    model_args: DistillModelArguments, data_args: DataArguments, teacher: PreTrainedModel, seed: int
+    model_args: DistillModelArguments, data_args: DataArguments, teacher_model_type: str, seed: int
 ) -> PreTrainedModel | dict[str, StudentSpec]:
-    """The single student, or each ``--students`` entry by name with its own loss settings."""
+    """The single student, or each ``--students`` entry by name with its own loss settings (``teacher_model_type``:
+    the teacher's ``config.model_type``, which picks the position embeddings of a preset student)."""
     if not model_args.student_entries:
-        return load_student(model_args, data_args, teacher, seed)
+        return load_student(model_args, data_args, teacher_model_type, seed)
     students = {}
     for entry in model_args.student_entries:
         architecture = {key: entry[key] for key in STUDENT_MODEL_FIELDS if key in entry}
@@ -93,7 +95,7 @@ def load_students(
             architecture["student_preset"] = None
         own = replace(model_args, **architecture, students=None)
         losses = {key: entry[key] for key in STUDENT_LOSS_FIELDS if key in entry}
-        students[entry["name"]] = StudentSpec(load_student(own, data_args, teacher, seed), **losses)
+        students[entry["name"]] = StudentSpec(load_student(own, data_args, teacher_model_type, seed), **losses)
     return students
 
 
@@ -234,11 +236,47 @@ def run_distillation(
         raise
 
 
+def load_teacher_or_cache(
+    model_args: DistillModelArguments, args: AttnDistillConfig
+) -> tuple[PreTrainedModel | TargetCache, Any, Any, str]:
+    """The teacher (or its stored targets), the normalisation it takes and its ``model_type``."""
+    if model_args.teacher_targets is not None:
+        cache = TargetCache(model_args.teacher_targets)
+        return cache, tuple(cache.info.mean), tuple(cache.info.std), cache.info.teacher_config.get("model_type", "")
+    # transformers' default attention backend: sdpa for every supported family; a class without sdpa (a
+    # CNN, say) then loads, and check_pair refuses it as no ViT-family encoder, instead of the load failing
+    # with advice to pass attn_implementation, which has no field.
+    teacher = load_teacher(
+        model_args.teacher_name_or_path,
+        attn_implementation=None,
+        trust_remote_code=model_args.trust_remote_code,
+        dtype=torch_dtype(args.teacher_dtype),  # loaded in it: a 7B teacher never exists in float32 here
+    )
+    # The teacher's normalisation (ImageNet's when it ships no image processor).
+    mean, std = image_stats(
+        load_image_processor(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    )
+    return teacher, mean, std, getattr(teacher.config, "model_type", "")
+
+
 def training_data(
-    data_args: DataArguments, run_args: DistillRunArguments, args: AttnDistillConfig, mean: Any, std: Any
+    data_args: DataArguments,
+    run_args: DistillRunArguments,
+    args: AttnDistillConfig,
+    mean: Any,
+    std: Any,
+    cache: TargetCache | None = None,
 ) -> tuple[Any, Callable[[list[dict[str, Any]]], dict[str, Any]], GpuAugment | None]:
-    """The training dataset, its collator and the optional batch transform (decoding on the device)."""
+    """The training dataset, its collator and the optional batch transform (decoding on the device); with a
+    teacher-target ``cache``, the collator makes each image's stored view and adds its stored targets."""
+    if cache is not None and (data_args.gpu_augment or run_args.train_augmentation != "published"):
+        raise ValueError(
+            "--teacher_targets: each image is trained on one of its stored views of the published augmentation, "
+            "made on the CPU; drop --gpu_augment and --train_augmentation none."
+        )
     train_dataset = build_train_dataset(data_args, args)
+    if cache is not None:
+        return train_dataset, CachedViewCollator(cache, data_args.image_column, fill_skipped=True), None
     if isinstance(train_dataset, EqualStepsIterable):
         args.dataloader_num_workers = dataloader_workers(train_dataset, args.dataloader_num_workers)
     if data_args.gpu_augment:
@@ -277,26 +315,22 @@ def _run(
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/vit-tiny-attndistill).")
     set_seed(args.seed)
     push, args.push_to_hub = args.push_to_hub, False  # pushed below with the model card, not mid-run
-    # transformers' default attention backend: sdpa for every supported family; a class without sdpa (a
-    # CNN, say) then loads, and check_pair refuses it as no ViT-family encoder, instead of the load failing
-    # with advice to pass attn_implementation, which has no field.
-    teacher = load_teacher(
-        model_args.teacher_name_or_path,
-        attn_implementation=None,
-        trust_remote_code=model_args.trust_remote_code,
-        dtype=torch_dtype(args.teacher_dtype),  # loaded in it: a 7B teacher never exists in float32 here
-    )
-    # The teacher's normalisation (ImageNet's when it ships no image processor).
-    mean, std = image_stats(
-        load_image_processor(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
-    )
-    student = load_students(model_args, data_args, teacher, args.seed)
-    # A teacher or student whose last attention cannot be captured exactly is refused before any data loads.
-    for model in student_specs(student).values():
-        check_pair(teacher, model.model, data_args.image_size)
-    if args.teacher_sharding == "fsdp":
+    teacher, mean, std, model_type = load_teacher_or_cache(model_args, args)
+    student = load_students(model_args, data_args, model_type, args.seed)
+    # A teacher or student whose last attention cannot be captured exactly, or a cache that does not fit the
+    # run, is refused before any data loads.
+    for spec in student_specs(student).values():
+        if isinstance(teacher, TargetCache):
+            check_student(spec.model, data_args.image_size)
+        else:
+            check_pair(teacher, spec.model, data_args.image_size)
+    if isinstance(teacher, TargetCache):
+        needs_attention = any(spec.setting("attn_loss_weight", args) for spec in student_specs(student).values())
+        check_cache_run(teacher.info, args, image_size=data_args.image_size, needs_attention=needs_attention)
+    elif args.teacher_sharding == "fsdp":
         check_teacher_sharding(teacher, args)
-    train_dataset, collator, batch_transform = training_data(data_args, run_args, args, mean, std)
+    cache = teacher if isinstance(teacher, TargetCache) else None
+    train_dataset, collator, batch_transform = training_data(data_args, run_args, args, mean, std, cache)
     knn_loaders = build_knn_loaders(data_args, run_args, args, mean, std) if run_knn else None
     trainer = AttnDistillTrainer(
         student,
@@ -334,8 +368,8 @@ def _run(
     result = DistillResult(Path(args.output_dir), train_metrics=train_result.metrics)
     figure = (  # on every process, like skipped_images: a sharded teacher's forward is a collective
         figure_batch(trainer, knn_loaders[1], run_args.attention_figure_images)
-        if knn_loaders is not None and run_args.attention_figure_images > 0
-        else None
+        if knn_loaders is not None and run_args.attention_figure_images > 0 and trainer.teacher is not None
+        else None  # from a cache there is no teacher to look at the evaluation images
     )
     if trainer.is_world_process_zero():
         entries = {entry["name"]: entry for entry in model_args.student_entries}

@@ -116,11 +116,17 @@ def publish_student(
             figure, student, mean, std, folder / "attention_maps.png"
         )
     if run_args.model_card:
-        teacher = unwrap_model(trainer.teacher)
+        cache = trainer.target_cache
+        teacher_name = cache.info.teacher if cache is not None else model_args.teacher_name_or_path
+        model_type = (
+            cache.info.teacher_config.get("model_type", "")
+            if cache is not None
+            else unwrap_model(trainer.teacher).config.model_type
+        )
         write_model_card(
             folder,
             model_id_or_name=hub_id or folder.name,
-            teacher=model_args.teacher_name_or_path,
+            teacher=teacher_name,
             student_config=student.config.to_dict(),
             dataset_name=data_args.source_name,
             hub_dataset=data_args.train_source == "hub",
@@ -142,8 +148,9 @@ def publish_student(
             license=run_args.card_license,
             limitations=run_args.card_limitations,
             loss=LossSettings.of(trainer.members[name].loss_fn),  # this student's own loss settings
-            teacher_license=teacher_license(model_args.teacher_name_or_path, teacher.config.model_type),
-            teacher_dtype=args.teacher_dtype,
+            teacher_license=teacher_license(teacher_name, model_type),
+            teacher_dtype=cache.info.teacher_dtype if cache is not None else args.teacher_dtype,
+            target_cache=None if cache is None else cache.describe(model_args.teacher_targets),
         )
     return knn
 

@@ -155,6 +155,11 @@ class StudentSpec:
         if self.projector_loss is not None:
             check_projector_loss(self.projector_loss)
 
+    def setting(self, name: str, args: AttnDistillConfig) -> Any:
+        """This student's loss setting ``name``: its own, else the run's."""
+        own = getattr(self, name)
+        return getattr(args, name) if own is None else own
+
     def loss(self, teacher_dim: int, args: AttnDistillConfig, seed: int) -> AttnDistillLoss:
         """This student's loss (and projector), with the run's settings where this spec has none.
 
@@ -162,23 +167,19 @@ class StudentSpec:
         student's projector starts the same whether it trains alone or beside others.
         """
 
-        def setting(name: str) -> Any:
-            own = getattr(self, name)
-            return getattr(args, name) if own is None else own
-
-        if setting("proj_loss_weight") == 0 and setting("attn_loss_weight") == 0:
+        if self.setting("proj_loss_weight", args) == 0 and self.setting("attn_loss_weight", args) == 0:
             raise ValueError("A student has both loss weights at 0: nothing to train it with.")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return AttnDistillLoss(
                 self.model.config.hidden_size,
                 teacher_dim,
-                proj_weight=setting("proj_loss_weight"),
-                attn_weight=setting("attn_loss_weight"),
-                fusion_temperature=setting("fusion_temperature"),
-                projector_depth=setting("projector_depth"),
-                projector_hidden_dims=setting("projector_hidden_dims"),
-                projector_loss=setting("projector_loss"),
+                proj_weight=self.setting("proj_loss_weight", args),
+                attn_weight=self.setting("attn_loss_weight", args),
+                fusion_temperature=self.setting("fusion_temperature", args),
+                projector_depth=self.setting("projector_depth", args),
+                projector_hidden_dims=self.setting("projector_hidden_dims", args),
+                projector_loss=self.setting("projector_loss", args),
                 clamp=(args.attn_clamp_min, args.attn_clamp_max),
             )
 
@@ -256,19 +257,29 @@ def check_pair(teacher: PreTrainedModel, student: PreTrainedModel, image_size: i
     a blank image through each proves the capture sees their last attention kernel's inputs and yields
     a CLS row over the CLS and patch keys at this resolution.
     """
-    for role, model in (("teacher", teacher), ("student", student)):
-        try:
-            family_of(model)
-        except UnsupportedModelError as error:
-            raise UnsupportedModelError(f"Unsupported {role}: {error}") from None
-        try:
-            grid = patch_grid(model, image_size)
-        except ValueError as error:
-            raise ValueError(f"The {role} cannot take {image_size} px crops: {error}") from None
-        try:
-            verify_capture(model, grid)
-        except UnsupportedModelError as error:
-            raise UnsupportedModelError(f"Unsupported {role}: {error}") from None
+    check_captured("teacher", teacher, image_size)
+    check_student(student, image_size)
+
+
+def check_captured(role: str, model: PreTrainedModel, image_size: int | tuple[int, int]) -> None:
+    """``model`` (the ``role`` in messages) is of a supported family, tiles ``image_size`` and its capture works."""
+    try:
+        family_of(model)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(f"Unsupported {role}: {error}") from None
+    try:
+        grid = patch_grid(model, image_size)
+    except ValueError as error:
+        raise ValueError(f"The {role} cannot take {image_size} px crops: {error}") from None
+    try:
+        verify_capture(model, grid)
+    except UnsupportedModelError as error:
+        raise UnsupportedModelError(f"Unsupported {role}: {error}") from None
+
+
+def check_student(student: PreTrainedModel, image_size: int | tuple[int, int]) -> None:
+    """The student's side of :func:`check_pair` (all there is to check when the targets come from a cache)."""
+    check_captured("student", student, image_size)
     if type(student).__name__ not in STUDENT_CLASSES:
         raise UnsupportedModelError(
             f"Unsupported student: {type(student).__name__}; students are trained and exported as one of "

@@ -55,9 +55,11 @@ from .students import (
     MultiStudentModule,
     StudentSpec,
     check_pair,
+    check_student,
     exportable_student,
     student_specs,
 )
+from .target_cache import TargetCache, cached_targets, check_cache_run
 from .teacher import teacher_targets
 
 logger = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ class AttnDistillTrainer(Trainer):
     def __init__(
         self,
         student: PreTrainedModel | Mapping[str, PreTrainedModel | StudentSpec],
-        teacher: PreTrainedModel | str,
+        teacher: PreTrainedModel | str | TargetCache,
         args: AttnDistillConfig,
         *,
         image_processor: Any = None,
@@ -117,12 +119,17 @@ class AttnDistillTrainer(Trainer):
         image_size: int | None = None,
         **trainer_kwargs: Any,
     ) -> None:
-        # The teacher's weights in the run's precision, as from_pretrained(dtype=...) loads them (a no-op
-        # for a teacher the recipe loaded so).
-        teacher_model = cast_teacher(load_teacher(teacher), torch_dtype(args.teacher_dtype))
-        if args.teacher_sharding == "fsdp":
-            check_teacher_sharding(teacher_model, args)
         specs = student_specs(student)
+        self.target_cache = teacher if isinstance(teacher, TargetCache) else None
+        if self.target_cache is not None:  # no teacher runs: its stored targets come with each batch
+            teacher_model, teacher_dim = None, self.target_cache.info.hidden_size
+        else:
+            # The teacher's weights in the run's precision, as from_pretrained(dtype=...) loads them (a no-op
+            # for a teacher the recipe loaded so).
+            teacher_model = cast_teacher(load_teacher(teacher), torch_dtype(args.teacher_dtype))
+            teacher_dim = teacher_model.config.hidden_size
+            if args.teacher_sharding == "fsdp":
+                check_teacher_sharding(teacher_model, args)
         if len(specs) > 1 and args.max_grad_norm:
             raise ValueError(
                 f"max_grad_norm {args.max_grad_norm} with several students: clipping the global gradient norm would "
@@ -130,9 +137,20 @@ class AttnDistillTrainer(Trainer):
             )
         members = {}
         for name, spec in specs.items():
-            check_pair(teacher_model, spec.model, image_size or spec.model.config.image_size)
-            loss_fn = spec.loss(teacher_model.config.hidden_size, args, seed=args.seed)
+            size = image_size or spec.model.config.image_size
+            if teacher_model is None:
+                check_student(spec.model, size)
+            else:
+                check_pair(teacher_model, spec.model, size)
+            loss_fn = spec.loss(teacher_dim, args, seed=args.seed)
             members[name] = DistillationModule(spec.model, loss_fn)
+        if self.target_cache is not None:
+            check_cache_run(
+                self.target_cache.info,
+                args,
+                image_size=size,  # the students share the crop size
+                needs_attention=any(member.loss_fn.attn_weight for member in members.values()),
+            )
         super().__init__(
             model=members[None] if None in members else MultiStudentModule(members),
             args=args,
@@ -142,19 +160,8 @@ class AttnDistillTrainer(Trainer):
         # The loss is a per-batch mean and is not pre-scaled for gradient accumulation: let the
         # Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
-        processes = self.accelerator.num_processes
-        self.teacher_is_sharded = args.teacher_sharding == "fsdp" and processes > 1
-        if self.teacher_is_sharded:
-            shard_teacher(teacher_model, self.accelerator.device)  # Accelerate then leaves its placement alone
-        elif args.teacher_sharding == "fsdp":
-            logger.warning("--teacher_sharding fsdp with one process: the teacher is whole on it.")
-        self.teacher = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-        logger.info(describe_teacher(teacher_model, processes))
-        if args.torch_compile:
-            install_attention_capture(teacher_model)
-            self.teacher = torch.compile(self.teacher, backend=args.torch_compile_backend or "inductor")
+        self.teacher = None if teacher_model is None else self._prepare_teacher(teacher_model)
+        self.teacher_is_sharded = self.teacher is not None and args.teacher_sharding == "fsdp" and args.world_size > 1
         scales_itself = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if args.fp16 and self.accelerator.scaler is None and not scales_itself:
             # Accelerate only autocasts and scales fp16 on accelerators: on a CPU "fp16" would silently
@@ -175,6 +182,22 @@ class AttnDistillTrainer(Trainer):
             else list(LOSS_TERMS[1:])
         )
 
+    def _prepare_teacher(self, teacher: PreTrainedModel) -> nn.Module:
+        """The frozen teacher on this process: sharded over all of them, or whole; then Accelerate's precision."""
+        args, processes = self.args, self.accelerator.num_processes
+        if args.teacher_sharding == "fsdp" and processes > 1:
+            shard_teacher(teacher, self.accelerator.device)  # Accelerate then leaves its placement alone
+        elif args.teacher_sharding == "fsdp":
+            logger.warning("--teacher_sharding fsdp with one process: the teacher is whole on it.")
+        prepared = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        prepared.requires_grad_(False)
+        prepared.eval()
+        logger.info(describe_teacher(teacher, processes))
+        if args.torch_compile:
+            install_attention_capture(teacher)
+            prepared = torch.compile(prepared, backend=args.torch_compile_backend or "inductor")
+        return prepared
+
     # ---- the loss ---------------------------------------------------------------------------------
 
     def compute_loss(
@@ -189,11 +212,14 @@ class AttnDistillTrainer(Trainer):
             self.skips.skipped_images += int(skipped.sum())
         pixel_values = inputs["pixel_values"]
         members = self.members
-        targets = teacher_targets(  # one teacher forward for every student
-            self.teacher,
-            pixel_values,
-            with_attention=any(member.loss_fn.attn_weight for member in members.values()),
-        )
+        if self.target_cache is not None:
+            targets = cached_targets(inputs, self.target_cache.info)
+        else:
+            targets = teacher_targets(  # one teacher forward for every student
+                self.teacher,
+                pixel_values,
+                with_attention=any(member.loss_fn.attn_weight for member in members.values()),
+            )
         outputs = model(
             pixel_values=pixel_values,
             teacher_cls=targets.cls,

@@ -188,7 +188,7 @@ def test_demo_untrained_baseline_is_the_distilled_student_at_initialisation() ->
     # distill.py builds the student from the preset, initialised from the run's seed alone.
     set_seed(seed + 1)
     model_args = DistillModelArguments(teacher_name_or_path="unused", student_preset=config["student_preset"])
-    initial = load_student(model_args, DataArguments(image_size=image_size), teacher, seed)
+    initial = load_student(model_args, DataArguments(image_size=image_size), teacher.config.model_type, seed)
     baseline = untrained_student(config, image_size, seed)
     assert not baseline.training
     assert initial.state_dict().keys() == baseline.state_dict().keys()

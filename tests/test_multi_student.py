@@ -231,7 +231,7 @@ def test_recipe_students_start_as_they_would_alone_whatever_their_place_in_the_l
     alone = load_students(
         DistillModelArguments(teacher_name_or_path="unused", student_preset="vit-mini-patch4"),
         data_args,
-        teacher,
+        teacher.config.model_type,
         3,
     )
     listed = load_students(
@@ -243,7 +243,7 @@ def test_recipe_students_start_as_they_would_alone_whatever_their_place_in_the_l
             ],
         ),
         data_args,
-        teacher,
+        teacher.config.model_type,
         3,
     )
     second = listed["second"].model.state_dict()

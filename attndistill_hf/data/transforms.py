@@ -221,6 +221,55 @@ def seeded_view(transform: Callable[[Image.Image], torch.Tensor], image: Image.I
         return transform(image)
 
 
+class TrainView(NamedTuple):
+    """One published training view of an image: its crop box in the decoded image's pixels, and the flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def draw_train_view(image: Image.Image, seed: int, scale: tuple[float, float] = (0.2, 1.0)) -> TrainView:
+    """The crop and flip that :func:`train_transform` draws for ``image`` under ``seeded_view(..., seed)``.
+
+    The same draws in the same order from the same seeded generator (RandomResizedCrop's box, then
+    RandomHorizontalFlip's coin), so ``apply_train_view(image, draw_train_view(image, seed))`` is that view,
+    to the bit. A recorded view (the teacher-target cache keeps them) is reproduced from the box alone.
+    """
+    crop = v2.RandomResizedCrop(1, scale=scale)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        box = crop.make_params([to_rgb(image)])
+        flip = bool(torch.rand(1) < 0.5)  # RandomHorizontalFlip keeps the image when rand >= p
+    return TrainView(int(box["top"]), int(box["left"]), int(box["height"]), int(box["width"]), flip)
+
+
+def apply_train_view(
+    image: Image.Image,
+    view: TrainView,
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """The published training view ``view`` of ``image``: crop, bicubic resize to ``image_size``, flip, normalise."""
+    _check_transform_args(image_size, mean, std)
+    cropped = v2.functional.resized_crop(
+        to_rgb(image),
+        view.top,
+        view.left,
+        view.height,
+        view.width,
+        [image_size, image_size],
+        interpolation=v2.InterpolationMode.BICUBIC,
+        antialias=True,
+    )
+    if view.flip:
+        cropped = v2.functional.horizontal_flip(cropped)
+    return v2.Compose(_to_normalised_tensor(mean, std))(cropped)
+
+
 # --------------------------------------------------------------------------------------------------
 # Collator
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,325 @@
+"""Teacher targets computed once: the teacher's CLS target and CLS-attention rows for K recorded views per image.
+
+With a large teacher the teacher is the cost of distillation (a DINOv3 ViT-7B forward is about 100 ViT-S/16
+training steps per image), and every seed, ablation setting and later student pays it again. A target cache
+runs the teacher once over ``views_per_image`` published views of every image and keeps, per view, what a
+training step reads from it: the crop box and flip (so the view is reproduced exactly from the image), the
+CLS target and the last-layer CLS-attention row of every head (CLS key, then patches; registers dropped).
+Training from it (``--teacher_targets``) loads no teacher: each epoch an image gets one of its stored views,
+drawn from (seed, epoch, image), and the loss reads the stored targets.
+
+On disk a cache is a ``datasets`` dataset (``datasets.load_dataset(PATH)`` reads it): parquet shards under
+``data/``, a dataset card, and ``attndistill_cache.json`` (:class:`CacheInfo`: the teacher, its precision,
+the image size, patch grid, heads, the augmentation and its settings, the storage dtype, the library
+version). The cache is written only whole: shards are renamed into place when complete, so an interrupted
+run resumes where it stopped (images already in a complete shard are skipped), and the info file, which
+readers require, is written last.
+
+Targets are stored in float16 by default (bfloat16 is kept as its 16 bits, float32 on request): a stored
+target differs from the live one only by that rounding (bounds in docs/method.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+from .data.decoding import decode_image
+from .data.transforms import (
+    EXAMPLE_KEY,
+    ExampleKey,
+    TrainView,
+    apply_train_view,
+    derived_seed,
+    example_id,
+)
+from .hub import public_name
+from .teacher import TeacherTargets
+
+logger = logging.getLogger(__name__)
+
+INFO_FILE = "attndistill_cache.json"
+FORMAT_VERSION = 1
+# How stored targets are kept: parquet has float16 and float32; bfloat16 keeps its 16 bits in an int16 column.
+STORAGE_DTYPES = {"float16": "float16", "bfloat16": "int16", "float32": "float32"}
+# The published training view (data/transforms.py train_transform): what a cache's views are drawn from.
+PUBLISHED_AUGMENTATION = {
+    "name": "published",
+    "crop": "RandomResizedCrop",
+    "scale": [0.2, 1.0],
+    "ratio": [3 / 4, 4 / 3],
+    "interpolation": "bicubic",
+    "antialias": True,
+    "flip_probability": 0.5,
+}
+
+
+class CacheMismatchError(ValueError):
+    """A target cache that does not fit the run (image size, patch grid, images, augmentation)."""
+
+
+@dataclass
+class CacheInfo:
+    """What a target cache holds and how it was made (``attndistill_cache.json``)."""
+
+    teacher: str
+    teacher_revision: str | None
+    teacher_class: str
+    teacher_dtype: str
+    teacher_config: dict[str, Any]
+    hidden_size: int
+    heads: int | None  # None: no attention rows stored (a cache for projector-only students)
+    image_size: int
+    patch_grid: list[int]
+    tokens_dropped: int  # tokens of the teacher's sequence that are neither CLS nor patch (registers, ...)
+    views_per_image: int
+    seed: int
+    storage_dtype: str
+    mean: list[float]
+    std: list[float]
+    dataset: str
+    num_images: int = 0
+    unreadable_images: int = 0
+    augmentation: dict[str, Any] = field(default_factory=lambda: dict(PUBLISHED_AUGMENTATION))
+    library_version: str = __version__
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def with_attention(self) -> bool:
+        return self.heads is not None
+
+    @property
+    def keys(self) -> int:
+        """CLS and patch keys of a stored attention row."""
+        return 1 + self.patch_grid[0] * self.patch_grid[1]
+
+    def features(self) -> datasets.Features:
+        stored = STORAGE_DTYPES[self.storage_dtype]
+        columns: dict[str, Any] = {
+            "example": datasets.Value("int64"),  # the example's identity (data/transforms.example_id)
+            "image": datasets.Value("int64"),  # a digest of its encoded image: checks the images are the same
+            "view": datasets.Value("int16"),
+            "crop": datasets.Sequence(datasets.Value("int32"), length=4),  # top, left, height, width
+            "flip": datasets.Value("bool"),
+            "cls": datasets.Sequence(datasets.Value(stored), length=self.hidden_size),
+        }
+        if self.heads is not None:
+            columns["attention"] = datasets.Array2D((self.heads, self.keys), stored)
+        return datasets.Features(columns)
+
+    def save(self, folder: Path) -> None:
+        (folder / INFO_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> CacheInfo:
+        path = folder / INFO_FILE
+        if not path.is_file():
+            raise CacheMismatchError(
+                f"{folder} has no {INFO_FILE}: it is not a teacher-target cache, or its writing did not finish "
+                "(run recipes/cache_teacher.py again with the same arguments to complete it)."
+            )
+        values = json.loads(path.read_text())
+        if values.get("format_version") != FORMAT_VERSION:
+            raise CacheMismatchError(
+                f"{path} is of cache format {values.get('format_version')}; this library reads format {FORMAT_VERSION}."
+            )
+        return cls(**values)
+
+
+def image_identity(example: Mapping[str, Any], image_column: str) -> int:
+    """A digest of the example's encoded image (its bytes, else its path): the same image gives the same one."""
+    return example_id(ExampleKey(0, 0), example, image_column)
+
+
+def stored_view_seed(cache_seed: int, identity: int, view: int) -> int:
+    """The seed of stored view ``view`` of example ``identity``."""
+    return derived_seed("cached-view", cache_seed, identity, view)
+
+
+def chosen_view(key: ExampleKey, identity: int, views_per_image: int) -> int:
+    """Which stored view an example is trained on in ``key``'s run and epoch: a function of (seed, epoch, example)."""
+    return derived_seed("cache-choice", key.seed, key.epoch, identity) % views_per_image
+
+
+def encode_targets(values: torch.Tensor, storage_dtype: str) -> np.ndarray:
+    if storage_dtype == "bfloat16":
+        return values.to(torch.bfloat16).view(torch.int16).cpu().numpy()
+    return values.to(getattr(torch, storage_dtype)).cpu().numpy()
+
+
+def decode_targets(values: np.ndarray, storage_dtype: str) -> torch.Tensor:
+    if storage_dtype == "bfloat16":  # the formatter widens the int16 bits: narrow them back first
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(values)).float()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+class TargetCache:
+    """A written cache: its info, and the stored view and targets of any (example, view)."""
+
+    def __init__(self, path_or_hub_id: str | os.PathLike[str], revision: str | None = None) -> None:
+        folder = Path(path_or_hub_id).expanduser()
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(path_or_hub_id), repo_type="dataset", revision=revision))
+        self.folder = folder
+        self.info = CacheInfo.load(folder)
+        self.rows = datasets.load_dataset(str(folder), split="train").with_format("numpy")
+        examples = np.asarray(self.rows["example"], dtype=np.int64)
+        views = np.asarray(self.rows["view"], dtype=np.int64)
+        self.order = np.lexsort((views, examples))
+        self.sorted_examples = examples[self.order]
+        counts = np.unique(self.sorted_examples, return_counts=True)[1]
+        if len(counts) and (counts != self.info.views_per_image).any():
+            raise CacheMismatchError(
+                f"{folder}: some images have another number of views than views_per_image "
+                f"{self.info.views_per_image}; the cache is damaged."
+            )
+
+    def __len__(self) -> int:
+        return len(self.sorted_examples) // max(1, self.info.views_per_image)
+
+    def describe(self, name: str) -> str:
+        """One sentence for a model card: which cache, of which teacher, how many views, stored how."""
+        info = self.info
+        return (
+            f"the teacher-target cache `{public_name(name)}`: {info.views_per_image} recorded view(s) of each of "
+            f"{info.num_images} images at {info.image_size} px, targets stored as {info.storage_dtype}; each image "
+            "was trained on one of its stored views per epoch."
+        )
+
+    def row(self, identity: int, view: int) -> int:
+        """The row of view ``view`` of example ``identity``; a CacheMismatchError when the cache lacks it."""
+        position = int(np.searchsorted(self.sorted_examples, identity))
+        if position >= len(self.sorted_examples) or self.sorted_examples[position] != identity:
+            raise CacheMismatchError(
+                f"Image {identity} of the training data is not in the teacher-target cache {self.folder}: the cache "
+                "was made from other images."
+            )
+        return int(self.order[position + view])
+
+    def read(self, rows: Sequence[int]) -> dict[str, Any]:
+        """The stored columns of ``rows``: image digests, views, and the targets as float32 tensors."""
+        info = self.info
+        if not rows:
+            empty = {"image": [], "views": [], "cls": torch.empty(0, info.hidden_size)}
+            return empty | ({"attention": torch.empty(0, info.heads, info.keys)} if info.with_attention else {})
+        values = self.rows[list(rows)]
+        boxes = zip(values["crop"], values["flip"], strict=True)
+        views = [TrainView(*map(int, crop), bool(flip)) for crop, flip in boxes]
+        out = {"image": values["image"], "views": views, "cls": decode_targets(values["cls"], info.storage_dtype)}
+        if info.with_attention:
+            out["attention"] = decode_targets(values["attention"], info.storage_dtype)
+        return out
+
+
+def check_cache_run(info: CacheInfo, args: Any, *, image_size: int, needs_attention: bool) -> None:
+    """Refuse a cache that does not fit the run (``args``: its AttnDistillConfig), before training, naming the
+    mismatch. Any student grid and head count fit: the loss resizes and fuses the stored rows as it does a live
+    teacher's (cases b and c)."""
+    if info.image_size != image_size:
+        raise CacheMismatchError(
+            f"The teacher-target cache holds {info.image_size} px views; this run crops {image_size} px "
+            f"(--image_size {info.image_size}, or a cache made at {image_size} px)."
+        )
+    if info.augmentation != PUBLISHED_AUGMENTATION:
+        raise CacheMismatchError(
+            f"The teacher-target cache's views are of another augmentation ({info.augmentation}); this library "
+            "reproduces the published one."
+        )
+    if needs_attention and not info.with_attention:
+        raise CacheMismatchError(
+            "The teacher-target cache holds no attention rows, and a student of this run is guided by the teacher's "
+            "attention (attn_loss_weight > 0)."
+        )
+    if args.teacher_dtype not in ("float32", info.teacher_dtype):
+        raise CacheMismatchError(
+            f"--teacher_dtype {args.teacher_dtype}: the teacher-target cache was made with the teacher's weights in "
+            f"{info.teacher_dtype}; a run from it has no teacher to load (drop --teacher_dtype)."
+        )
+    if args.teacher_sharding != "none":
+        raise CacheMismatchError("--teacher_sharding: a run from a teacher-target cache has no teacher to shard.")
+
+
+def cached_targets(batch: Mapping[str, Any], info: CacheInfo) -> TeacherTargets:
+    """A batch's stored targets as :class:`~attndistill_hf.teacher.TeacherTargets` (what a live teacher would give)."""
+    return TeacherTargets(
+        cls=batch["teacher_cls"],
+        attention=batch.get("teacher_attention"),
+        grid=(info.patch_grid[0], info.patch_grid[1]),
+    )
+
+
+class CachedViewCollator:
+    """Decodes training examples and makes each one's stored view, with the view's stored targets.
+
+    The counterpart of :class:`~attndistill_hf.data.ImageCollator` for a run from a cache: the view of an
+    example in an epoch is its stored view :func:`chosen_view` (a function of the run's seed, the epoch and
+    the example), cropped and flipped as recorded, so the image matches the targets the teacher gave for it.
+    An undecodable image is skipped and counted; with ``fill_skipped`` another example of the batch takes its
+    place with one of that example's own stored views (same batch size on every process).
+    """
+
+    uses_example_keys = True
+
+    def __init__(self, cache: TargetCache, image_column: str = "image", *, fill_skipped: bool = False) -> None:
+        self.cache = cache
+        self.image_column = image_column
+        self.fill_skipped = fill_skipped
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        info = self.cache.info
+        decoded: list[tuple[Image.Image, int, int]] = []  # image, identity, digest
+        picks: list[tuple[int, int]] = []  # (decoded image, stored row) of each view of the batch
+        failed: list[tuple[int, ExampleKey]] = []
+        for example in examples:
+            key = example[EXAMPLE_KEY]
+            identity = example_id(key, example, self.image_column)
+            image = decode_image(example[self.image_column])
+            if image is None:
+                failed.append((identity, key))
+                continue
+            picks.append((len(decoded), self.cache.row(identity, chosen_view(key, identity, info.views_per_image))))
+            decoded.append((image, identity, image_identity(example, self.image_column)))
+        if self.fill_skipped and decoded:
+            for i, (identity, key) in enumerate(failed):
+                stand_in = i % len(decoded)
+                view = chosen_view(key, identity, info.views_per_image)
+                picks.append((stand_in, self.cache.row(decoded[stand_in][1], view)))
+        stored = self.cache.read([row for _, row in picks])
+        for (i, _), digest in zip(picks, stored["image"], strict=True):
+            if int(digest) != decoded[i][2]:
+                raise CacheMismatchError(
+                    f"Example {decoded[i][1]} is another image than the one the teacher-target cache "
+                    f"{self.cache.folder} was made from: the training data changed since the cache was written."
+                )
+        size = info.image_size
+        views = [
+            apply_train_view(decoded[i][0], view, size, info.mean, info.std)
+            for (i, _), view in zip(picks, stored["views"], strict=True)
+        ]
+        batch: dict[str, Any] = {
+            "pixel_values": torch.stack(views) if views else torch.empty(0, 3, size, size),
+            "teacher_cls": stored["cls"],
+            "skipped_images": torch.tensor(len(failed), dtype=torch.long),
+            "unreadable_ids": [identity for identity, _ in failed],
+        }
+        if info.with_attention:
+            batch["teacher_attention"] = stored["attention"]
+        return batch
