@@ -38,6 +38,7 @@ from .target_cache import (
     CacheMismatchError,
     encode_targets,
     image_identity,
+    shard_files,
     stored_view_seed,
 )
 from .teacher import TeacherTargets, teacher_targets
@@ -127,7 +128,7 @@ class ViewsCollator:
 
 def _written_identities(folder: Path) -> set[int]:
     """The examples already in complete shards of an interrupted cache."""
-    files = sorted(str(path) for path in (folder / "data").glob("*.parquet"))
+    files = shard_files(folder)
     if not files:
         return set()
     done = datasets.load_dataset("parquet", data_files=files, split="train", columns=["example"])
@@ -194,6 +195,8 @@ def cache_teacher_targets(
     check_value("views_per_image", info.views_per_image, POSITIVE_INT)
     check_value("batch_size", batch_size, POSITIVE_INT)
     check_value("shard_images", shard_images, POSITIVE_INT)
+    if (info.keyed_by == "index") != (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise ValueError(f"CacheInfo.keyed_by {info.keyed_by!r}: map-style data is keyed by index, a stream by image.")
     folder = Path(output_dir)
     (folder / "data").mkdir(parents=True, exist_ok=True)
     done = _written_identities(folder)
@@ -259,6 +262,7 @@ def teacher_cache_info(
     mean: Sequence[float],
     std: Sequence[float],
     dataset: str,
+    keyed_by: str = "index",
     with_attention: bool = True,
 ) -> CacheInfo:
     """The :class:`CacheInfo` of a cache of ``teacher`` (its patch grid at ``image_size``, heads, tokens)."""
@@ -279,6 +283,7 @@ def teacher_cache_info(
         image_size=image_size,
         patch_grid=list(grid),
         tokens_dropped=layout.leading - 1 + layout.trailing,
+        keyed_by=keyed_by,
         views_per_image=views_per_image,
         seed=seed,
         storage_dtype=storage_dtype,
@@ -372,6 +377,7 @@ def build_target_cache(cache_args: CacheArguments, data_args: DataArguments) -> 
         mean=mean,
         std=std,
         dataset=data_args.source_name,
+        keyed_by="image" if data_args.streaming else "index",
         with_attention=cache_args.with_attention,
     )
     folder = Path(cache_args.output_dir)

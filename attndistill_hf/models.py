@@ -77,7 +77,14 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     "vit-mini-patch8": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "patch_size": 8},
     "vit-mini-2heads-patch8": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2, "patch_size": 8},
     # DINOv3 architecture (exported as DINOv3ViTModel): RoPE instead of position embeddings, 4 registers
-    # between the CLS token and the patches, LayerScale, key without bias; widths of DINOv3's ViT-S / ViT-T.
+    # between the CLS token and the patches, LayerScale, key without bias; widths of DINOv3's ViT-B / S / T.
+    "dinov3-vitb16": {
+        "architecture": "dinov3_vit",
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "patch_size": 16,
+    },
     "dinov3-vits16": {
         "architecture": "dinov3_vit",
         "hidden_size": 384,
@@ -293,6 +300,26 @@ def cast_teacher(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
         module_name, _, attribute = name.rpartition(".")
         model.get_submodule(module_name).register_buffer(attribute, buffer, persistent=False)
     return model
+
+
+def teacher_in_precision(teacher: str | PreTrainedModel, dtype_name: str) -> PreTrainedModel:
+    """The frozen teacher with its weights in ``dtype_name`` (``--teacher_dtype``), as ``from_pretrained`` loads them.
+
+    A Hub id or folder is loaded in that precision. A model passed in float32 is cast down in place
+    (:func:`cast_teacher`: the trainer owns its teacher, and a copy of a 7B would not fit); one already in a
+    lower or other half precision is refused, since casting cannot give back the weights it rounded.
+    """
+    dtype = torch_dtype(dtype_name)
+    if not isinstance(teacher, PreTrainedModel):
+        return load_teacher(teacher, dtype=dtype)
+    current = next(teacher.parameters()).dtype
+    if current != dtype and current != torch.float32:
+        held = str(current).removeprefix("torch.")
+        raise ValueError(
+            f"The teacher's weights are in {held} and --teacher_dtype is {dtype_name}: set --teacher_dtype {held}, "
+            "or pass the teacher in float32 (or by its name)."
+        )
+    return cast_teacher(load_teacher(teacher), dtype)
 
 
 def build_image_processor(image_size: int, mean: Sequence[float], std: Sequence[float]) -> ViTImageProcessor:

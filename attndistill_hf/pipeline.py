@@ -53,7 +53,7 @@ from .output_dir import empty_folder, exported_final_step, prepare_output_dir, r
 from .publish import figure_batch, publish_student, push_students
 from .sharding import check_teacher_sharding
 from .students import StudentSpec, check_pair, check_student, student_specs
-from .target_cache import CachedViewCollator, TargetCache, check_cache_run
+from .target_cache import CachedViewCollator, TargetCache, check_cache_covers, check_cache_run
 from .trainer import AttnDistillTrainer
 
 logger = logging.getLogger(__name__)
@@ -276,6 +276,7 @@ def training_data(
         )
     train_dataset = build_train_dataset(data_args, args)
     if cache is not None:
+        check_cache_covers(cache, train_dataset, data_args.image_column, streaming=data_args.streaming)
         return train_dataset, CachedViewCollator(cache, data_args.image_column, fill_skipped=True), None
     if isinstance(train_dataset, EqualStepsIterable):
         args.dataloader_num_workers = dataloader_workers(train_dataset, args.dataloader_num_workers)

@@ -38,6 +38,7 @@ from . import __version__
 from .data.decoding import decode_image
 from .data.transforms import (
     EXAMPLE_KEY,
+    UNREADABLE_IDS,
     ExampleKey,
     TrainView,
     apply_train_view,
@@ -83,6 +84,9 @@ class CacheInfo:
     image_size: int
     patch_grid: list[int]
     tokens_dropped: int  # tokens of the teacher's sequence that are neither CLS nor patch (registers, ...)
+    # How images are identified: "index" (their index in a map-style dataset) or "image" (a digest of the
+    # encoded image: streams). A run must read its data the same way.
+    keyed_by: str
     views_per_image: int
     seed: int
     storage_dtype: str
@@ -169,6 +173,11 @@ def decode_targets(values: np.ndarray, storage_dtype: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def shard_files(folder: Path) -> list[str]:
+    """The cache's parquet shards, by absolute path, in name order."""
+    return sorted(str(path.resolve()) for path in (folder / "data").glob("*.parquet"))
+
+
 class TargetCache:
     """A written cache: its info, and the stored view and targets of any (example, view)."""
 
@@ -180,7 +189,9 @@ class TargetCache:
             folder = Path(snapshot_download(str(path_or_hub_id), repo_type="dataset", revision=revision))
         self.folder = folder
         self.info = CacheInfo.load(folder)
-        self.rows = datasets.load_dataset(str(folder), split="train").with_format("numpy")
+        # The shards by their absolute paths: datasets then keys its Arrow copy by those paths and their mtimes.
+        # Loaded by folder, two caches in folders of the same name can share one stale copy.
+        self.rows = datasets.load_dataset("parquet", data_files=shard_files(folder), split="train").with_format("numpy")
         examples = np.asarray(self.rows["example"], dtype=np.int64)
         views = np.asarray(self.rows["view"], dtype=np.int64)
         self.order = np.lexsort((views, examples))
@@ -257,6 +268,38 @@ def check_cache_run(info: CacheInfo, args: Any, *, image_size: int, needs_attent
         raise CacheMismatchError("--teacher_sharding: a run from a teacher-target cache has no teacher to shard.")
 
 
+def check_cache_covers(
+    cache: TargetCache, dataset: Any, image_column: str, *, streaming: bool, probes: int = 8
+) -> None:
+    """Refuse training data that is not the data of the cache, before training: the way images are identified,
+    the number of a map-style dataset's images, and the stored image digests of its first ``probes`` images."""
+    info = cache.info
+    needed = "image" if streaming else "index"
+    if info.keyed_by != needed:
+        how = {"image": "a stream (--streaming true)", "index": "prepared data (--streaming false)"}
+        raise CacheMismatchError(
+            f"The teacher-target cache was made from {how[info.keyed_by]}; this run reads {how[needed]}. Read the data "
+            "as the cache did."
+        )
+    if streaming:
+        return  # a stream is checked image by image as it is read
+    if len(dataset) != info.num_images + info.unreadable_images:
+        raise CacheMismatchError(
+            f"The training data has {len(dataset)} images; the teacher-target cache was made from "
+            f"{info.num_images + info.unreadable_images}: it holds the targets of other images."
+        )
+    for index in range(min(probes, len(dataset))):
+        example = dataset[index]
+        if decode_image(example[image_column]) is None:
+            continue  # unreadable then as now: not in the cache
+        stored = cache.read([cache.row(index, 0)])["image"][0]
+        if int(stored) != image_identity(example, image_column):
+            raise CacheMismatchError(
+                f"Image {index} of the training data is another image than the cache's image {index}: the teacher-"
+                "target cache was made from other images (or the data changed since)."
+            )
+
+
 def cached_targets(batch: Mapping[str, Any], info: CacheInfo) -> TeacherTargets:
     """A batch's stored targets as :class:`~attndistill_hf.teacher.TeacherTargets` (what a live teacher would give)."""
     return TeacherTargets(
@@ -318,7 +361,7 @@ class CachedViewCollator:
             "pixel_values": torch.stack(views) if views else torch.empty(0, 3, size, size),
             "teacher_cls": stored["cls"],
             "skipped_images": torch.tensor(len(failed), dtype=torch.long),
-            "unreadable_ids": [identity for identity, _ in failed],
+            UNREADABLE_IDS: [identity for identity, _ in failed],
         }
         if info.with_attention:
             batch["teacher_attention"] = stored["attention"]

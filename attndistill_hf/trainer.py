@@ -47,7 +47,7 @@ from .data.streaming import (
     prepare_per_rank_dataloader,
 )
 from .losses import LOSS_TERMS
-from .models import cast_teacher, load_teacher, torch_dtype
+from .models import teacher_in_precision
 from .sharding import check_teacher_sharding, describe_teacher, shard_teacher
 from .skipping import SkipTracker, drop_empty_updates, who, zero_surrogate
 from .students import (
@@ -124,9 +124,7 @@ class AttnDistillTrainer(Trainer):
         if self.target_cache is not None:  # no teacher runs: its stored targets come with each batch
             teacher_model, teacher_dim = None, self.target_cache.info.hidden_size
         else:
-            # The teacher's weights in the run's precision, as from_pretrained(dtype=...) loads them (a no-op
-            # for a teacher the recipe loaded so).
-            teacher_model = cast_teacher(load_teacher(teacher), torch_dtype(args.teacher_dtype))
+            teacher_model = teacher_in_precision(teacher, args.teacher_dtype)
             teacher_dim = teacher_model.config.hidden_size
             if args.teacher_sharding == "fsdp":
                 check_teacher_sharding(teacher_model, args)

@@ -469,7 +469,9 @@ def test_mini_presets_build_the_demo_students(preset: str) -> None:
     torch.testing.assert_close(cls_attention.sum(-1), torch.ones(2, heads))
 
 
-@pytest.mark.parametrize(("preset", "width", "heads"), [("dinov3-vits16", 384, 6), ("dinov3-vitt16", 192, 3)])
+@pytest.mark.parametrize(
+    ("preset", "width", "heads"), [("dinov3-vitb16", 768, 12), ("dinov3-vits16", 384, 6), ("dinov3-vitt16", 192, 3)]
+)
 def test_dinov3_presets_build_dinov3_students(preset: str, width: int, heads: int) -> None:
     student = build_student(preset, image_size=224, seed=0)
     assert type(student) is DINOv3ViTModel

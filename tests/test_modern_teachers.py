@@ -21,7 +21,9 @@ from transformers import (
 )
 
 from attndistill_hf.attention import eager_last_cls_attention, last_cls_attention
-from attndistill_hf.models import build_student
+from attndistill_hf.cli import parse_config_and_flags
+from attndistill_hf.models import STUDENT_PRESETS, build_student
+from attndistill_hf.pipeline import DISTILL_ARGUMENTS
 from attndistill_hf.trainer import AttnDistillTrainer
 
 from helpers import REPO, TINY_ENCODER, PixelDataset, distill_command, tiny_run_config, write_image_folder
@@ -134,6 +136,28 @@ def test_dinov3_configs_name_released_checkpoints_and_dinov3_students() -> None:
         assert config["teacher_name_or_path"].startswith("facebook/dinov3-vit")
         assert config["teacher_name_or_path"].endswith("-pretrain-lvd1689m")
         assert config["student_preset"] == student
+
+
+@pytest.mark.parametrize(
+    ("name", "students"),
+    [
+        ("in1k_dinov3_vit7b16_to_vits16", {None: "dinov3-vits16"}),
+        ("in1k_dinov3_vit7b16_to_vitb16", {None: "dinov3-vitb16"}),
+        ("in1k_dinov3_vit7b16_to_vits16_vitb16", {"vits16": "dinov3-vits16", "vitb16": "dinov3-vitb16"}),
+    ],
+)
+def test_dinov3_7b_configs_load_the_teacher_in_bfloat16_sharded(name: str, students: dict[str | None, str]) -> None:
+    # --use_cpu: the configs train in bf16 on GPUs, which TrainingArguments refuses on a machine without one.
+    model_args, _, _, args = parse_config_and_flags(
+        DISTILL_ARGUMENTS, [str(REPO / "recipes" / "configs" / f"{name}.yaml"), "--use_cpu", "true"]
+    )
+    assert model_args.teacher_name_or_path == "facebook/dinov3-vit7b16-pretrain-lvd1689m"
+    assert args.teacher_dtype == "bfloat16" and args.teacher_sharding == "fsdp" and args.bf16
+    assert args.output_dir == f"outputs/{name.replace('_', '-')}"
+    entries = model_args.student_entries or [{"name": None, "student_preset": model_args.student_preset}]
+    found = {entry["name"]: entry["student_preset"] for entry in entries}
+    assert found == students
+    assert all(preset in STUDENT_PRESETS for preset in found.values())
 
 
 @pytest.mark.slow
