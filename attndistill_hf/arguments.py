@@ -65,7 +65,8 @@ class DistillModelArguments:
         default=None,
         metadata={
             "help": "Train from a teacher-target cache (recipes/cache_teacher.py; a local folder or a Hub dataset id) "
-            "instead of a teacher: no teacher is loaded, each image is trained on one of its stored views."
+            "instead of a teacher: no teacher is loaded, each image is trained on one of its stored views. "
+            "--teacher_name_or_path, when also given (a config's teacher), must be the cache's teacher."
         },
     )
     student_preset: str | None = field(
@@ -95,11 +96,8 @@ class DistillModelArguments:
     )
 
     def __post_init__(self) -> None:
-        if (self.teacher_name_or_path is None) == (self.teacher_targets is None):
-            raise ValueError(
-                "Give the teacher with --teacher_name_or_path, or its stored targets with --teacher_targets "
-                "(a cache names its teacher): one of the two."
-            )
+        if self.teacher_name_or_path is None and self.teacher_targets is None:
+            raise ValueError("Give the teacher (--teacher_name_or_path) or its stored targets (--teacher_targets).")
         self.student_entries = [parse_student_entry(entry) for entry in self.students or []]
         check_fields(self, {"patch_size": OPTIONAL_POSITIVE_INT})
         names = [entry["name"] for entry in self.student_entries]

@@ -40,6 +40,7 @@ from .target_cache import (
     image_identity,
     shard_files,
     stored_view_seed,
+    teacher_reference,
 )
 from .teacher import TeacherTargets, teacher_targets
 from .validation import NON_NEGATIVE_INT, POSITIVE_INT, Bound, check_fields, check_value
@@ -273,7 +274,7 @@ def teacher_cache_info(
     layout = token_layout(plain)
     config = plain.config
     return CacheInfo(
-        teacher=teacher_name,
+        teacher=teacher_reference(teacher_name),
         teacher_revision=getattr(config, "_commit_hash", None),
         teacher_class=model_class_name(plain),
         teacher_dtype=teacher_dtype,

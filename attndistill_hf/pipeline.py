@@ -53,7 +53,14 @@ from .output_dir import empty_folder, exported_final_step, prepare_output_dir, r
 from .publish import figure_batch, publish_student, push_students
 from .sharding import check_teacher_sharding
 from .students import StudentSpec, check_pair, check_student, student_specs
-from .target_cache import CachedViewCollator, TargetCache, check_cache_covers, check_cache_run
+from .target_cache import (
+    CachedViewCollator,
+    CacheMismatchError,
+    TargetCache,
+    check_cache_covers,
+    check_cache_run,
+    teacher_reference,
+)
 from .trainer import AttnDistillTrainer
 
 logger = logging.getLogger(__name__)
@@ -242,6 +249,12 @@ def load_teacher_or_cache(
     """The teacher (or its stored targets), the normalisation it takes and its ``model_type``."""
     if model_args.teacher_targets is not None:
         cache = TargetCache(model_args.teacher_targets)
+        named = model_args.teacher_name_or_path
+        if named is not None and teacher_reference(named) != cache.info.teacher:
+            raise CacheMismatchError(
+                f"--teacher_name_or_path {named} is not the teacher of the cache --teacher_targets "
+                f"{model_args.teacher_targets} ({cache.info.teacher}); give the cache alone, or its teacher."
+            )
         return cache, tuple(cache.info.mean), tuple(cache.info.std), cache.info.teacher_config.get("model_type", "")
     # transformers' default attention backend: sdpa for every supported family; a class without sdpa (a
     # CNN, say) then loads, and check_pair refuses it as no ViT-family encoder, instead of the load failing

@@ -141,6 +141,12 @@ class CacheInfo:
         return cls(**values)
 
 
+def teacher_reference(name_or_path: str) -> str:
+    """How a cache names its teacher: a local folder by its absolute path, a Hub id as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
+
+
 def image_identity(example: Mapping[str, Any], image_column: str) -> int:
     """A digest of the example's encoded image (its bytes, else its path): the same image gives the same one."""
     return example_id(ExampleKey(0, 0), example, image_column)

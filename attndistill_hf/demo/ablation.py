@@ -27,9 +27,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel
 
+from ..cache_writer import CacheArguments, build_target_cache
 from ..cli import read_config_file
+from ..data import DataArguments
 from ..evaluation import run_knn_eval
 from ..hardware import hardware_description
+from ..validation import OPTIONAL_POSITIVE_INT, check_fields
 from .fashion_mnist import prepare_fashion_mnist
 from .pipeline import (
     FULL,
@@ -94,7 +97,17 @@ class AblationArguments:
             "(bench/bench_ablation.py)."
         },
     )
+    teacher_targets_views: int | None = field(
+        default=None,
+        metadata={
+            "help": "Run the teacher once, over this many recorded views per training image (as recipes/"
+            "cache_teacher.py does), and train every run from those stored targets instead of the teacher online."
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"teacher_targets_views": OPTIONAL_POSITIVE_INT, "max_steps": OPTIONAL_POSITIVE_INT})
 
 
 # The loss settings in which the three configs of a case differ (one student each in the case's run).
@@ -229,6 +242,17 @@ def _schedule_section(steps: int, runs: Sequence[dict[str, Any]], state: dict[st
     return [*lines, ""]
 
 
+def _targets_line(targets: dict[str, Any] | None) -> list[str]:
+    """The setup line of an ablation trained from a teacher-target cache (none for the teacher online)."""
+    if targets is None:
+        return []
+    return [
+        f"- **Teacher targets**: computed once ({targets['caching_time_s'] / 60:.1f} min) for "
+        f"{targets['views_per_image']} recorded views per train image; every run trained from them, each image on "
+        "one of its stored views per epoch, with no teacher forward during training."
+    ]
+
+
 def render_results(state: dict[str, Any]) -> str:
     """docs/results.md: setup, machine, date, budget, one table per schedule length, plain comparisons."""
     runs, teacher = state["runs"], state["teacher"]
@@ -258,6 +282,7 @@ def render_results(state: dict[str, Any]) -> str:
         "memory bank = the train images; the evaluation view is resize + centre crop to 32 px.",
         f"- **Seeds**: {', '.join(str(s) for s in state['seeds'])} (student initialisation, data order, "
         "augmentation). Cells are mean ± sample standard deviation over the seeds.",
+        *_targets_line(state.get("teacher_targets")),
         f"- **Machine**: {state['hardware']}; Python {platform.python_version()}, torch {torch.__version__}.",
         f"- **Date**: {date_text}.",
         f"- **Budget**: {_runs_text(runs)}, "
@@ -306,6 +331,22 @@ def run_ablation(args: AblationArguments, recipes: Path, *, scale: DemoScale = F
     bank = cached_batches(bank_loader, "decoding the k-NN memory bank", progress)
     test = cached_batches(test_loader, "decoding the test images", progress)
 
+    cache = None
+    if args.teacher_targets_views is not None:  # the teacher runs once, here; every run reads its targets
+        cache = root / "ablation" / f"teacher-targets-{args.teacher_targets_views}views"
+        cache_started = time.time()
+        build_target_cache(
+            CacheArguments(
+                teacher_name_or_path=str(teacher_dir),
+                output_dir=str(cache),
+                views_per_image=args.teacher_targets_views,
+                num_workers=0,
+                batch_size=256,
+            ),
+            DataArguments(data_files=[str(data_dir / "train-*.parquet")], image_size=scale.teacher.image_size),
+        )
+        cache_time = time.time() - cache_started
+
     def overrides_for(config: dict[str, Any], steps: int) -> list[str]:
         flags = path_overrides(
             config,
@@ -315,6 +356,8 @@ def run_ablation(args: AblationArguments, recipes: Path, *, scale: DemoScale = F
                 "eval_data_files": [str(data_dir / "test-*.parquet")],
             },
         )
+        if cache is not None:
+            flags += ["--teacher_targets", str(cache)]
         return flags if steps == int(config["max_steps"]) else [*flags, "--max_steps", str(steps)]
 
     def key_for(path: str, steps: int, seed: int) -> str:
@@ -429,6 +472,9 @@ def run_ablation(args: AblationArguments, recipes: Path, *, scale: DemoScale = F
         "date": today,
         "total_time_s": time.time() - started,
         "load_average": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
+        "teacher_targets": None
+        if cache is None
+        else {"views_per_image": args.teacher_targets_views, "caching_time_s": round(cache_time, 1)},
     }
     results_path.parent.mkdir(parents=True, exist_ok=True)
     summary = {key: value for key, value in state.items() if key not in ("teacher", "settings")}
