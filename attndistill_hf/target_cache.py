@@ -148,7 +148,13 @@ def teacher_reference(name_or_path: str) -> str:
 
 
 def image_identity(example: Mapping[str, Any], image_column: str) -> int:
-    """A digest of the example's encoded image (its bytes, else its path): the same image gives the same one."""
+    """A digest of the example's encoded image (its bytes; of an image known by its path, the file's bytes): the
+    same image gives the same one, and a file rewritten in place another."""
+    value = example.get(image_column)
+    path = value.get("path") if isinstance(value, Mapping) and not value.get("bytes") else value
+    if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+        with open(path, "rb") as file:
+            return example_id(ExampleKey(0, 0), {image_column: file.read()}, image_column)
     return example_id(ExampleKey(0, 0), example, image_column)
 
 
@@ -200,10 +206,14 @@ class TargetCache:
         self.rows = datasets.load_dataset("parquet", data_files=shard_files(folder), split="train").with_format("numpy")
         examples = np.asarray(self.rows["example"], dtype=np.int64)
         views = np.asarray(self.rows["view"], dtype=np.int64)
-        self.order = np.lexsort((views, examples))
-        self.sorted_examples = examples[self.order]
+        order = np.lexsort((views, examples))
+        examples, views = examples[order], views[order]
+        # An image that a stream holds twice (the same bytes: one identity) was cached twice: one row per view.
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = (examples[1:] != examples[:-1]) | (views[1:] != views[:-1])
+        self.order, self.sorted_examples = order[first], examples[first]
         counts = np.unique(self.sorted_examples, return_counts=True)[1]
-        if len(counts) and (counts != self.info.views_per_image).any():
+        if len(counts) and ((counts != self.info.views_per_image).any() or views.max() >= self.info.views_per_image):
             raise CacheMismatchError(
                 f"{folder}: some images have another number of views than views_per_image "
                 f"{self.info.views_per_image}; the cache is damaged."
@@ -270,8 +280,8 @@ def check_cache_run(info: CacheInfo, args: Any, *, image_size: int, needs_attent
             f"--teacher_dtype {args.teacher_dtype}: the teacher-target cache was made with the teacher's weights in "
             f"{info.teacher_dtype}; a run from it has no teacher to load (drop --teacher_dtype)."
         )
-    if args.teacher_sharding != "none":
-        raise CacheMismatchError("--teacher_sharding: a run from a teacher-target cache has no teacher to shard.")
+    if args.teacher_sharding != "none":  # a config's setting for the teacher this run does not load
+        logger.info("--teacher_sharding %s: no teacher to shard (its targets are stored).", args.teacher_sharding)
 
 
 def check_cache_covers(

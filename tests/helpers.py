@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import os
-import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import psutil  # Accelerate requires it
 import pytest
 import torch
 from PIL import Image
@@ -210,6 +213,36 @@ def run_two_processes(script_text: str, folder: Path, timeout: float = 180) -> N
     The script can import the library and these helpers. On a timeout, torchrun and both workers are
     killed, so nothing is left behind.
     """
+    run_torchrun(script_text, folder, [["--standalone", "--nproc_per_node", "2"]], timeout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def kill_launch(pid: int) -> None:
+    """Kill the launcher ``pid`` and every process under it. torchrun starts each worker in a session of its
+    own: killing the launcher's process group would leave the workers running (a hung one for ever)."""
+    try:
+        launcher = psutil.Process(pid)
+        processes = [launcher, *launcher.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:  # the launcher first: it does not restart a worker that it no longer watches
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def run_torchrun(script_text: str, folder: Path, launchers: list[list[str]], timeout: float = 180) -> None:
+    """Run ``script_text`` under one torchrun per item of ``launchers`` (that launcher's flags), all at once,
+    with ``folder`` as its argument; launcher N's output goes to ``folder/launcher<N>.log``.
+
+    As :func:`run_two_processes`, the script can import the library and these helpers. On a timeout every
+    launcher and every worker is killed (:func:`kill_launch`), so that a run that hangs fails the test.
+    """
     script = folder / "worker.py"
     script.write_text(script_text + LEAVE_PROCESS_GROUP)
     env = {
@@ -218,14 +251,30 @@ def run_two_processes(script_text: str, folder: Path, timeout: float = 180) -> N
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
     }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    process = subprocess.Popen(
-        [*command, str(folder)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    started = []
+    for index, flags in enumerate(launchers):
+        command = [sys.executable, "-m", "torch.distributed.run", *flags, str(script), str(folder)]
+        with open(folder / f"launcher{index}.log", "wb") as log:
+            started.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
     try:
-        output, _ = process.communicate(timeout=timeout)
+        for process in started:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"the two-process run did not finish in {timeout:g} s")
-    assert process.returncode == 0, output.decode()[-3000:]
+        for process in started:
+            kill_launch(process.pid)
+        for process in started:
+            process.wait()
+        pytest.fail(f"the torchrun launch did not finish in {timeout:g} s")
+    for index, process in enumerate(started):
+        output = (folder / f"launcher{index}.log").read_text(errors="replace")
+        assert process.returncode == 0, f"launcher {index}:\n{output[-3000:]}"
+
+
+def run_two_nodes(script_text: str, folder: Path, timeout: float = 180) -> None:
+    """Run ``script_text`` on two simulated nodes of one process each: two torchrun launchers on this
+    machine (``--nnodes 2 --node_rank 0/1``, gloo over the loopback), as :func:`run_torchrun` runs them."""
+    port = free_port()
+    nodes = [["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node)] for node in (0, 1)]
+    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+    run_torchrun(script_text, folder, [[*flags, *rendezvous] for flags in nodes], timeout)
