@@ -10,15 +10,19 @@
 #      batch 128, bf16), with peak memory;
 #   6. the input pipeline on 4,096 ImageNet-sized JPEGs, batch 256: PIL workers (1, 4 and every core, to
 #      show how they scale) and GPU decoding;
-#   7. bench/report.py: the tables and every target checked, as Markdown.
+#   7. the large teacher's memory: a DINOv3 ViT-7B/16 (random weights) in float32 and bfloat16, replicated
+#      and sharded with FSDP2 over one process, with peak memory and img/s of its teacher step (batch 16,
+#      224 px; sized for about a minute and a half);
+#   8. bench/report.py: the tables and every target checked, as Markdown.
 # Each stage prints how long it took, so the next run can be sized.
 #
 #   bench/run_gpu.sh [RESULTS_DIR]      (default bench/results)
 #
-# Writes RESULTS_DIR/<date>-<device>{,-compile,-data}.json, and the printed output plus report.md under
-# RESULTS_DIR/logs-<date>-<device>/. PYTHON picks the interpreter (default python3); WORKERS the largest
-# worker count of the input benchmark (default: every core). REHEARSAL=1 runs the same stages on the CPU
-# with tiny models and a few small images, to check the script itself where no GPU is at hand.
+# Writes RESULTS_DIR/<date>-<device>{,-compile,-students,-data,-teacher}.json, and the printed output plus
+# report.md under RESULTS_DIR/logs-<date>-<device>/. PYTHON picks the interpreter (default python3);
+# WORKERS the largest worker count of the input benchmark (default: every core). REHEARSAL=1 runs the same
+# stages on the CPU with tiny models and a few small images, to check the script itself where no GPU is at
+# hand.
 set -uo pipefail  # one failing stage does not stop the others; the exit status reports it
 cd "$(dirname "$0")/.." || exit
 python=${PYTHON:-python3}
@@ -31,6 +35,7 @@ if [ "${REHEARSAL:-0}" = 1 ]; then
     compile_args=(--compile_backend aot_eager)
     data_args=(--device cpu --num_images 8 --width 64 --height 48 --image_size 16 --batch_size 4 --warmup_epochs 0)
     students_args=(--sizes tiny --threads 1 --warmup 0 --steps 1)
+    teacher_args=(--teacher tiny --device cpu --ranks 2 --image_size 32 --batch_size 2 --warmup 0 --steps 1)
     workers=2
 else
     device=cuda
@@ -38,6 +43,9 @@ else
     compile_args=(--compile_backend inductor)
     data_args=(--num_images 4096 --batch_size 256 --epochs 2)
     students_args=(--sizes paper --batch_size 128 --bf16 --warmup 3 --steps 10)
+    # One process: NCCL takes one GPU per process (the 7B: 27 GB in float32, 13.4 GB in bfloat16).
+    teacher_args=(--teacher vit7b16 --device cuda --ranks 1 --batch_size 16 --image_size 224 --warmup 1 --steps 3
+        --timeout 300)
 fi
 tag="$(date +%F)-$("$python" -c "import sys, torch
 sys.path.insert(0, 'bench')
@@ -74,6 +82,8 @@ counts=1  # worker counts 1, 4 and $workers, each once and none above $workers
 for n in 4 "$workers"; do [ "$n" -gt "${counts##*,}" ] && [ "$n" -le "$workers" ] && counts+=",$n"; done
 stage "input pipeline" "$logs/data.txt" "$python" bench/bench_data.py --num_workers "$counts" \
     "${data_args[@]}" --json "$results/$tag-data.json"
+stage "large teacher memory" "$logs/teacher.txt" "$python" bench/bench_teacher_memory.py "${teacher_args[@]}" \
+    --json "$results/$tag-teacher.json"
 stage "report" "$logs/report-stdout.txt" "$python" bench/report.py --output "$logs/report.md" \
     "$results/$tag.json" "$results/$tag-compile.json" "$results/$tag-data.json"
 exit $failed

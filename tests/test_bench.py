@@ -20,11 +20,10 @@ CPU = torch.device("cpu")
 TINY = ["--device", "cpu", "--tiny", "--batch_size", "2", "--image_size", "32", "--warmup", "1", "--steps", "1"]
 
 
-def load_bench() -> ModuleType:
-    name = "attndistill_bench_step"
+def load_bench(path: Path = BENCH_PATH, name: str = "attndistill_bench_step") -> ModuleType:
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH_PATH)
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses resolve their module while the file executes
@@ -267,6 +266,140 @@ def test_report_says_what_was_not_measured(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(targets) == 11 and all(t.measured == "-" for t in targets if t.passed is None)
 
 
+# ---- bench/bench_teacher_memory.py -------------------------------------------------------------------
+
+TEACHER_MEMORY_PATH = BENCH_PATH.parent / "bench_teacher_memory.py"
+
+
+@pytest.fixture(scope="module")
+def teacher_memory() -> ModuleType:
+    return load_bench(TEACHER_MEMORY_PATH, "attndistill_bench_teacher_memory")
+
+
+def memory_row(ranks: int, dtype: str, sharding: str, local: list[int], total: int, img_per_s: float) -> dict:
+    """A measured row of bench_teacher_memory.py, with the fields its checks and table read."""
+    size = len(local)
+    return {
+        "ranks": ranks,
+        "dtype": dtype,
+        "sharding": sharding,
+        "error": None,
+        "param_bytes_local": local,
+        "param_bytes_total": total,
+        "held_bytes": [total] * size,
+        "peak_bytes": [total] * size,
+        "step_peak_bytes": [total] * size,
+        "img_per_s": img_per_s,
+    }
+
+
+def test_teacher_presets_are_the_released_architectures(teacher_memory: ModuleType) -> None:
+    from transformers import DINOv3ViTModel
+
+    # The parameter counts of the published DINOv3 ViT-L/16 and ViT-7B/16 (6,716 M), from their configs on the
+    # meta device (nothing is allocated).
+    counts = {}
+    for key in ("vitl16", "vit7b16"):
+        with torch.device("meta"):
+            model = DINOv3ViTModel(teacher_memory.teacher_config(teacher_memory.TEACHERS[key], 224))
+        counts[key] = sum(parameter.numel() for parameter in model.parameters())
+    assert round(counts["vitl16"] / 1e6) == 303 and round(counts["vit7b16"] / 1e6) == 6716
+    assert round(2 * counts["vit7b16"] / 1e9, 1) == 13.4  # GB in bfloat16
+
+    # Built in bfloat16 from the start, RoPE frequencies in float32 and as the model computes them; the
+    # teacher step on it is finite.
+    teacher = teacher_memory.build_teacher(teacher_memory.TEACHERS["tiny"], torch.bfloat16, 32)
+    reference = DINOv3ViTModel(teacher.config)
+    assert {parameter.dtype for parameter in teacher.parameters()} == {torch.bfloat16}
+    assert torch.equal(teacher.rope_embeddings.inv_freq, reference.rope_embeddings.inv_freq)
+    assert teacher.config._attn_implementation == "sdpa" and not teacher.training
+    assert not any(parameter.requires_grad for parameter in teacher.parameters())
+    targets = teacher_memory.teacher_targets(teacher, torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(targets.cls).all() and torch.isfinite(targets.attention).all()
+    assert targets.attention.std() > 0  # the CLS row is not uniform: the weights are not degenerate
+
+
+def test_teacher_memory_checks_follow_the_numbers(teacher_memory: ModuleType) -> None:
+    total = 1000
+    rows = [
+        memory_row(2, "float32", "none", [total, total], total, 100.0),
+        memory_row(2, "float32", "fsdp", [520, 480], total, 90.0),  # 0.52 <= 0.55, 0.90x >= 0.87x
+        memory_row(2, "bfloat16", "none", [total // 2, total // 2], total // 2, 200.0),
+        memory_row(2, "bfloat16", "fsdp", [300, 201], 501, 150.0),  # not half; 0.60 > 0.55; 0.75x < 0.87x
+        {**memory_row(4, "float32", "none", [], total, 0.0), "error": "exit status 1"},
+    ]
+
+    def verdicts(device: str) -> list[dict[str, bool]]:
+        return [
+            {check["name"]: check["passed"] for check in teacher_memory.check_row(rows, row, device)} for row in rows
+        ]
+
+    assert verdicts("cuda") == [
+        {},
+        {"share": True, "img/s vs replicated": True},
+        {"half of float32": True},
+        {"half of float32": False, "share": False, "img/s vs replicated": False},
+        {},
+    ]
+    # On the CPU, img/s is no target.
+    assert verdicts("cpu")[1] == {"share": True} and verdicts("cpu")[3] == {"half of float32": False, "share": False}
+
+    for row in rows:
+        row["checks"] = teacher_memory.check_row(rows, row, "cuda")
+    table = teacher_memory.format_table(rows).splitlines()
+    assert table[3].startswith("| 2 | float32 | sharded (FSDP2) | 0.000 | 0.520 | 1.00x |")
+    assert "| 0.90x | share 0.520: PASS; img/s vs replicated 0.90x: PASS |" in table[3]
+    assert "| 0.50x |" in table[4] and "half of float32 0.500x: PASS" in table[4]
+    assert "half of float32 0.501x: FAIL; share 0.599: FAIL; img/s vs replicated 0.75x: FAIL" in table[5]
+    assert table[6].startswith("| 4 | float32 | replicated |") and "FAILED: exit status 1" in table[6]
+
+
+@pytest.mark.slow
+def test_teacher_memory_table_on_cpu(teacher_memory: ModuleType, tmp_path: Path, capsys) -> None:
+    """The tiny teacher over 1 and 2 gloo processes: float32 / bfloat16 x replicated / sharded, one table."""
+    json_path = tmp_path / "teacher.json"
+    argv = ["--teacher", "tiny", "--device", "cpu", "--ranks", "1,2", "--image_size", "32", "--warmup", "0"]
+    rows = teacher_memory.main([*argv, "--steps", "1", "--json", str(json_path)])
+    assert [(row["ranks"], row["dtype"], row["sharding"]) for row in rows] == [
+        (ranks, dtype, sharding)
+        for ranks in (1, 2)
+        for dtype in ("float32", "bfloat16")
+        for sharding in ("none", "fsdp")
+    ]
+    assert all(row["error"] is None and row["finite"] and row["memory_kind"] == "rss" for row in rows)
+    row = {(row["ranks"], row["dtype"], row["sharding"]): row for row in rows}
+    total = row[1, "float32", "none"]["param_bytes_total"]
+    for ranks in (1, 2):
+        for sharding in ("none", "fsdp"):
+            full, half = row[ranks, "float32", sharding], row[ranks, "bfloat16", sharding]
+            # bfloat16 holds exactly half the float32 bytes, on every process.
+            assert full["param_bytes_total"] == total == 2 * half["param_bytes_total"]
+            assert full["param_bytes_local"] == [2 * local for local in half["param_bytes_local"]]
+            for measured in (full, half):
+                local = measured["param_bytes_local"]
+                assert len(local) == ranks and all(len(measured[key]) == ranks for key in ("held_bytes", "peak_bytes"))
+                if sharding == "none":
+                    assert local == [measured["param_bytes_total"]] * ranks
+                else:  # the shards of all processes are the teacher, each about 1/N of it
+                    assert sum(local) == measured["param_bytes_total"] and min(local) > 0
+                    assert max(local) / measured["param_bytes_total"] <= 1 / ranks + 0.05
+    # Each row's verdicts are those of its numbers; no img/s target on the CPU.
+    for measured in rows:
+        checks = {check["name"]: check["passed"] for check in measured["checks"]}
+        expected = {}
+        if measured["dtype"] == "bfloat16":
+            expected["half of float32"] = True
+        if measured["sharding"] == "fsdp":
+            share = max(measured["param_bytes_local"]) / measured["param_bytes_total"]
+            expected["share"] = share <= 1 / measured["ranks"] + 0.05
+        assert checks == expected and measured["passed"] is True
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(rows))
+    printed = capsys.readouterr().out
+    assert "| ranks | weights | teacher | params per rank (GB) |" in printed
+    assert "| 2 | bfloat16 | sharded (FSDP2) |" in printed and "share 0.5" in printed
+    assert "CPU measurement" in printed
+
+
 @pytest.mark.slow
 def test_gpu_script_rehearsal_on_cpu(bench: ModuleType, tmp_path: Path) -> None:
     """bench/run_gpu.sh runs every stage (REHEARSAL=1: CPU, tiny models) and writes its JSON and report."""
@@ -284,6 +417,13 @@ def test_gpu_script_rehearsal_on_cpu(bench: ModuleType, tmp_path: Path) -> None:
     assert [(row["size"], row["students"]) for row in students] == [("tiny", 1), ("tiny", 2), ("tiny", 3)]
     data = json.loads((tmp_path / f"{tag}-data.json").read_text())
     assert [(row["path"], row["workers"]) for row in data] == [("cpu", 1), ("cpu", 2), ("gpu", 1), ("gpu", 2)]
+    teacher = json.loads((tmp_path / f"{tag}-teacher.json").read_text())
+    # Two gloo processes, so that the rehearsal shards for real.
+    assert [(row["ranks"], row["dtype"], row["sharding"]) for row in teacher] == [
+        (2, dtype, sharding) for dtype in ("float32", "bfloat16") for sharding in ("none", "fsdp")
+    ]
+    assert all(row["teacher"] == "tiny" and row["passed"] for row in teacher)
+    assert "| 2 | bfloat16 | sharded (FSDP2) |" in (logs / "teacher.txt").read_text()
     report = (logs / "report.md").read_text()
     assert report.count("| ViT-S/16 -> ViT-T/16 (case c) | default") == 2  # default and default+compile rows
     assert "| DINOv3 ViT-B/16 -> DINOv3 ViT-S/16 (case c) | floor" in report
@@ -299,5 +439,6 @@ def test_gpu_script_rehearsal_on_cpu(bench: ModuleType, tmp_path: Path) -> None:
         "== profile default+compile",
         "== several students",
         "== input pipeline",
+        "== large teacher memory",
         "== report",
     ]
