@@ -21,21 +21,23 @@ import datasets
 import torch
 from accelerate import PartialState
 from accelerate.utils import reduce
+from datasets.distributed import split_dataset_by_node
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TEACHER_DTYPES
-from .data import DataArguments, image_stats, load_split
+from .data import DataArguments, load_split
 from .data.decoding import decode_image
 from .data.transforms import EXAMPLE_KEY, ExampleKey, TrainView, apply_train_view, draw_train_view, example_id
 from .families import model_class_name, token_layout, unwrap_model
 from .hub import push_output_dir
-from .models import load_image_processor, load_teacher, patch_grid, torch_dtype
+from .models import load_run_teacher, patch_grid
 from .target_cache import (
     INFO_FILE,
     STORAGE_DTYPES,
     CacheInfo,
     CacheMismatchError,
+    encode_attention,
     encode_targets,
     image_identity,
     shard_files,
@@ -141,7 +143,7 @@ def _rank_examples(dataset: Any, seed: int, rank: int, world: int, done: set[int
     if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
         indices = [index for index in range(rank, len(dataset), world) if index not in done]
         return _KeyedSubset(dataset, indices, seed)
-    stream = datasets.distributed.split_dataset_by_node(dataset, rank=rank, world_size=world)
+    stream = split_dataset_by_node(dataset, rank=rank, world_size=world)
     key = ExampleKey(seed, 0)
 
     def keyed(example: dict[str, Any]) -> dict[str, Any]:
@@ -198,6 +200,7 @@ def cache_teacher_targets(
     check_value("shard_images", shard_images, POSITIVE_INT)
     if (info.keyed_by == "index") != (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         raise ValueError(f"CacheInfo.keyed_by {info.keyed_by!r}: map-style data is keyed by index, a stream by image.")
+    teacher.eval()  # a frozen teacher in inference mode, whatever the caller left it in
     folder = Path(output_dir)
     (folder / "data").mkdir(parents=True, exist_ok=True)
     done = _written_identities(folder)
@@ -234,7 +237,7 @@ def cache_teacher_targets(
 
 def _rows(rows: list[tuple[int, int, int, TrainView]], targets: TeacherTargets, info: CacheInfo) -> list[dict]:
     cls = encode_targets(targets.cls, info.storage_dtype)
-    attention = encode_targets(targets.attention, info.storage_dtype) if targets.attention is not None else None
+    attention = encode_attention(targets.attention, info.storage_dtype) if targets.attention is not None else None
     out = []
     for position, (identity, digest, view_index, view) in enumerate(rows):
         row = {
@@ -303,12 +306,10 @@ def write_dataset_card(folder: Path, info: CacheInfo) -> None:
         if info.with_attention
         else "no attention rows (a cache for students trained without attention guidance)"
     )
+    # No `configs` with data_files patterns: datasets would key its Arrow copy of the folder by the patterns and the
+    # folder's name alone, so load_dataset(PATH) of another cache of that name would read this one's stale copy;
+    # without them it finds data/train-*.parquet itself and keys the copy by the files' paths and times.
     text = f"""---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/*.parquet
 tags:
 - attndistill
 - teacher-targets
@@ -357,15 +358,11 @@ def _check_output_folder(folder: Path, info: CacheInfo) -> bool:
 def build_target_cache(cache_args: CacheArguments, data_args: DataArguments) -> CacheInfo:
     """Everything ``recipes/cache_teacher.py`` does: a complete cache in ``cache_args.output_dir`` (resumed when it
     was interrupted), on every process of the launch, then pushed to the Hub when asked."""
-    state = PartialState()
-    teacher = load_teacher(
-        cache_args.teacher_name_or_path,
-        attn_implementation=None,
-        trust_remote_code=cache_args.trust_remote_code,
-        dtype=torch_dtype(cache_args.teacher_dtype),
-    )
-    mean, std = image_stats(
-        load_image_processor(cache_args.teacher_name_or_path, trust_remote_code=cache_args.trust_remote_code)
+    # On a machine without an accelerator, accelerate counts the processes of a launch only when told it runs on
+    # the CPU: otherwise each process would think itself alone and cache every image.
+    state = PartialState(cpu=not torch.accelerator.is_available())
+    teacher, mean, std = load_run_teacher(
+        cache_args.teacher_name_or_path, cache_args.teacher_dtype, trust_remote_code=cache_args.trust_remote_code
     )
     info = teacher_cache_info(
         teacher,

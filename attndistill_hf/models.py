@@ -34,6 +34,7 @@ from transformers import (
 from transformers.image_utils import PILImageResampling
 
 from .checkpoints import unsafe_weights_error
+from .data.transforms import image_stats
 from .families import FAMILIES, configured_image_size, model_class_name, patch_size
 
 # LayerNorm eps of the published ViTs, their students and the projector (not PyTorch's default 1e-5).
@@ -320,6 +321,23 @@ def teacher_in_precision(teacher: str | PreTrainedModel, dtype_name: str) -> Pre
             "or pass the teacher in float32 (or by its name)."
         )
     return cast_teacher(load_teacher(teacher), dtype)
+
+
+def load_run_teacher(
+    name_or_path: str, dtype_name: str, *, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, tuple[float, float, float], tuple[float, float, float]]:
+    """A run's teacher, loaded in ``dtype_name`` (``--teacher_dtype``), and the normalisation it takes
+    (from its image processor; ImageNet's when it ships none).
+
+    It loads on transformers' default attention backend (sdpa for every supported family): a class
+    without sdpa (a CNN, say) then loads and the pair check refuses it as no ViT-family encoder, instead
+    of the load failing with advice to pass ``attn_implementation``, which no recipe has.
+    """
+    teacher = load_teacher(
+        name_or_path, attn_implementation=None, trust_remote_code=trust_remote_code, dtype=torch_dtype(dtype_name)
+    )
+    mean, std = image_stats(load_image_processor(name_or_path, trust_remote_code=trust_remote_code))
+    return teacher, mean, std
 
 
 def build_image_processor(image_size: int, mean: Sequence[float], std: Sequence[float]) -> ViTImageProcessor:

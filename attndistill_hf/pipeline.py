@@ -34,7 +34,6 @@ from .data import (
     dataloader_workers,
     eval_transform,
     eval_view_loader,
-    image_stats,
     load_split,
     require_label_column,
     shard_stream,
@@ -42,13 +41,7 @@ from .data import (
     train_transform,
 )
 from .evaluation import KNNEvaluationCallback
-from .models import (
-    build_image_processor,
-    build_student,
-    load_image_processor,
-    load_teacher,
-    torch_dtype,
-)
+from .models import build_image_processor, build_student, load_run_teacher
 from .output_dir import empty_folder, exported_final_step, prepare_output_dir, resume_checkpoint
 from .publish import figure_batch, publish_student, push_students
 from .sharding import check_teacher_sharding
@@ -256,18 +249,8 @@ def load_teacher_or_cache(
                 f"{model_args.teacher_targets} ({cache.info.teacher}); give the cache alone, or its teacher."
             )
         return cache, tuple(cache.info.mean), tuple(cache.info.std), cache.info.teacher_config.get("model_type", "")
-    # transformers' default attention backend: sdpa for every supported family; a class without sdpa (a
-    # CNN, say) then loads, and check_pair refuses it as no ViT-family encoder, instead of the load failing
-    # with advice to pass attn_implementation, which has no field.
-    teacher = load_teacher(
-        model_args.teacher_name_or_path,
-        attn_implementation=None,
-        trust_remote_code=model_args.trust_remote_code,
-        dtype=torch_dtype(args.teacher_dtype),  # loaded in it: a 7B teacher never exists in float32 here
-    )
-    # The teacher's normalisation (ImageNet's when it ships no image processor).
-    mean, std = image_stats(
-        load_image_processor(model_args.teacher_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    teacher, mean, std = load_run_teacher(
+        model_args.teacher_name_or_path, args.teacher_dtype, trust_remote_code=model_args.trust_remote_code
     )
     return teacher, mean, std, getattr(teacher.config, "model_type", "")
 
@@ -288,11 +271,11 @@ def training_data(
             "made on the CPU; drop --gpu_augment and --train_augmentation none."
         )
     train_dataset = build_train_dataset(data_args, args)
+    if isinstance(train_dataset, EqualStepsIterable):
+        args.dataloader_num_workers = dataloader_workers(train_dataset, args.dataloader_num_workers)
     if cache is not None:
         check_cache_covers(cache, train_dataset, data_args.image_column, streaming=data_args.streaming)
         return train_dataset, CachedViewCollator(cache, data_args.image_column, fill_skipped=True), None
-    if isinstance(train_dataset, EqualStepsIterable):
-        args.dataloader_num_workers = dataloader_workers(train_dataset, args.dataloader_num_workers)
     if data_args.gpu_augment:
         if run_args.train_augmentation != "published":
             raise ValueError("--gpu_augment applies the published augmentation; drop --train_augmentation none.")

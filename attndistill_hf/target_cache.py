@@ -21,6 +21,7 @@ target differs from the live one only by that rounding (bounds in docs/method.md
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -142,9 +143,9 @@ class CacheInfo:
 
 
 def teacher_reference(name_or_path: str) -> str:
-    """How a cache names its teacher: a local folder by its absolute path, a Hub id as given."""
-    path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.is_dir() else name_or_path
+    """How a cache names its teacher: a Hub id as given, a local folder by its name (a cache is published with its
+    info file, which must hold no local path)."""
+    return public_name(name_or_path)
 
 
 def image_identity(example: Mapping[str, Any], image_column: str) -> int:
@@ -169,15 +170,37 @@ def chosen_view(key: ExampleKey, identity: int, views_per_image: int) -> int:
 
 
 def encode_targets(values: torch.Tensor, storage_dtype: str) -> np.ndarray:
+    """``values`` in the storage dtype, as numpy (bfloat16 as its int16 bits)."""
     if storage_dtype == "bfloat16":
         return values.to(torch.bfloat16).view(torch.int16).cpu().numpy()
     return values.to(getattr(torch, storage_dtype)).cpu().numpy()
 
 
 def decode_targets(values: np.ndarray, storage_dtype: str) -> torch.Tensor:
+    """Stored values back as float32."""
     if storage_dtype == "bfloat16":  # the formatter widens the int16 bits: narrow them back first
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(np.ascontiguousarray(values)).float()
+
+
+# In float16, attention rows are stored as log-probabilities: float16 flushes probabilities below 6e-8 to 0
+# and keeps those below 6e-5 with few bits, and where head counts differ the loss fuses heads through their
+# logarithms (a 0 would weigh as 1e-30); a logarithm keeps small probabilities to a relative precision.
+# bfloat16 has float32's range: it keeps the probabilities themselves.
+def encode_attention(rows: torch.Tensor, storage_dtype: str) -> np.ndarray:
+    """CLS-attention rows ``[B, H, T]`` for storage (their logarithm in float16)."""
+    return encode_targets(rows.float().log() if storage_dtype == "float16" else rows, storage_dtype)
+
+
+def decode_attention(values: np.ndarray, storage_dtype: str) -> torch.Tensor:
+    """Stored rows back as float32 probabilities; from 16 bits renormalised, since the rounding leaves each row's
+    sum off 1 by up to a few thousandths."""
+    rows = decode_targets(values, storage_dtype)
+    if storage_dtype == "float32":
+        return rows
+    if storage_dtype == "float16":
+        rows = rows.exp()
+    return rows / rows.sum(dim=-1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,7 +275,7 @@ class TargetCache:
         views = [TrainView(*map(int, crop), bool(flip)) for crop, flip in boxes]
         out = {"image": values["image"], "views": views, "cls": decode_targets(values["cls"], info.storage_dtype)}
         if info.with_attention:
-            out["attention"] = decode_targets(values["attention"], info.storage_dtype)
+            out["attention"] = decode_attention(values["attention"], info.storage_dtype)
         return out
 
 
@@ -297,8 +320,11 @@ def check_cache_covers(
             f"The teacher-target cache was made from {how[info.keyed_by]}; this run reads {how[needed]}. Read the data "
             "as the cache did."
         )
-    if streaming:
-        return  # a stream is checked image by image as it is read
+    if streaming:  # the first images of this process's stream; the rest are checked as they are read
+        for example in itertools.islice(dataset, probes):
+            if decode_image(example[image_column]) is not None:
+                cache.row(example_id(ExampleKey(0, 0), example, image_column), 0)
+        return
     if len(dataset) != info.num_images + info.unreadable_images:
         raise CacheMismatchError(
             f"The training data has {len(dataset)} images; the teacher-target cache was made from "

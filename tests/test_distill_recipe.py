@@ -208,7 +208,7 @@ def test_missing_eval_split_fails_before_the_teacher_and_the_data(
     def too_late(*args: object, **kwargs: object) -> None:
         raise AssertionError("reached before the eval split was checked")
 
-    monkeypatch.setattr(pipeline, "load_teacher", too_late)
+    monkeypatch.setattr(pipeline, "load_run_teacher", too_late)
     monkeypatch.setattr(pipeline, "load_split", too_late)
     with pytest.raises(ValueError, match=r"no split 'test' .*its splits are \['train', 'validation'\]"):
         distill_command(
@@ -241,7 +241,7 @@ def test_input_mistakes_are_found_before_the_teacher_loads(tmp_path: Path, monke
     def too_late(*args: object, **kwargs: object) -> None:
         raise AssertionError("reached before the input was checked")
 
-    monkeypatch.setattr(pipeline, "load_teacher", too_late)
+    monkeypatch.setattr(pipeline, "load_run_teacher", too_late)
     base = ["--teacher_name_or_path", "unused", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"]
     with pytest.raises(ValueError, match="Unknown --student_preset 'vit-huge'"):
         distill_command([*base, "--student_preset", "vit-huge"])
@@ -258,7 +258,7 @@ def test_an_unusable_output_folder_is_named_before_the_teacher_loads(
     def too_late(*args: object, **kwargs: object) -> None:
         raise AssertionError("reached before the output folder was checked")
 
-    monkeypatch.setattr(pipeline, "load_teacher", too_late)
+    monkeypatch.setattr(pipeline, "load_run_teacher", too_late)
     base = ["--teacher_name_or_path", "unused", *QUICK, "--train_dir", str(write_image_folder(tmp_path / "images"))]
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
