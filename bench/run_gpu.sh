@@ -13,12 +13,14 @@
 #   7. the large teacher's memory: a DINOv3 ViT-7B/16 (random weights) in float32 and bfloat16, replicated
 #      and sharded with FSDP2 over one process, with peak memory and img/s of its teacher step (batch 16,
 #      224 px; sized for about a minute and a half);
-#   8. bench/report.py: the tables and every target checked, as Markdown.
+#   8. a distillation epoch from a teacher-target cache against the online teacher, per pair (512 JPEGs,
+#      batch 64, 224 px; the caching timed too);
+#   9. bench/report.py: the tables and every target checked, as Markdown.
 # Each stage prints how long it took, so the next run can be sized.
 #
 #   bench/run_gpu.sh [RESULTS_DIR]      (default bench/results)
 #
-# Writes RESULTS_DIR/<date>-<device>{,-compile,-students,-data,-teacher}.json, and the printed output plus
+# Writes RESULTS_DIR/<date>-<device>{,-compile,-students,-data,-teacher,-cache}.json, and the printed output plus
 # report.md under RESULTS_DIR/logs-<date>-<device>/. PYTHON picks the interpreter (default python3);
 # WORKERS the largest worker count of the input benchmark (default: every core). REHEARSAL=1 runs the same
 # stages on the CPU with tiny models and a few small images, to check the script itself where no GPU is at
@@ -36,6 +38,7 @@ if [ "${REHEARSAL:-0}" = 1 ]; then
     data_args=(--device cpu --num_images 8 --width 64 --height 48 --image_size 16 --batch_size 4 --warmup_epochs 0)
     students_args=(--sizes tiny --threads 1 --warmup 0 --steps 1)
     teacher_args=(--teacher tiny --device cpu --ranks 2 --image_size 32 --batch_size 2 --warmup 0 --steps 1)
+    cache_args=(--device cpu --tiny --pairs s16-t16 --num_images 8 --image_size 32 --batch_size 4)
     workers=2
 else
     device=cuda
@@ -46,6 +49,7 @@ else
     # One process: NCCL takes one GPU per process (the 7B: 27 GB in float32, 13.4 GB in bfloat16).
     teacher_args=(--teacher vit7b16 --device cuda --ranks 1 --batch_size 16 --image_size 224 --warmup 1 --steps 3
         --timeout 300)
+    cache_args=(--device cuda --num_images 512 --batch_size 64)
 fi
 tag="$(date +%F)-$("$python" -c "import sys, torch
 sys.path.insert(0, 'bench')
@@ -84,6 +88,8 @@ stage "input pipeline" "$logs/data.txt" "$python" bench/bench_data.py --num_work
     "${data_args[@]}" --json "$results/$tag-data.json"
 stage "large teacher memory" "$logs/teacher.txt" "$python" bench/bench_teacher_memory.py "${teacher_args[@]}" \
     --json "$results/$tag-teacher.json"
+stage "teacher-target cache" "$logs/cache.txt" "$python" bench/bench_cache.py "${cache_args[@]}" \
+    --json "$results/$tag-cache.json"
 stage "report" "$logs/report-stdout.txt" "$python" bench/report.py --output "$logs/report.md" \
     "$results/$tag.json" "$results/$tag-compile.json" "$results/$tag-data.json"
 exit $failed
