@@ -20,6 +20,7 @@ from attndistill_hf.demo.ablation import (
     LOSSES,
     AblationArguments,
     case_of,
+    keep_other_sections,
     loss_of,
     render_results,
     run_ablation,
@@ -358,3 +359,13 @@ def test_ablation_report_states_mean_and_spread() -> None:
     assert "| 77.00 ± 2.00 |" in text and "| 81.00 ± 1.00 |" in text
     assert "adding the attention term to the projector term: +4.00" in text
     assert "2025-01-01" in text and "CPU" in text
+
+
+def test_a_regenerated_ablation_report_keeps_the_sections_of_other_measurements() -> None:
+    """docs/results.md also holds docs/scripts/cache_accuracy.py's section: rewriting the ablation's report keeps
+    it, in its place after the report, and replaces the report's own sections instead of adding copies."""
+    old = "# Results\n\n## Setup\n\nold setup\n\n## Cache study\n\nthe study's table\n"
+    new = "# Results\n\n## Setup\n\nnew setup\n"
+    kept = keep_other_sections(old, new)
+    assert kept == "# Results\n\n## Setup\n\nnew setup\n\n## Cache study\n\nthe study's table\n"
+    assert keep_other_sections(kept, kept) == kept

@@ -32,6 +32,7 @@ from ..cli import read_config_file
 from ..data import DataArguments
 from ..evaluation import run_knn_eval
 from ..hardware import hardware_description
+from ..hub import set_section
 from ..validation import OPTIONAL_POSITIVE_INT, check_fields
 from .fashion_mnist import prepare_fashion_mnist
 from .pipeline import (
@@ -302,6 +303,16 @@ def render_results(state: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def keep_other_sections(old: str, new: str) -> str:
+    """``new`` with the ``## `` sections of ``old`` that it does not have (a report of other measurements, such as
+    docs/scripts/cache_accuracy.py's, lives in the same page) appended in their order."""
+    for part in old.split("\n## ")[1:]:
+        title, _, body = part.partition("\n")
+        if f"\n## {title}\n" not in new:
+            new = set_section(new, title, body.strip("\n"))
+    return new
+
+
 def run_ablation(args: AblationArguments, recipes: Path, *, scale: DemoScale = FULL) -> dict[str, Any]:
     """Run every config for every seed (runs already in results.json are reused) and write the report.
 
@@ -483,6 +494,6 @@ def run_ablation(args: AblationArguments, recipes: Path, *, scale: DemoScale = F
     )
     report = Path(args.results)
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(render_results(state))
+    report.write_text(keep_other_sections(report.read_text() if report.is_file() else "", render_results(state)))
     print(f"Wrote {report} ({len(selected)} runs, {state['total_time_s'] / 60:.1f} min)")
     return state
