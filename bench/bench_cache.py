@@ -130,10 +130,10 @@ def run_pair(pair: PairSpec, dataset: Any, args: argparse.Namespace, work: Path)
         "images": len(dataset),
         "batch": args.batch_size,
         "image_size": args.image_size,
-        "online_s": round(epochs["online"], 2),
-        "cache_s": round(epochs["cache"], 2),
+        "online_s": round(epochs["online"], 4),
+        "cache_s": round(epochs["cache"], 4),
         "speedup": round(epochs["online"] / epochs["cache"], 2),
-        "caching_s": round(cache_seconds, 2),
+        "caching_s": round(cache_seconds, 4),
         "bytes_per_view": round(size / len(dataset)),
     }
 

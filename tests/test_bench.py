@@ -427,7 +427,7 @@ def test_gpu_script_rehearsal_on_cpu(bench: ModuleType, tmp_path: Path) -> None:
     (cache,) = json.loads((tmp_path / f"{tag}-cache.json").read_text())
     assert cache["pair"] == "ViT-S/16 -> ViT-T/16 (case c)" and cache["images"] == 8
     assert cache["online_s"] > 0 and cache["cache_s"] > 0 and cache["bytes_per_view"] > 0
-    assert cache["speedup"] == pytest.approx(cache["online_s"] / cache["cache_s"], abs=0.02)
+    assert cache["speedup"] == pytest.approx(cache["online_s"] / cache["cache_s"], rel=0.01, abs=0.01)
     report = (logs / "report.md").read_text()
     assert report.count("| ViT-S/16 -> ViT-T/16 (case c) | default") == 2  # default and default+compile rows
     assert "| DINOv3 ViT-B/16 -> DINOv3 ViT-S/16 (case c) | floor" in report
