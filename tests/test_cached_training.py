@@ -37,7 +37,8 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoModel, TrainerCallback, ViTImageProcessor, ViTModel
+from test_resume_exact import Interrupted, StopAfterSave
+from transformers import AutoModel, ViTImageProcessor, ViTModel
 
 from attndistill_hf import pipeline
 from attndistill_hf.arguments import DistillRunArguments
@@ -347,19 +348,6 @@ def test_two_students_from_one_cache_train_as_each_would_alone(
 # ----------------------------------------------------------------------------------------------
 # 3. Resume mid-epoch equals the uninterrupted run
 # ----------------------------------------------------------------------------------------------
-
-
-class Interrupted(Exception):
-    """Stands for the run being killed: raised right after a checkpoint is written."""
-
-
-class StopAfterSave(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupted
 
 
 def train_from_cache(

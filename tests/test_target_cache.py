@@ -24,7 +24,8 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from transformers import DINOv3ViTConfig, DINOv3ViTModel, ViTImageProcessor, ViTModel
+from test_modern_teachers import dinov3_teacher
+from transformers import ViTImageProcessor, ViTModel
 
 from attndistill_hf import cache_writer, hub
 from attndistill_hf.cache_writer import PENDING_FILE, cache_teacher_targets, teacher_cache_info
@@ -99,26 +100,6 @@ def sharp_teacher(path: Path | None = None) -> ViTModel:
         model.save_pretrained(path)
         ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     return model
-
-
-def register_teacher() -> DINOv3ViTModel:
-    """A tiny DINOv3 (RoPE, 4 register tokens) with peaked attention."""
-    torch.manual_seed(3)
-    config = DINOv3ViTConfig(
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=96,
-        image_size=32,
-        patch_size=8,
-        num_register_tokens=4,
-    )
-    model = DINOv3ViTModel(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "register_tokens" in name or "cls_token" in name:
-                param.normal_()
-    return sharpen(model)
 
 
 def image_of(size: tuple[int, int], mode: str, seed: int) -> Image.Image:
@@ -326,7 +307,7 @@ def test_the_cache_of_a_folder_holds_the_live_teachers_targets_on_k_views_of_eve
 
 
 def test_a_cache_of_a_teacher_with_registers_drops_them_from_the_stored_rows(tmp_path: Path) -> None:
-    teacher = register_teacher()
+    teacher = dinov3_teacher()
     images = write_folder(tmp_path / "images", corrupt=False)
     dataset = load_split(DataArguments(train_dir=str(images), image_size=32, cache_dir=str(tmp_path)), "train")
     info = teacher_cache_info(
