@@ -39,6 +39,7 @@ from .target_cache import (
     CacheMismatchError,
     encode_attention,
     encode_targets,
+    encoded_image,
     image_identity,
     shard_files,
     stored_view_seed,
@@ -112,8 +113,9 @@ class ViewsCollator:
         pixels, rows, unreadable = [], [], 0
         for example in examples:
             identity = example_id(example[EXAMPLE_KEY], example, self.image_column)
-            digest = image_identity(example, self.image_column)
-            image = decode_image(example[self.image_column])
+            encoded = encoded_image(example, self.image_column)
+            digest = image_identity(example, self.image_column, encoded)
+            image = decode_image(encoded)
             if image is None:
                 unreadable += 1
                 continue

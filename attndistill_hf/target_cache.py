@@ -148,15 +148,26 @@ def teacher_reference(name_or_path: str) -> str:
     return public_name(name_or_path)
 
 
-def image_identity(example: Mapping[str, Any], image_column: str) -> int:
-    """A digest of the example's encoded image (its bytes; of an image known by its path, the file's bytes): the
-    same image gives the same one, and a file rewritten in place another."""
+def encoded_image(example: Mapping[str, Any], image_column: str) -> Any:
+    """The example's image as stored: its value, or for an image known by its path only, the file's bytes.
+
+    Read once, both the decoded pixels and :func:`image_identity` come from the same bytes: a file rewritten
+    between two reads could otherwise pass the check with one image and train on another.
+    """
     value = example.get(image_column)
     path = value.get("path") if isinstance(value, Mapping) and not value.get("bytes") else value
     if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
         with open(path, "rb") as file:
-            return example_id(ExampleKey(0, 0), {image_column: file.read()}, image_column)
-    return example_id(ExampleKey(0, 0), example, image_column)
+            return file.read()
+    return value
+
+
+def image_identity(example: Mapping[str, Any], image_column: str, encoded: Any = None) -> int:
+    """A digest of the example's encoded image (``encoded``, else :func:`encoded_image`): the same image gives the
+    same one, and a file rewritten in place another."""
+    if encoded is None:
+        encoded = encoded_image(example, image_column)
+    return example_id(ExampleKey(0, 0), {**example, image_column: encoded}, image_column)
 
 
 def stored_view_seed(cache_seed: int, identity: int, view: int) -> int:
@@ -332,10 +343,11 @@ def check_cache_covers(
         )
     for index in range(min(probes, len(dataset))):
         example = dataset[index]
-        if decode_image(example[image_column]) is None:
+        encoded = encoded_image(example, image_column)
+        if decode_image(encoded) is None:
             continue  # unreadable then as now: not in the cache
         stored = cache.read([cache.row(index, 0)])["image"][0]
-        if int(stored) != image_identity(example, image_column):
+        if int(stored) != image_identity(example, image_column, encoded):
             raise CacheMismatchError(
                 f"Image {index} of the training data is another image than the cache's image {index}: the teacher-"
                 "target cache was made from other images (or the data changed since)."
@@ -376,12 +388,13 @@ class CachedViewCollator:
         for example in examples:
             key = example[EXAMPLE_KEY]
             identity = example_id(key, example, self.image_column)
-            image = decode_image(example[self.image_column])
+            encoded = encoded_image(example, self.image_column)
+            image = decode_image(encoded)
             if image is None:
                 failed.append((identity, key))
                 continue
             picks.append((len(decoded), self.cache.row(identity, chosen_view(key, identity, info.views_per_image))))
-            decoded.append((image, identity, image_identity(example, self.image_column)))
+            decoded.append((image, identity, image_identity(example, self.image_column, encoded)))
         if self.fill_skipped and decoded:
             for i, (identity, key) in enumerate(failed):
                 stand_in = i % len(decoded)

@@ -158,8 +158,11 @@ class AttnDistillTrainer(Trainer):
         # The loss is a per-batch mean and is not pre-scaled for gradient accumulation: let the
         # Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
+        # Every forward of a sharded teacher is a collective: all processes run it, even for a skipped batch.
+        self.teacher_is_sharded = (
+            teacher_model is not None and args.teacher_sharding == "fsdp" and self.accelerator.num_processes > 1
+        )
         self.teacher = None if teacher_model is None else self._prepare_teacher(teacher_model)
-        self.teacher_is_sharded = self.teacher is not None and args.teacher_sharding == "fsdp" and args.world_size > 1
         scales_itself = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if args.fp16 and self.accelerator.scaler is None and not scales_itself:
             # Accelerate only autocasts and scales fp16 on accelerators: on a CPU "fp16" would silently
@@ -183,7 +186,7 @@ class AttnDistillTrainer(Trainer):
     def _prepare_teacher(self, teacher: PreTrainedModel) -> nn.Module:
         """The frozen teacher on this process: sharded over all of them, or whole; then Accelerate's precision."""
         args, processes = self.args, self.accelerator.num_processes
-        if args.teacher_sharding == "fsdp" and processes > 1:
+        if self.teacher_is_sharded:
             shard_teacher(teacher, self.accelerator.device)  # Accelerate then leaves its placement alone
         elif args.teacher_sharding == "fsdp":
             logger.warning("--teacher_sharding fsdp with one process: the teacher is whole on it.")

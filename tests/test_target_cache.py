@@ -213,6 +213,22 @@ def live_targets(teacher: torch.nn.Module, dataset: Any, rows: list[dict[str, An
     return teacher_targets(teacher, torch.stack(pixels))
 
 
+def tiny_info(teacher: torch.nn.Module, **settings: Any) -> CacheInfo:
+    """The cache metadata of ``teacher`` on the tests' 32 px images: 2 float16 views, seed 0, unless ``settings``."""
+    defaults = {
+        "teacher_name": "tiny",
+        "teacher_dtype": "float32",
+        "image_size": 32,
+        "views_per_image": 2,
+        "seed": 0,
+        "storage_dtype": "float16",
+        "mean": MEAN,
+        "std": STD,
+        "dataset": "images",
+    }
+    return teacher_cache_info(teacher, **(defaults | settings))
+
+
 def folder_dataset(world: dict[str, Path]) -> Any:
     """The folder's images as the recipe reads them (prepared, encoded: the index is the example's identity)."""
     data_args = DataArguments(train_dir=str(world["images"]), image_size=32, cache_dir=str(world["root"] / "prepared"))
@@ -310,18 +326,7 @@ def test_a_cache_of_a_teacher_with_registers_drops_them_from_the_stored_rows(tmp
     teacher = dinov3_teacher()
     images = write_folder(tmp_path / "images", corrupt=False)
     dataset = load_split(DataArguments(train_dir=str(images), image_size=32, cache_dir=str(tmp_path)), "train")
-    info = teacher_cache_info(
-        teacher,
-        teacher_name="tiny-dinov3",
-        teacher_dtype="float32",
-        image_size=32,
-        views_per_image=2,
-        seed=5,
-        storage_dtype="float32",
-        mean=MEAN,
-        std=STD,
-        dataset="images",
-    )
+    info = tiny_info(teacher, teacher_name="tiny-dinov3", seed=5, storage_dtype="float32")
     written = cache_teacher_targets(teacher, dataset, tmp_path / "cache", info, batch_size=4, progress=False)
     assert (written.tokens_dropped, written.heads, written.patch_grid, written.keys) == (4, 4, [4, 4], 17)
     assert written.num_images == len(IMAGES) and written.teacher_class == "DINOv3ViTModel"
@@ -343,18 +348,7 @@ def test_float16_and_bfloat16_storage_round_the_float32_targets(world: dict[str,
     teacher, dataset = sharp_teacher(), folder_dataset(world)
     read: dict[str, dict[str, torch.Tensor]] = {}
     for dtype in ("float32", "float16", "bfloat16"):
-        info = teacher_cache_info(
-            teacher,
-            teacher_name="tiny",
-            teacher_dtype="float32",
-            image_size=32,
-            views_per_image=2,
-            seed=0,
-            storage_dtype=dtype,
-            mean=MEAN,
-            std=STD,
-            dataset="images",
-        )
+        info = tiny_info(teacher, storage_dtype=dtype)
         cache_teacher_targets(teacher, dataset, tmp_path / dtype, info, batch_size=4, progress=False)
         cache = TargetCache(tmp_path / dtype)
         examples = sorted(set(cache.sorted_examples.tolist()))
@@ -390,19 +384,7 @@ def test_float16_and_bfloat16_storage_round_the_float32_targets(world: dict[str,
 
 def test_a_cache_without_attention_holds_the_cls_targets_alone(world: dict[str, Path], tmp_path: Path) -> None:
     teacher, dataset = sharp_teacher(), folder_dataset(world)
-    info = teacher_cache_info(
-        teacher,
-        teacher_name="tiny",
-        teacher_dtype="float32",
-        image_size=32,
-        views_per_image=2,
-        seed=0,
-        storage_dtype="float16",
-        mean=MEAN,
-        std=STD,
-        dataset="images",
-        with_attention=False,
-    )
+    info = tiny_info(teacher, with_attention=False)
     cache_teacher_targets(teacher, dataset, tmp_path / "cache", info, batch_size=4, progress=False)
     cache = TargetCache(tmp_path / "cache")
     assert (cache.info.heads, cache.info.with_attention) == (None, False)
@@ -422,18 +404,7 @@ def test_caches_in_folders_of_the_same_name_read_their_own_rows(world: dict[str,
     a card with ``configs`` would make a second cache named alike read the first one's rows."""
     teacher, dataset = sharp_teacher(), folder_dataset(world)
     for views, where in ((1, "a"), (2, "b")):
-        info = teacher_cache_info(
-            teacher,
-            teacher_name="tiny",
-            teacher_dtype="float32",
-            image_size=32,
-            views_per_image=views,
-            seed=0,
-            storage_dtype="float16",
-            mean=MEAN,
-            std=STD,
-            dataset="images",
-        )
+        info = tiny_info(teacher, views_per_image=views)
         folder = tmp_path / where / "targets"
         cache_teacher_targets(teacher, dataset, folder, info, batch_size=4, progress=False)
         assert len(datasets.load_dataset(str(folder), split="train")) == views * len(IMAGES)
@@ -633,26 +604,29 @@ def test_a_training_example_the_cache_does_not_hold_is_refused_naming_it(
         collate([{**example, "image": other}])
 
 
-def test_an_image_file_changed_in_place_since_the_cache_is_refused(world: dict[str, Path], tmp_path: Path) -> None:
+def test_an_image_file_changed_in_place_since_the_cache_is_refused(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     images = write_folder(tmp_path / "images", corrupt=False)
     data_args = DataArguments(train_dir=str(images), image_size=32, cache_dir=str(tmp_path / "prepared"))
     dataset, teacher = load_split(data_args, "train"), sharp_teacher()
-    info = teacher_cache_info(
-        teacher,
-        teacher_name="tiny",
-        teacher_dtype="float32",
-        image_size=32,
-        views_per_image=1,
-        seed=0,
-        storage_dtype="float16",
-        mean=MEAN,
-        std=STD,
-        dataset="images",
-    )
+    info = tiny_info(teacher, views_per_image=1)
     cache_teacher_targets(teacher, dataset, tmp_path / "cache", info, batch_size=8, progress=False)
     collate = CachedViewCollator(TargetCache(tmp_path / "cache"), "image")
     examples = [{**dataset[i], EXAMPLE_KEY: ExampleKey(0, 0, i)} for i in range(len(dataset))]
+    opened: list[str] = []
+    original_open = open
+
+    def recording_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file).startswith(str(images)):
+            opened.append(str(file))
+        return original_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", recording_open)
     collate(examples)
+    monkeypatch.undo()
+    # Each file is read once: the pixels trained on are the bytes whose digest was checked.
+    assert sorted(opened) == sorted(example["image"]["path"] for example in examples)
     path = Path(dataset[2]["image"]["path"])
     image_of((40, 40), "RGB", 99).save(path)  # the same file name, another image
     with pytest.raises(CacheMismatchError, match=r"^Example 2 is another image .* the training data changed"):
