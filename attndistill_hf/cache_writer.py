@@ -95,6 +95,8 @@ class CacheArguments:
         for name, choices in (("cache_dtype", STORAGE_DTYPES), ("teacher_dtype", TEACHER_DTYPES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} {getattr(self, name)!r}: use one of {', '.join(choices)}.")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():  # found before the teacher loads
+            raise ValueError(f"--output_dir {self.output_dir} is a file, not a folder.")
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("--push_to_hub needs --hub_dataset_id (e.g. your-name/dinov3-vit7b16-targets-in1k).")
 

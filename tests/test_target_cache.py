@@ -493,6 +493,12 @@ def test_a_complete_cache_is_left_alone_and_other_settings_or_other_files_are_re
     assert cache_exit_status(cache_argv(world, other), capsys) == (2, [refusal])
     assert [path.name for path in other.iterdir()] == ["notes.txt"] and views == []
 
+    loaded = []
+    monkeypatch.setattr(cache_writer, "load_run_teacher", lambda *args, **kwargs: loaded.append(args))
+    refusal = f"error: --output_dir {other / 'notes.txt'} is a file, not a folder."
+    assert cache_exit_status(cache_argv(world, other / "notes.txt"), capsys) == (2, [refusal])
+    assert (other / "notes.txt").read_text() == "mine" and loaded == []  # refused before the teacher loads
+
 
 # --------------------------------------------------------------------------------------------------
 # Several processes, streams
