@@ -224,16 +224,31 @@ def shard_files(folder: Path) -> list[str]:
     return sorted(str(path.resolve()) for path in (folder / "data").glob("*.parquet"))
 
 
+def hub_cache_folder(name: str, revision: str | None) -> Path:
+    """The local snapshot of the cache published as Hub dataset ``name``; a one-line error for a local path that is
+    no folder, and for a dataset that cannot be read."""
+    if Path(name).expanduser().exists() or name.startswith(("/", ".", "~")):
+        raise ValueError(
+            f"--teacher_targets {name} is not a folder: give the folder that recipes/cache_teacher.py wrote, or a Hub "
+            "dataset id."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, repo_type="dataset", revision=revision))
+    except (ValueError, OSError) as error:  # an invalid id, a missing or gated repo, no network
+        raise ValueError(
+            f"Cannot read the teacher-target cache {name!r} from the Hub: {error}\nGive the folder that "
+            "recipes/cache_teacher.py wrote, or a Hub dataset id (with network access and, for gated repos, a login)."
+        ) from None
+
+
 class TargetCache:
     """A written cache: its info, and the stored view and targets of any (example, view)."""
 
     def __init__(self, path_or_hub_id: str | os.PathLike[str], revision: str | None = None) -> None:
         folder = Path(path_or_hub_id).expanduser()
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(str(path_or_hub_id), repo_type="dataset", revision=revision))
-        self.folder = folder
+        folder = self.folder = folder if folder.is_dir() else hub_cache_folder(str(path_or_hub_id), revision)
         self.info = CacheInfo.load(folder)
         # The shards by their absolute paths: datasets then keys its Arrow copy by those paths and their mtimes.
         # Loaded by folder, two caches in folders of the same name can share one stale copy.

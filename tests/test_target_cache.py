@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -637,6 +638,30 @@ def test_an_image_file_changed_in_place_since_the_cache_is_refused(
     image_of((40, 40), "RGB", 99).save(path)  # the same file name, another image
     with pytest.raises(CacheMismatchError, match=r"^Example 2 is another image .* the training data changed"):
         collate(examples)
+
+
+def test_a_cache_is_read_from_a_folder_or_a_hub_dataset_and_anything_else_is_refused_in_one_line(
+    folder_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = []
+
+    def snapshot_download(repo_id: str, *, repo_type: str, revision: str | None) -> str:
+        asked.append((repo_id, repo_type, revision))
+        if repo_id != "me/tiny-targets":
+            raise huggingface_hub.errors.LocalEntryNotFoundError("the Hub cannot be reached")
+        return str(folder_cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    from_hub = TargetCache("me/tiny-targets", revision="v1")
+    assert asked == [("me/tiny-targets", "dataset", "v1")] and from_hub.folder == folder_cache
+    assert from_hub.info == TargetCache(folder_cache).info and len(asked) == 1  # a folder is read as it is
+
+    for local in (tmp_path / "missing", folder_cache / INFO_FILE):
+        with pytest.raises(ValueError, match=f"^--teacher_targets {re.escape(str(local))} is not a folder: give the"):
+            TargetCache(local)
+    with pytest.raises(ValueError, match=r"^Cannot read the teacher-target cache 'me/other' from the Hub: the Hub"):
+        TargetCache("me/other")
+    assert len(asked) == 2  # local paths never reach the Hub
 
 
 # --------------------------------------------------------------------------------------------------
