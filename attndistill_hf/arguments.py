@@ -96,6 +96,9 @@ class DistillModelArguments:
     )
 
     def __post_init__(self) -> None:
+        for name in ("teacher_name_or_path", "teacher_targets", "student_name_or_path"):
+            if getattr(self, name) == "":  # how a command line unsets a config's path: --teacher_name_or_path ""
+                setattr(self, name, None)
         if self.teacher_name_or_path is None and self.teacher_targets is None:
             raise ValueError("Give the teacher (--teacher_name_or_path) or its stored targets (--teacher_targets).")
         self.student_entries = [parse_student_entry(entry) for entry in self.students or []]

@@ -41,7 +41,7 @@ from test_resume_exact import Interrupted, StopAfterSave
 from transformers import AutoModel, ViTImageProcessor, ViTModel
 
 from attndistill_hf import pipeline
-from attndistill_hf.arguments import DistillRunArguments
+from attndistill_hf.arguments import DistillModelArguments, DistillRunArguments
 from attndistill_hf.cache_writer import CacheArguments, build_target_cache, cache_teacher_targets, teacher_cache_info
 from attndistill_hf.data import (
     EXAMPLE_KEY,
@@ -702,11 +702,18 @@ def test_a_cache_that_does_not_fit_is_refused_before_training(
     assert not (tmp_path / "new").exists()
 
 
-def test_neither_a_teacher_nor_a_cache_is_refused(student_dir: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("unset", [[], ["--teacher_name_or_path", "", "--teacher_targets", ""]])
+def test_neither_a_teacher_nor_a_cache_is_refused(unset: list[str], student_dir: Path, tmp_path: Path, capsys) -> None:
     argv = ["--student_name_or_path", str(student_dir), *QUICK, "--train_dir", str(tmp_path), "--output_dir"]
-    status, line = distill_refusal([*argv, str(tmp_path / "out")], capsys)
+    status, line = distill_refusal([*argv, str(tmp_path / "out"), *unset], capsys)
     assert status == 2 and "Give the teacher (--teacher_name_or_path) or its stored targets (--teacher_targets)" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_teacher_on_the_command_line_unsets_the_configs_beside_a_cache() -> None:
+    arguments = DistillModelArguments(teacher_name_or_path="", teacher_targets="me/targets", student_name_or_path="")
+    assert (arguments.teacher_name_or_path, arguments.student_name_or_path) == (None, None)
+    assert arguments.teacher_targets == "me/targets"
 
 
 def test_the_caches_own_teacher_and_its_sharding_may_be_named_beside_it_and_no_teacher_loads(
