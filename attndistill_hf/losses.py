@@ -47,6 +47,10 @@ def resize_patch_attention(attention: torch.Tensor, source_grid: Grid, target_gr
     The patch weights are resized on their 2-D grid with bicubic interpolation (align_corners=False)
     and rescaled to the mass they had (``1 - a0``), so the CLS self-weight ``a0`` is kept. Bicubic can
     produce small negatives; the clamp before the KL handles them.
+
+    The resized weights are divided by their sum before they are scaled: a row whose patches hold almost
+    nothing (a CLS query on itself, patch weights of 1e-40) would overflow ``(1 - a0) / sum`` to inf. A
+    row whose resized patches sum to zero or less has no mass to rescale and gets zero patch weights.
     """
     batch, heads, tokens = attention.shape
     if tokens - 1 != source_grid[0] * source_grid[1]:
@@ -54,7 +58,10 @@ def resize_patch_attention(attention: torch.Tensor, source_grid: Grid, target_gr
     cls_weight = attention[..., :1]
     patches = attention[..., 1:].reshape(batch, heads, *source_grid)
     resized = F.interpolate(patches, size=target_grid, mode="bicubic", align_corners=False).flatten(2)
-    resized = resized * ((1.0 - cls_weight) / resized.sum(dim=-1, keepdim=True))
+    mass = resized.sum(dim=-1, keepdim=True)
+    has_mass = mass > 0
+    shares = resized / torch.where(has_mass, mass, torch.ones_like(mass))
+    resized = torch.where(has_mass, shares * (1.0 - cls_weight), torch.zeros_like(shares))
     return torch.cat([cls_weight, resized], dim=-1)
 
 

@@ -122,6 +122,20 @@ def test_resize_keeps_cls_weight_and_mass() -> None:
     torch.testing.assert_close(resized.sum(-1), torch.ones(2, 3), atol=1e-5, rtol=0)
 
 
+def test_a_row_with_almost_no_patch_mass_is_resized_and_fused_finite_as_the_reference() -> None:
+    # The CLS query looks at one patch; the others hold float32 denormals, and the 1 x 3 grid resized to
+    # 1 x 1 keeps the middle one (4.9e-40): (1 - a0) / 4.9e-40 overflowed to inf and the fused loss was NaN.
+    teacher = torch.tensor([[[2.8429e-19, 1.0, 4.9383e-40, 2.9228e-41], [0.1, 0.3, 0.4, 0.2]]])
+    student = torch.tensor([[[0.9, 0.1]]])
+    resized = resize_patch_attention(teacher, (1, 3), (1, 1))
+    torch.testing.assert_close(resized, torch.tensor([[[2.8429e-19, 1.0], [0.1, 0.9]]]))
+    ours = attention_guidance_loss(teacher, student, fusion_temperature=1.0, teacher_grid=(1, 3), student_grid=(1, 1))
+    expected = reference_loss(teacher, student, (1, 3), (1, 1), temperature=1.0)
+    assert ours.item() == pytest.approx(expected, rel=2e-5) and expected > 0.01
+    nothing = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])  # no patch mass at all: zero patch weights, not 0 / 0
+    torch.testing.assert_close(resize_patch_attention(nothing, (1, 3), (1, 1)), torch.tensor([[[1.0, 0.0]]]))
+
+
 def test_fusion_with_temperature_equal_heads_is_normalised_geometric_mean() -> None:
     maps = random_maps(2, 4, 10).double()
     fused = fuse_heads(maps, temperature=4.0)
