@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ from PIL import Image
 from transformers import set_seed
 
 from attndistill_hf.arguments import DistillModelArguments
+from attndistill_hf.cache_writer import build_target_cache
 from attndistill_hf.cli import parse_config_and_flags, read_config_file
 from attndistill_hf.data import DataArguments, train_transform
+from attndistill_hf.demo import ablation
 from attndistill_hf.demo.ablation import (
     CASE_ORDER,
     LOSSES,
@@ -46,6 +49,7 @@ from attndistill_hf.demo.run import DemoArguments, check_student_preset, run_dem
 from attndistill_hf.hub import EvalRecord, set_section
 from attndistill_hf.models import LAYER_NORM_EPS, STUDENT_PRESETS, build_student
 from attndistill_hf.pipeline import load_student
+from attndistill_hf.target_cache import CacheInfo
 
 from helpers import encode, load_recipe
 
@@ -314,6 +318,36 @@ def test_ablation_one_run_per_case_gives_each_student_its_own_runs_result(tmp_pa
     assert (tmp_path / "separate" / "ablation" / "heads-4steps-seed0" / "both" / "model.safetensors").is_file()
     assert "3 students in 1 distillation run (the loss settings" in (tmp_path / "together" / "results.md").read_text()
     assert "3 students in 3 distillation runs (each configuration" in (tmp_path / "separate" / "results.md").read_text()
+
+
+@pytest.mark.slow
+@needs_real
+def test_ablation_from_a_cache_trains_every_run_from_the_stored_targets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--teacher_targets_views K: the teacher runs once, into a cache of K views per train image stored as asked,
+    and every run of the case trains from it (its key names the cache); the report says so."""
+    scale = DemoScale(max_train=256, max_test=96, teacher=TeacherRecipe(max_steps=8, warmup_steps=2))
+    argv = ["--configs", str(CONFIGS / "ablation_heads_*.yaml"), "--seeds", "0", "--max_steps", "2"]
+    argv += ["--data_dir", str(tmp_path / "data"), "--launcher", "python", "--no_progress"]
+    argv += ["--output_root", str(tmp_path), "--results", str(tmp_path / "results.md")]
+    argv += ["--teacher_targets_views", "2", "--teacher_targets_dtype", "float32"]
+    (args,) = parse_config_and_flags((AblationArguments,), argv)
+
+    def cache_then_hide_the_teachers_weights(*arguments: Any) -> CacheInfo:
+        info = build_target_cache(*arguments)
+        weights = tmp_path / "demo-teacher" / "model.safetensors"
+        weights.rename(weights.with_suffix(".hidden"))  # a run that loaded the teacher would fail now
+        return info
+
+    monkeypatch.setattr(ablation, "build_target_cache", cache_then_hide_the_teachers_weights)
+    state = run_ablation(args, RECIPES, scale=scale)
+    info = CacheInfo.load(tmp_path / "ablation" / "teacher-targets-2views-float32")
+    assert (info.views_per_image, info.storage_dtype, info.num_images) == (2, "float32", 256)
+    assert sorted(run["loss"] for run in state["runs"]) == ["attn", "both", "proj"]
+    assert state["teacher_targets"]["storage_dtype"] == "float32"
+    report = (tmp_path / "results.md").read_text()
+    assert "2 recorded views per train image, stored as float32; every run trained from them" in report
 
 
 def test_ablation_report_states_mean_and_spread() -> None:

@@ -33,6 +33,7 @@ from ..data import DataArguments
 from ..evaluation import run_knn_eval
 from ..hardware import hardware_description
 from ..hub import set_section
+from ..target_cache import STORAGE_DTYPES
 from ..validation import OPTIONAL_POSITIVE_INT, check_fields
 from .fashion_mnist import prepare_fashion_mnist
 from .pipeline import (
@@ -105,10 +106,21 @@ class AblationArguments:
             "cache_teacher.py does), and train every run from those stored targets instead of the teacher online."
         },
     )
+    teacher_targets_dtype: str = field(
+        default="float16",
+        metadata={
+            "help": "How those targets are stored (recipes/cache_teacher.py's --cache_dtype).",
+            "choices": STORAGE_DTYPES,
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
         check_fields(self, {"teacher_targets_views": OPTIONAL_POSITIVE_INT, "max_steps": OPTIONAL_POSITIVE_INT})
+        if self.teacher_targets_dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"--teacher_targets_dtype {self.teacher_targets_dtype!r}: use one of {', '.join(STORAGE_DTYPES)}."
+            )
 
 
 # The loss settings in which the three configs of a case differ (one student each in the case's run).
@@ -249,7 +261,8 @@ def _targets_line(targets: dict[str, Any] | None) -> list[str]:
         return []
     return [
         f"- **Teacher targets**: computed once ({targets['caching_time_s'] / 60:.1f} min) for "
-        f"{targets['views_per_image']} recorded views per train image; every run trained from them, each image on "
+        f"{targets['views_per_image']} recorded views per train image, stored as "
+        f"{targets.get('storage_dtype', 'float16')}; every run trained from them, each image on "
         "one of its stored views per epoch, with no teacher forward during training."
     ]
 
@@ -344,13 +357,15 @@ def run_ablation(args: AblationArguments, recipes: Path, *, scale: DemoScale = F
 
     cache = None
     if args.teacher_targets_views is not None:  # the teacher runs once, here; every run reads its targets
-        cache = root / "ablation" / f"teacher-targets-{args.teacher_targets_views}views"
+        stored_as = "" if args.teacher_targets_dtype == "float16" else f"-{args.teacher_targets_dtype}"
+        cache = root / "ablation" / f"teacher-targets-{args.teacher_targets_views}views{stored_as}"
         cache_started = time.time()
         build_target_cache(
             CacheArguments(
                 teacher_name_or_path=str(teacher_dir),
                 output_dir=str(cache),
                 views_per_image=args.teacher_targets_views,
+                cache_dtype=args.teacher_targets_dtype,
                 num_workers=0,
                 batch_size=256,
             ),
@@ -485,7 +500,11 @@ def run_ablation(args: AblationArguments, recipes: Path, *, scale: DemoScale = F
         "load_average": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
         "teacher_targets": None
         if cache is None
-        else {"views_per_image": args.teacher_targets_views, "caching_time_s": round(cache_time, 1)},
+        else {
+            "views_per_image": args.teacher_targets_views,
+            "storage_dtype": args.teacher_targets_dtype,
+            "caching_time_s": round(cache_time, 1),
+        },
     }
     results_path.parent.mkdir(parents=True, exist_ok=True)
     summary = {key: value for key, value in state.items() if key not in ("teacher", "settings")}

@@ -2,12 +2,14 @@
 
 ``recipes/ablation.py`` runs the case's three loss settings (projector only, attention only, both) for every
 seed with the teacher online, then again from caches of K = 1, 4 and 16 recorded views per train image
-(``--teacher_targets_views K``), all at the same student steps. The table gives each setting's weighted k-NN
-top-1 (k = 20) as mean ± spread over the seeds and per seed, and the differences to the online teacher. Each
-way runs in a folder of its own under ``--output_root`` (the demo's data and teacher are reused; ``make demo``
-prepares both):
+(``--teacher_targets_views K``; float16 targets, and other precisions with ``--cache_dtypes``), all at the
+same student steps. The table gives each setting's weighted k-NN top-1 (k = 20) as mean ± spread over the
+seeds and per seed, and the differences to the online teacher. Each way runs in a folder of its own under
+``--output_root`` (the demo's data and teacher are reused; ``make demo`` prepares both); the ways of an
+earlier invocation with the same case, steps and seeds stay in the report:
 
     python docs/scripts/cache_ablation_accuracy.py                  # case (c), seeds 0 1 2, 600 steps
+    python docs/scripts/cache_ablation_accuracy.py --views 16 --cache_dtypes float32   # adds float32 K=16
     python docs/scripts/cache_ablation_accuracy.py --report_only    # the report again, from the saved JSON
 """
 
@@ -28,12 +30,18 @@ REPO = Path(__file__).resolve().parents[2]
 SECTION = "Teacher targets computed once: an ablation case from caches"
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Every way (online, then each K) over the case's configs and the seeds; their runs and caching times."""
+def run(args: argparse.Namespace, study: dict[str, Any]) -> dict[str, Any]:
+    """Every way (online, then each K and storage precision) over the case's configs and the seeds; their runs
+    and caching times, added to ``study`` (the ways of an earlier invocation with the same case, steps and seeds)."""
     root = Path(args.output_root)
-    ways: dict[str, int | None] = {"online": None} | {f"cache K={views}": views for views in args.views}
-    study: dict[str, Any] = {"ways": {}, "seeds": args.seeds, "case": args.case, "max_steps": args.max_steps}
-    for name, views in ways.items():
+    ways: dict[str, tuple[int | None, str]] = {"online": (None, "float16")}
+    for dtype in args.cache_dtypes:
+        for views in args.views:
+            ways[f"cache K={views}" + ("" if dtype == "float16" else f" {dtype}")] = (views, dtype)
+    same = {"seeds": args.seeds, "case": args.case, "max_steps": args.max_steps}
+    if any(study.get(key) != value for key, value in same.items()):
+        study = {"ways": {}, **same}
+    for name, (views, dtype) in ways.items():
         way_root = root / name.replace(" ", "-").replace("=", "")
         if not (way_root / "demo-teacher").is_dir():  # the demo's teacher, not trained again per way
             shutil.copytree(args.teacher, way_root / "demo-teacher")
@@ -47,6 +55,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results=str(way_root / "report.md"),
                 max_steps=args.max_steps,
                 teacher_targets_views=views,
+                teacher_targets_dtype=dtype,
                 progress=False,
             ),
             REPO / "recipes",
@@ -97,6 +106,7 @@ def main() -> None:
     parser.add_argument("--output_root", default="outputs/cache-ablation-study")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--views", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--cache_dtypes", nargs="+", default=["float16"], help="Storage precisions of the caches.")
     parser.add_argument("--max_steps", type=int, default=600)
     parser.add_argument("--results", default=str(REPO / "docs" / "results.md"), help="Markdown file to update.")
     parser.add_argument(
@@ -104,10 +114,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     saved = Path(args.output_root, "cache_ablation_accuracy.json")
+    earlier = json.loads(saved.read_text()) if saved.is_file() else {}
     if args.report_only:
-        study = json.loads(saved.read_text())
+        study = earlier
     else:
-        study = run(args)
+        study = run(args, earlier)
         saved.write_text(json.dumps(study, indent=2) + "\n")
     print(table(study))
     results = Path(args.results)
@@ -116,8 +127,8 @@ def main() -> None:
         f"Measured {study['date']} by `docs/scripts/cache_ablation_accuracy.py`: the ablation's case "
         f"`{study['case']}` (`recipes/configs/ablation_{study['case']}_*.yaml`), its three loss settings side by "
         f"side, {study['max_steps']} steps each, seeds {', '.join(map(str, study['seeds']))}, with the teacher "
-        "online and from float16 caches of K recorded views per train image (`recipes/ablation.py "
-        "--teacher_targets_views K`).\n\n" + table(study)
+        "online and from caches of K recorded views per train image (`recipes/ablation.py "
+        "--teacher_targets_views K`), their targets stored as float16 unless the row says otherwise.\n\n" + table(study)
     )
     results.write_text(set_section(results.read_text(), SECTION, body))
 
