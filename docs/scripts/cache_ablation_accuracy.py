@@ -70,7 +70,8 @@ def run(args: argparse.Namespace, study: dict[str, Any]) -> dict[str, Any]:
             "seconds": round(time.time() - started, 1),
         }
         print(f"{name}: {study['ways'][name]['seconds'] / 60:.1f} min", flush=True)
-    study["date"] = time.strftime("%Y-%m-%d")
+    today, first = time.strftime("%Y-%m-%d"), study.get("date", "").split(" to ")[0]
+    study["date"] = today if first in ("", today) else f"{first} to {today}"
     return study
 
 
