@@ -389,11 +389,11 @@ def build_target_cache(cache_args: CacheArguments, data_args: DataArguments) -> 
         logger.warning("%s is a complete cache of these settings: nothing to do.", folder)
         info = CacheInfo.load(folder)
     else:
+        dataset = load_split(data_args, "train", seed=cache_args.seed)  # data it cannot read leaves no folder behind
         if state.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / PENDING_FILE).write_text(json.dumps(asdict(info)))
         state.wait_for_everyone()
-        dataset = load_split(data_args, "train", seed=cache_args.seed)
         info = cache_teacher_targets(
             teacher.to(state.device),
             dataset,

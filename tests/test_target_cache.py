@@ -494,6 +494,12 @@ def test_a_complete_cache_is_left_alone_and_other_settings_or_other_files_are_re
     assert cache_exit_status(cache_argv(world, other), capsys) == (2, [refusal])
     assert [path.name for path in other.iterdir()] == ["notes.txt"] and views == []
 
+    empty, new = tmp_path / "no-images", tmp_path / "new" / "cache"
+    empty.mkdir()
+    status, errors = cache_exit_status([*cache_argv(world, new), "--train_dir", str(empty)], capsys)
+    assert (status, len(errors)) == (2, 1) and "holds no image files" in errors[0]
+    assert not (tmp_path / "new").exists()  # no folder, no pending settings: nothing half-written
+
     loaded = []
     monkeypatch.setattr(cache_writer, "load_run_teacher", lambda *args, **kwargs: loaded.append(args))
     refusal = f"error: --output_dir {other / 'notes.txt'} is a file, not a folder."
