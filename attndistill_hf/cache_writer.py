@@ -46,7 +46,7 @@ from .target_cache import (
     teacher_reference,
 )
 from .teacher import TeacherTargets, teacher_targets
-from .validation import NON_NEGATIVE_INT, POSITIVE_INT, Bound, check_fields, check_value
+from .validation import NON_NEGATIVE_INT, POSITIVE_INT, Bound, check_choice, check_fields, check_value
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +92,8 @@ class CacheArguments:
                 "num_workers": NON_NEGATIVE_INT,
             },
         )
-        for name, choices in (("cache_dtype", STORAGE_DTYPES), ("teacher_dtype", TEACHER_DTYPES)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"--{name} {getattr(self, name)!r}: use one of {', '.join(choices)}.")
+        check_choice("--cache_dtype", self.cache_dtype, STORAGE_DTYPES)
+        check_choice("--teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():  # found before the teacher loads
             raise ValueError(f"--output_dir {self.output_dir} is a file, not a folder.")
         if self.push_to_hub and not self.hub_dataset_id:
@@ -274,8 +273,7 @@ def teacher_cache_info(
     with_attention: bool = True,
 ) -> CacheInfo:
     """The :class:`CacheInfo` of a cache of ``teacher`` (its patch grid at ``image_size``, heads, tokens)."""
-    if storage_dtype not in STORAGE_DTYPES:
-        raise ValueError(f"--cache_dtype {storage_dtype!r}: use one of {', '.join(STORAGE_DTYPES)}.")
+    check_choice("--cache_dtype", storage_dtype, STORAGE_DTYPES)
     plain = unwrap_model(teacher)
     grid = patch_grid(plain, image_size)
     layout = token_layout(plain)

@@ -23,6 +23,7 @@ from .validation import (
     POSITIVE,
     POSITIVE_INT,
     Bound,
+    check_choice,
     check_fields,
     check_value,
 )
@@ -182,9 +183,8 @@ class AttnDistillConfig(TrainingArguments):
         if self.max_steps <= 0:
             check_value("--num_train_epochs", self.num_train_epochs, POSITIVE)
         check_projector_loss(self.projector_loss)
-        for name, choices in (("teacher_dtype", TEACHER_DTYPES), ("teacher_sharding", TEACHER_SHARDINGS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"--{name} {getattr(self, name)!r}: use one of {', '.join(choices)}.")
+        check_choice("--teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
+        check_choice("--teacher_sharding", self.teacher_sharding, TEACHER_SHARDINGS)
         if not self.attn_clamp_min < self.attn_clamp_max:
             raise ValueError("Need 0 < attn_clamp_min < attn_clamp_max <= 1.")
         if self.proj_loss_weight == 0 and self.attn_loss_weight == 0:

@@ -8,7 +8,7 @@ recipe's arguments is declared here with its range (:class:`Bound`) and checked 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,12 @@ def check_value(flag: str, value: Any, bound: Bound) -> None:
         if not bound.accepts(item):
             shown = value if len(values) == 1 else f"{item!r} in {value!r}"
             raise ValueError(f"{flag} must be {bound.describe()}, got {shown}.")
+
+
+def check_choice(flag: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise a one-line ``ValueError`` naming ``flag`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{flag} {value!r}: use one of {', '.join(choices)}.")
 
 
 def check_fields(values: Any, bounds: Mapping[str, Bound], *, prefix: str = "--") -> None:

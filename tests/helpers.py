@@ -197,11 +197,10 @@ def coordinate_image(size: int = 256) -> Image.Image:
     return Image.fromarray(array, mode="RGB")
 
 
-# Appended to every two-process script: each rank leaves the process group before exiting, since a gloo
-# thread still running at interpreter exit can abort a rank ("terminate called without an active exception").
-# A worker leaves the group together with the others, then exits at once: PyTorch's interpreter teardown after
-# a gloo group can abort a process whose work is all done ("terminate called without an active exception",
-# SIGABRT, about one run in ten of a two-rank DDP run here), which would fail a test over nothing it checks.
+# Appended to every two-process script: each rank leaves the process group together with the others, then exits
+# at once. PyTorch's interpreter teardown after a gloo group can abort a process whose work is all done
+# ("terminate called without an active exception", SIGABRT, about one run in ten of a two-rank DDP run here),
+# which would fail a test over nothing it checks.
 LEAVE_PROCESS_GROUP = """
 import os
 import sys

@@ -34,7 +34,7 @@ from ..evaluation import run_knn_eval
 from ..hardware import hardware_description
 from ..hub import set_section
 from ..target_cache import STORAGE_DTYPES
-from ..validation import OPTIONAL_POSITIVE_INT, check_fields
+from ..validation import OPTIONAL_POSITIVE_INT, check_choice, check_fields
 from .fashion_mnist import prepare_fashion_mnist
 from .pipeline import (
     FULL,
@@ -117,10 +117,7 @@ class AblationArguments:
 
     def __post_init__(self) -> None:
         check_fields(self, {"teacher_targets_views": OPTIONAL_POSITIVE_INT, "max_steps": OPTIONAL_POSITIVE_INT})
-        if self.teacher_targets_dtype not in STORAGE_DTYPES:
-            raise ValueError(
-                f"--teacher_targets_dtype {self.teacher_targets_dtype!r}: use one of {', '.join(STORAGE_DTYPES)}."
-            )
+        check_choice("--teacher_targets_dtype", self.teacher_targets_dtype, STORAGE_DTYPES)
 
 
 # The loss settings in which the three configs of a case differ (one student each in the case's run).
