@@ -25,6 +25,7 @@ from typing import Any
 
 from attndistill_hf.demo.ablation import CASE_ORDER, LOSSES, MAIN_K, AblationArguments, run_ablation
 from attndistill_hf.hub import set_section
+from attndistill_hf.target_cache import STORAGE_DTYPES
 
 REPO = Path(__file__).resolve().parents[2]
 SECTION = "Teacher targets computed once: an ablation case from caches"
@@ -107,7 +108,9 @@ def main() -> None:
     parser.add_argument("--output_root", default="outputs/cache-ablation-study")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--views", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--cache_dtypes", nargs="+", default=["float16"], help="Storage precisions of the caches.")
+    parser.add_argument(
+        "--cache_dtypes", nargs="+", default=["float16"], choices=STORAGE_DTYPES, help="Storage precisions."
+    )
     parser.add_argument("--max_steps", type=int, default=600)
     parser.add_argument("--results", default=str(REPO / "docs" / "results.md"), help="Markdown file to update.")
     parser.add_argument(
