@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from attndistill_hf.demo.ablation import CASE_ORDER, LOSSES, MAIN_K, AblationArguments, run_ablation
+from attndistill_hf.hardware import hardware_description
 from attndistill_hf.hub import set_section
 from attndistill_hf.target_cache import STORAGE_DTYPES
 
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace, study: dict[str, Any]) -> dict[str, Any]:
             "seconds": round(time.time() - started, 1),
         }
         print(f"{name}: {study['ways'][name]['seconds'] / 60:.1f} min", flush=True)
+    study["machine"] = hardware_description()
     today, first = time.strftime("%Y-%m-%d"), study.get("date", "").split(" to ")[0]
     study["date"] = today if first in ("", today) else f"{first} to {today}"
     return study
@@ -128,7 +130,8 @@ def main() -> None:
     results = Path(args.results)
     # Wall times stay in the JSON: the ways may run beside other work; bench/bench_ablation.py times them.
     body = (
-        f"Measured {study['date']} by `docs/scripts/cache_ablation_accuracy.py`: the ablation's case "
+        f"Measured {study['date']} on {study['machine']} by `docs/scripts/cache_ablation_accuracy.py`: the "
+        "ablation's case "
         f"`{study['case']}` (`recipes/configs/ablation_{study['case']}_*.yaml`), its three loss settings side by "
         f"side, {study['max_steps']} steps each, seeds {', '.join(map(str, study['seeds']))}, with the teacher "
         "online and from caches of K recorded views per train image (`recipes/ablation.py "
